@@ -1,0 +1,13 @@
+"""The Ego method on Hugging Face VLMs: register concepts, ask personalised questions, recognise concepts.
+
+This package imports torch and transformers, never rclpy: the ROS node and the CLI are thin layers over it.
+"""
+
+from .config import EgoConfig
+from .ego import Answer, ConceptInfo, Ego, ViewTrace
+from .images import InvalidImage
+from .loading import ModelLoadError
+from .memory import ConceptExists, InvalidName, UnknownConcept
+
+__all__ = ["Answer", "ConceptExists", "ConceptInfo", "Ego", "EgoConfig", "InvalidImage", "InvalidName",
+           "ModelLoadError", "UnknownConcept", "ViewTrace"]

@@ -25,3 +25,6 @@ FRAME_LABEL = "Frame at {seconds:+.1f} s:"
 RECOGNIZE = "Is {name} in this image? Answer yes or no."
 YES_WORDS = ("Yes", "yes")
 NO_WORDS = ("No", "no")
+
+# Scored instead of the keywords when the model's answer holds no word at all (a degenerate generation).
+FALLBACK_KEYWORDS = "main subject"

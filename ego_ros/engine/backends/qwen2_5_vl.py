@@ -1,0 +1,176 @@
+"""Qwen2.5-VL: chat-template prompts, ``<|image_pad|>`` visual tokens, M-RoPE decoder attention.
+
+Visual token i of an image with patch grid (t, gh, gw) covers the 28x28 px block at merged-grid row
+``i // (gw // 2)``, column ``i % (gw // 2)`` of the resized image (2x2 patches of 14 px are merged).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
+
+from . import Batch, EncodedImage, Part
+
+
+class Qwen2_5_VLBackend:
+    family = "qwen2_5_vl"
+    merge_size = 2  # spatial merge of the projector: one visual token per 2x2 patches
+
+    def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_pixels = max_pixels
+        self.placeholder_id = tokenizer.convert_tokens_to_ids(placeholder)
+        self.placeholder = placeholder
+        self.image_token_id = model.config.image_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Rows of these ids are overwritten with vectors: concept memories and image features.
+        self.injected_token_ids = (self.placeholder_id, self.image_token_id)
+        patch = image_processor.patch_size * image_processor.merge_size
+        self.image_size = {"shortest_edge": patch * patch, "longest_edge": max(max_pixels, patch * patch)}
+
+    # --- images -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, images) -> list[EncodedImage]:
+        """Vision encoder + projector for PIL RGB images, in one batched call."""
+        processed = self.image_processor(images=list(images), size=self.image_size, return_tensors="pt")
+        grids = processed["image_grid_thw"]  # (n, 3)
+        pixel_values = processed["pixel_values"]  # (sum of t*h*w, C*T*P*P)
+        output = self.model.get_image_features(
+            pixel_values=pixel_values.to(self.model.device, self.model.dtype),
+            image_grid_thw=grids.to(self.model.device),
+        )
+        # transformers >= 5.20 returns a model output whose pooler_output holds the per-image projector outputs.
+        features = output.pooler_output if hasattr(output, "pooler_output") else output
+        per_image_pixels = torch.split(pixel_values, grids.prod(-1).tolist())
+        return [
+            EncodedImage(features=f, grid_thw=tuple(g.tolist()), pixel_values=p, size=image.size)
+            for f, g, p, image in zip(features, grids, per_image_pixels, images)
+        ]
+
+    def token_cell(self, image: EncodedImage, index: int) -> tuple[int, int, int, int]:
+        """The (left, top, right, bottom) box, in processed-image pixels, that visual token ``index`` covers."""
+        _, gh, gw = image.grid_thw
+        cols = gw // self.merge_size
+        cell = self.image_processor.patch_size * self.merge_size
+        row, col = divmod(index, cols)
+        return col * cell, row * cell, (col + 1) * cell, (row + 1) * cell
+
+    def processed_size(self, image: EncodedImage) -> tuple[int, int]:
+        """(width, height) of the image after the processor's resize, in pixels."""
+        _, gh, gw = image.grid_thw
+        return gw * self.image_processor.patch_size, gh * self.image_processor.patch_size
+
+    # --- prompts ------------------------------------------------------------------------------------------------
+
+    def build(self, prompts: list[list[Part]], responses: list[list[int]] | None = None) -> Batch:
+        """Tokenise user turns made of parts, optionally followed by a teacher-forced assistant response."""
+        rows, injected, grids, pixels = [], [], [], []
+        for i, parts in enumerate(prompts):
+            content, vectors, images = [], [], []
+            for part in parts:
+                if isinstance(part, str):
+                    content.append({"type": "text", "text": part})
+                elif isinstance(part, EncodedImage):
+                    content.append({"type": "image"})
+                    images.append(part)
+                    vectors.append(part.features)
+                else:  # soft tokens: one placeholder per memory vector
+                    content.append({"type": "text", "text": self.placeholder * part.shape[0]})
+                    vectors.append(part)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self._expand_images(ids, images)
+            if responses is not None:
+                ids = ids + list(responses[i])
+            expected = sum(v.shape[0] for v in vectors)
+            found = sum(1 for t in ids if t in (self.placeholder_id, self.image_token_id))
+            if found != expected:  # a stray special token in the text would shift every injected row
+                raise ValueError(f"prompt has {found} placeholder/image tokens but {expected} vectors to inject")
+            rows.append(ids)
+            injected.extend(vectors)
+            grids.extend(image.grid_thw for image in images)
+            pixels.extend(image.pixel_values for image in images)
+
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, ids in enumerate(rows):  # left padding: every prompt ends where generation starts
+            input_ids[b, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[b, width - len(ids) :] = 1
+        is_image = input_ids == self.image_token_id
+        device, dtype = self.model.device, self.model.dtype
+        return Batch(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            mm_token_type_ids=is_image.int().to(device),
+            image_grid_thw=torch.tensor(grids, dtype=torch.long, device=device) if grids else None,
+            injected=torch.cat(injected).to(device, dtype) if injected else torch.zeros(0, 0),
+            pixel_values=torch.cat(pixels) if pixels else None,
+            image_positions=[self._image_spans(row) for row in is_image],
+        )
+
+    def _expand_images(self, ids: list[int], images: list[EncodedImage]) -> list[int]:
+        """Replace each single ``<|image_pad|>`` of the chat template by the image's number of visual tokens."""
+        out, queue = [], iter(images)
+        for token in ids:
+            if token != self.image_token_id:
+                out.append(token)
+                continue
+            image = next(queue, None)
+            if image is None:
+                raise ValueError("prompt text contains more image tokens than images")
+            out.extend([self.image_token_id] * image.num_tokens)
+        if next(queue, None) is not None:
+            raise ValueError("chat template did not place every image")
+        return out
+
+    @staticmethod
+    def _image_spans(is_image_row: torch.Tensor) -> list[torch.Tensor]:
+        positions = torch.nonzero(is_image_row).flatten()
+        if positions.numel() == 0:
+            return []
+        breaks = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
+        return list(torch.tensor_split(positions.cpu(), breaks.cpu()))
+
+    def rope_index(self, batch: Batch) -> torch.Tensor:
+        """The model's own 3-D (M-RoPE) position ids for ``batch``, (3, B, S)."""
+        position_ids, _ = self.model.model.get_rope_index(
+            batch.input_ids,
+            mm_token_type_ids=batch.mm_token_type_ids,
+            image_grid_thw=batch.image_grid_thw,
+            attention_mask=batch.attention_mask,
+        )
+        return position_ids
+
+    # --- attention ----------------------------------------------------------------------------------------------
+
+    @property
+    def decoder_layers(self):
+        return self.model.model.language_model.layers
+
+    def attention_module(self, layer_index: int):
+        return self.decoder_layers[layer_index].self_attn
+
+    @staticmethod
+    def query_attention(attn, hidden_states, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
+        """Causal softmax attention of query ``rows`` over all keys on one layer, (B, H, R, S), in float32.
+
+        The same computation as the layer's eager attention (q/k projections, M-RoPE, GQA, scaling, causal mask,
+        softmax), restricted to the rows we need, so the other layers keep their fast attention kernel.
+        """
+        batch, seq, _ = hidden_states.shape
+        head_dim = attn.head_dim
+        cos, sin = position_embeddings  # (B, S, head_dim), M-RoPE sections already interleaved
+        q = attn.q_proj(hidden_states[:, rows]).view(batch, len(rows), -1, head_dim).transpose(1, 2)  # (B,H,R,d)
+        k = attn.k_proj(hidden_states).view(batch, seq, -1, head_dim).transpose(1, 2)  # (B,Hkv,S,d)
+        q = q * cos[:, rows].unsqueeze(1) + rotate_half(q) * sin[:, rows].unsqueeze(1)
+        k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query: share each kv head
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B,H,R,S)
+        future = torch.arange(seq, device=rows.device)[None, :] > rows[:, None]  # (R,S) causal mask
+        return logits.masked_fill(future, float("-inf")).softmax(dim=-1)

@@ -1,0 +1,405 @@
+"""Ego: personal concepts for a vision-language model, without training and without a detector.
+
+Seifi et al., *Ego: Embedding-Guided Personalization of Vision-Language Models* (2025). Data flow:
+
+    register(name, views)                                   ask(question, images)
+      view --encode--> visual tokens V (N, D)                  memories of the relevant concepts (§3.5)
+        generate keywords, estimate area alpha                   "name is <soft tokens>." for each concept
+        teacher-forced pass: keyword->V attention (eq. 3)        + image(s) + question --generate--> answer
+        keep top K_c of V in raster order                     recognize(image)
+      memory = concatenation over views  --> MemoryStore        "name is <soft>. <image> Is name in ...?" -> P(yes)
+
+Visual tokens are the projector outputs, already in the LLM's input-embedding space: a memory goes back into a
+prompt as soft tokens, and reference images are never re-encoded at question time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from . import prompts
+from .backends import Batch, EncodedImage, backend_for
+from .config import EgoConfig, default_layers, default_memory_dir
+from .images import ImageInput, to_rgb
+from .loading import fingerprint, load_model
+from .memory import ConceptExists, ConceptMemory, MemoryStore, ViewRecord, validate_name
+from .scoring import score_visual_tokens, select_tokens, tokens_to_keep
+from .soft_tokens import injected_rows
+
+log = logging.getLogger("ego_ros.engine")
+
+
+@dataclass
+class ViewTrace:
+    """Everything needed to recompute one view's scores independently (see test_method_fidelity)."""
+
+    model_inputs: dict  # input_ids, attention_mask, mm_token_type_ids, image_grid_thw, pixel_values of the pass
+    keyword_positions: torch.Tensor  # (R,) sequence positions of the keyword tokens
+    visual_positions: torch.Tensor  # (N,) sequence positions of the view's visual tokens
+    layers: list[int]
+    scores: torch.Tensor  # (N,) eq. 3
+    selected: torch.Tensor  # (K_c,) ascending indices into the N visual tokens
+    keywords: list[str]
+    keywords_fallback: bool  # True when the model produced no word and FALLBACK_KEYWORDS were scored instead
+    area_answer: str
+    area_percent: float
+    area_parsed: bool
+    image: EncodedImage
+
+
+@dataclass
+class ConceptInfo:
+    name: str
+    keywords: list[str]
+    num_views: int
+    num_tokens: int
+    area_percent: float
+    model: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+    traces: list[ViewTrace] = field(default_factory=list, repr=False)  # the views added by this call only
+
+    @classmethod
+    def of(cls, memory: ConceptMemory, traces: list[ViewTrace] | None = None) -> "ConceptInfo":
+        return cls(memory.name, memory.keywords, memory.num_views, memory.num_tokens, memory.area_percent,
+                   memory.model, memory.created, memory.updated, traces or [])
+
+
+@dataclass
+class Answer:
+    text: str
+    concepts: list[str]  # the concepts whose memories were in context
+    timings: dict[str, float]  # seconds: encode, generate, total
+    prompt_tokens: int
+    new_tokens: int
+
+
+class Ego:
+    """The engine. Create it with :meth:`Ego.load`. Not thread-safe by design: one worker owns it."""
+
+    def __init__(self, loaded, config: EgoConfig, memory_dir):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.device = loaded.device
+        self.config = config
+        self.backend = backend_for(
+            loaded.model, loaded.tokenizer, loaded.image_processor,
+            placeholder=prompts.CONCEPT_PLACEHOLDER, max_pixels=config.max_image_pixels,
+        )
+        num_layers = len(self.backend.decoder_layers)
+        self.layers = list(config.layers) if config.layers is not None else list(default_layers(num_layers))
+        if self.layers[-1] >= num_layers:
+            raise ValueError(f"layers {self.layers} out of range: the model has {num_layers} decoder layers")
+        self.fingerprint = fingerprint(self.model)
+        self.hidden_size = self.model.get_input_embeddings().weight.shape[1]
+        self.store = MemoryStore(memory_dir, self.fingerprint, self.hidden_size)
+        self._special_texts = [t for t in self.tokenizer.all_special_tokens if t] + [prompts.CONCEPT_PLACEHOLDER]
+        eos = self.model.generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos])
+        # Never generate a placeholder, an image token or a chat-control token: the answer is plain text.
+        special = set(self.tokenizer.all_special_ids) | {self.tokenizer.convert_tokens_to_ids(t) for t in self._special_texts}
+        self._never_generate = sorted(special - self._eos_ids)
+        self._yes_ids = self._first_token_ids(prompts.YES_WORDS)
+        self._no_ids = self._first_token_ids(prompts.NO_WORDS) - self._yes_ids
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        memory_dir=None,
+        layers: Sequence[int] | None = None,
+        max_tokens_per_view: int = EgoConfig.max_tokens_per_view,
+        **settings,
+    ) -> "Ego":
+        """Load ``model`` (a folder or a cached hub id) and open the concept memories under ``memory_dir``.
+
+        ``settings`` are further :class:`EgoConfig` fields (``max_image_pixels``, ``max_concepts_in_context``...).
+        """
+        config = EgoConfig(layers=tuple(layers) if layers is not None else None,
+                           max_tokens_per_view=max_tokens_per_view, **settings)
+        loaded = load_model(model, device=device, dtype=dtype, placeholder=prompts.CONCEPT_PLACEHOLDER)
+        return cls(loaded, config, memory_dir if memory_dir is not None else default_memory_dir())
+
+    # --- concepts ---------------------------------------------------------------------------------------------
+
+    def concepts(self) -> list[ConceptInfo]:
+        return [ConceptInfo.of(self.store.get(name)) for name in self.store.names()]
+
+    def forget(self, name: str) -> None:
+        self.store.remove(name)
+
+    def register(
+        self,
+        name: str,
+        views: Sequence[ImageInput],
+        *,
+        append: bool = False,
+        area_percent: float | Sequence[float] | None = None,
+    ) -> ConceptInfo:
+        """Introduce a concept from reference views (paper §3.2); with ``append``, add views to an existing one.
+
+        ``area_percent``: the subject's share of each view when the caller knows it (from a mask, or a person
+        saying so); it replaces the model's own estimate of alpha. One value for all views or one per view.
+        """
+        name = self._check_text(validate_name(name), "name")
+        if isinstance(views, (str, bytes)) or not hasattr(views, "__len__"):
+            views = [views]
+        if len(views) == 0:
+            raise ValueError(f"register {name!r}: give at least one view")
+        existing = self.store.get(name) if name in self.store else None
+        if existing is not None and not append:
+            raise ConceptExists(f"concept {name!r} already exists; use append to add views or forget it first")
+        areas = self._areas(area_percent, len(views))
+        images = [to_rgb(view, self.config.max_image_pixels) for view in views]  # all checked before any work
+        traces = [self._introduce_view(image, area) for image, area in zip(self.backend.encode(images), areas)]
+
+        vectors = torch.cat([t.image.features[t.selected] for t in traces]).detach().cpu()
+        records = [
+            ViewRecord(grid_thw=t.image.grid_thw, indices=t.selected.tolist(), keywords=t.keywords,
+                       area_percent=t.area_percent, area_parsed=t.area_parsed, num_visual_tokens=t.image.num_tokens)
+            for t in traces
+        ]
+        now = time.time()
+        if existing is not None:
+            vectors = torch.cat([existing.vectors, vectors.to(existing.vectors.dtype)])
+            records = existing.views + records
+        memory = ConceptMemory(
+            name=name, vectors=vectors, views=records, layers=self.layers,
+            max_tokens_per_view=self.config.max_tokens_per_view, model=self.model_name,
+            fingerprint=self.fingerprint, created=existing.created if existing else now, updated=now,
+        )
+        self.store.put(memory)
+        return ConceptInfo.of(memory, traces)
+
+    @torch.no_grad()
+    def _introduce_view(self, image: EncodedImage, given_area: float | None = None) -> ViewTrace:
+        # 1. Keywords and area, in one batched greedy generation.
+        keyword_ids, area_ids = self._generate(
+            self.backend.build([[image, prompts.KEYWORDS], [image, prompts.AREA]]),
+            max(self.config.keyword_max_new_tokens, self.config.area_max_new_tokens),
+        )
+        keyword_ids = keyword_ids[: self.config.keyword_max_new_tokens]
+        area_answer = self.tokenizer.decode(area_ids[: self.config.area_max_new_tokens], skip_special_tokens=True)
+        area_percent, area_parsed = parse_area(area_answer, self.config.fallback_area_percent)
+        if given_area is not None:
+            area_percent, area_parsed = given_area, True
+
+        # 2. Which generated tokens are keywords: words only, no punctuation, whitespace or special tokens.
+        word_rows = [i for i, token in enumerate(keyword_ids) if self._is_word(token)]
+        fallback = not word_rows
+        if fallback:  # nothing usable was generated: score the instruction's own subject words instead
+            keyword_ids = self.tokenizer(prompts.FALLBACK_KEYWORDS, add_special_tokens=False)["input_ids"]
+            word_rows = [i for i, token in enumerate(keyword_ids) if self._is_word(token)]
+        keywords = split_keywords(self.tokenizer.decode(keyword_ids, skip_special_tokens=True))
+
+        # 3. Teacher-forced pass over [instruction, image, keywords]; eq. 3 on the selected layers.
+        batch = self.backend.build([[image, prompts.KEYWORDS]], responses=[keyword_ids])
+        prompt_length = batch.input_ids.shape[1] - len(keyword_ids)
+        keyword_positions = torch.tensor(word_rows) + prompt_length
+        visual_positions = batch.image_positions[0][0]
+        scores = score_visual_tokens(self.model, self.backend, batch, keyword_positions, visual_positions, self.layers)
+
+        # 4. Keep the top K_c tokens in raster order.
+        k = tokens_to_keep(self.config.max_tokens_per_view, area_percent, image.num_tokens,
+                           self.config.min_tokens_per_view)
+        return ViewTrace(
+            model_inputs={**batch.model_inputs(), "pixel_values": batch.pixel_values},
+            keyword_positions=keyword_positions, visual_positions=visual_positions, layers=list(self.layers),
+            scores=scores, selected=select_tokens(scores, k), keywords=keywords, keywords_fallback=fallback,
+            area_answer=area_answer, area_percent=area_percent, area_parsed=area_parsed, image=image,
+        )
+
+    # --- questions --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def ask(
+        self,
+        question: str,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        concepts: Sequence[str] | None = None,
+        times: Sequence[float] | None = None,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Answer:
+        """Answer ``question`` about one image, or about several frames of a clip (oldest first).
+
+        ``times``: each frame's time in seconds (any origin); shown relative to the newest frame.
+        ``on_text`` receives the answer so far as it grows; setting ``cancel`` stops generation early.
+        """
+        start = time.perf_counter()
+        question = self._check_text(question.strip() if isinstance(question, str) else question, "question")
+        if not question:
+            raise ValueError("the question is empty")
+        frames = self._as_list(images)
+        if not frames:
+            raise ValueError("ask needs at least one image")
+        if times is not None and len(times) != len(frames):
+            raise ValueError(f"{len(times)} times given for {len(frames)} images")
+        encoded = self.backend.encode([to_rgb(f, self.config.max_image_pixels) for f in frames])
+        encoded_at = time.perf_counter()
+        names = self._concepts_for(question, encoded, concepts)
+
+        parts: list = []
+        if names:
+            parts.append(prompts.CONCEPTS_HEADER)
+            for name in names:
+                parts += [prompts.CONCEPT_INTRO.format(name=name), self.store.get(name).vectors, ".\n"]
+        if len(encoded) > 1:
+            newest = times[-1] if times is not None else 0.0
+            parts.append(prompts.VIDEO_HEADER + "\n")
+            for i, image in enumerate(encoded):
+                seconds = (times[i] - newest) if times is not None else float(i - len(encoded) + 1)
+                parts += [prompts.FRAME_LABEL.format(seconds=seconds), image, "\n"]
+        else:
+            parts.append(encoded[0])
+        parts.append(question)
+
+        batch = self.backend.build([parts])
+        (answer_ids,) = self._generate(batch, max_new_tokens or self.config.max_new_tokens, on_text, cancel)
+        done = time.perf_counter()
+        return Answer(
+            text=self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),
+            concepts=names,
+            timings={"encode": encoded_at - start, "generate": done - encoded_at, "total": done - start},
+            prompt_tokens=batch.input_ids.shape[1],
+            new_tokens=len(answer_ids),
+        )
+
+    @torch.no_grad()
+    def recognize(self, image: ImageInput, concepts: Sequence[str] | None = None) -> dict[str, float]:
+        """{name: probability that the concept is in ``image``}, from the yes/no logits of one prompt per concept."""
+        names = self._known(concepts) if concepts is not None else self.store.names()
+        if not names:
+            return {}
+        (encoded,) = self.backend.encode([to_rgb(image, self.config.max_image_pixels)])
+        yes, no = sorted(self._yes_ids), sorted(self._no_ids)
+        result = {}
+        for start in range(0, len(names), self.config.recognition_batch_size):
+            chunk = names[start : start + self.config.recognition_batch_size]
+            batch = self.backend.build([
+                [prompts.CONCEPT_INTRO.format(name=n), self.store.get(n).vectors, ".\n", encoded,
+                 prompts.RECOGNIZE.format(name=n)]
+                for n in chunk
+            ])
+            with injected_rows(self.model, self.backend.injected_token_ids, batch.injected):
+                logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
+            answer = torch.cat([logits[:, yes], logits[:, no]], dim=-1).float().softmax(dim=-1)  # (B, |yes|+|no|)
+            for name, p_yes in zip(chunk, answer[:, : len(yes)].sum(dim=-1).tolist()):
+                result[name] = p_yes
+        return result
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _generate(self, batch: Batch, max_new_tokens: int, on_text=None, cancel=None) -> list[list[int]]:
+        """Greedy generation with the batch's vectors in place; returns each row's new tokens up to EOS."""
+        from .streaming import CancelCriteria, TextCallbackStreamer
+
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                      suppress_tokens=self._never_generate, pad_token_id=self.backend.pad_id)
+        if on_text is not None:
+            kwargs["streamer"] = TextCallbackStreamer(self.tokenizer, on_text)
+        if cancel is not None:
+            kwargs["stopping_criteria"] = [CancelCriteria(cancel)]
+        with injected_rows(self.model, self.backend.injected_token_ids, batch.injected):
+            output = self.model.generate(**batch.model_inputs(), **kwargs)
+        rows = []
+        for new in output[:, batch.input_ids.shape[1] :].tolist():
+            end = next((i for i, t in enumerate(new) if t in self._eos_ids), len(new))
+            rows.append(new[:end])
+        return rows
+
+    def _concepts_for(self, question: str, encoded: list[EncodedImage], requested) -> list[str]:
+        """The concepts to put in context: the requested ones (or all), at most ``max_concepts_in_context``.
+
+        Paper §3.5: when they do not all fit, keep those whose memory is most similar to the test image's visual
+        tokens (for each memory token its best cosine match among the image tokens, averaged). Concepts named in
+        the question go first, whatever their similarity: the user asked about them.
+        """
+        names = self._known(requested) if requested is not None else self.store.names()
+        limit = self.config.max_concepts_in_context
+        if len(names) <= limit:
+            return names
+        test = torch.nn.functional.normalize(torch.cat([e.features for e in encoded]).float().cpu(), dim=-1)
+        similarity = {}
+        for name in names:
+            memory = torch.nn.functional.normalize(self.store.get(name).vectors.float(), dim=-1)
+            similarity[name] = (memory @ test.T).max(dim=1).values.mean().item()
+        lowered = question.casefold()
+        named = [n for n in names if n.casefold() in lowered]
+        ranked = sorted((n for n in names if n not in named), key=similarity.get, reverse=True)
+        return (named + ranked)[:limit]
+
+    def _known(self, names: Sequence[str]) -> list[str]:
+        if isinstance(names, str):
+            names = [names]
+        for name in names:
+            self.store.get(name)  # raises UnknownConcept naming the known ones
+        return list(dict.fromkeys(names))
+
+    def _check_text(self, text, what: str) -> str:
+        """Refuse text that smuggles in the model's control tokens (they would shift every injected row)."""
+        if not isinstance(text, str):
+            raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+        for special in self._special_texts:
+            if special in text:
+                raise ValueError(f"{what} must not contain the model's control token {special}")
+        return text
+
+    @staticmethod
+    def _areas(area_percent, num_views: int) -> list[float | None]:
+        if area_percent is None:
+            return [None] * num_views
+        areas = [area_percent] * num_views if isinstance(area_percent, (int, float)) else list(area_percent)
+        if len(areas) != num_views:
+            raise ValueError(f"{len(areas)} area values given for {num_views} views")
+        for area in areas:
+            if not isinstance(area, (int, float)) or not 0.0 <= float(area) <= 100.0:
+                raise ValueError(f"area_percent must be a number in [0, 100], got {area!r}")
+        return [float(a) for a in areas]
+
+    def _is_word(self, token_id: int) -> bool:
+        if token_id in self._never_generate or token_id in self._eos_ids:
+            return False
+        return any(ch.isalnum() for ch in self.tokenizer.decode([token_id]))
+
+    def _first_token_ids(self, words: Sequence[str]) -> set[int]:
+        return {self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words}
+
+    @staticmethod
+    def _as_list(images) -> list:
+        if isinstance(images, (list, tuple)):
+            return list(images)
+        return [images]
+
+
+_NUMBER = re.compile(r"(\d+(?:[.,]\d+)?)\s*(%|percent)?", re.IGNORECASE)
+
+
+def parse_area(answer: str, fallback: float) -> tuple[float, bool]:
+    """The first number in the answer as a percentage clamped to [0, 100], or ``fallback`` if there is none.
+
+    "about 35%" -> 35; "0.4" -> 0.4 (a fraction is not guessed at); "150" -> 100; "a lot" -> fallback.
+    """
+    match = _NUMBER.search(answer)
+    if match is None:
+        return float(fallback), False
+    return min(100.0, max(0.0, float(match.group(1).replace(",", ".")))), True
+
+
+def split_keywords(text: str) -> list[str]:
+    """Keywords from a free-form answer: split on commas, semicolons and new lines, trimmed, deduplicated."""
+    words = (w.strip(" .\t-*\"'") for w in re.split(r"[,;\n]", text))
+    return list(dict.fromkeys(w for w in words if w))
