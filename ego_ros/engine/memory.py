@@ -1,0 +1,418 @@
+"""Concept memories and their on-disk store.
+
+A concept memory is what Ego keeps of a reference view (Seifi et al., 2025, sec. 3): the top-K_c visual tokens of
+each view, in their original order, as vectors already in the LLM's input-embedding space, concatenated over views.
+The memory also records what made it (model, fingerprint, layers L, K) because the vectors mean nothing to any
+other model.
+
+On disk, under one root folder, each concept is two files:
+
+    {stem}.json                      the commit record: name, model, layers, K, views, and which tensor file is current
+    {stem}.{revision}.safetensors    vectors (T, D), indices (T,), view_sizes (V,), grids (V, 3)
+
+Writes are atomic: the new tensor file is written under a fresh revision name first, then the JSON is replaced in
+one rename (the commit point), and only then is the old tensor file deleted. A crash at any point leaves the last
+committed concept loadable. Files the store cannot trust (another model's, corrupt, tampered with) are skipped with
+a reason and never touched: they are the user's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+logger = logging.getLogger("ego_ros.memory")
+
+FORMAT = 1
+MAX_NAME_LENGTH = 64
+# What the JSON record holds of a memory and of each view; the tensor file holds the rest (vectors, indices, grids).
+_RECORD_FIELDS = ("name", "model", "fingerprint", "layers", "max_tokens_per_view", "created", "updated")
+_VIEW_FIELDS = ("keywords", "area_percent", "area_parsed", "num_visual_tokens")
+_NAME_RULES = (
+    f"a name is 1-{MAX_NAME_LENGTH} characters of ordinary text (letters in any script, digits, spaces, punctuation, "
+    "emoji) with no leading or trailing whitespace, no control characters, no '/' or '\\', and not '.' or '..'"
+)
+
+
+class InvalidName(ValueError):
+    """A concept name that cannot be stored (it could escape the store folder or is unreadable)."""
+
+
+class UnknownConcept(KeyError):
+    """No concept of that name. str() is the plain message (KeyError's would show it in quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown concept"
+
+
+class ConceptExists(ValueError):
+    """The name is taken, by a loaded concept or by a file this store did not load."""
+
+
+def validate_name(name: str) -> str:
+    """Return `name` NFC-normalised, or raise InvalidName saying what is wrong."""
+    if not isinstance(name, str):
+        raise InvalidName(f"concept name must be a str, got {type(name).__name__}; {_NAME_RULES}")
+    # NFC first, so "Ñ" typed as one or two code points is the same concept and the same file.
+    name = unicodedata.normalize("NFC", name)
+    shown = repr(name if len(name) <= 40 else name[:40] + "...")  # never echo a huge name in full
+    problem = None
+    if not name.strip():
+        problem = "is empty or only whitespace"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"is {len(name)} characters long (the limit is {MAX_NAME_LENGTH})"
+    elif bad := next((c for c in name if unicodedata.category(c).startswith("C")), None):
+        problem = f"contains the control/format character U+{ord(bad):04X}"
+    elif name != name.strip():
+        problem = "has leading or trailing whitespace"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif name in (".", ".."):
+        problem = "is a relative path"
+    if problem:
+        raise InvalidName(f"invalid concept name {shown}: it {problem}; {_NAME_RULES}")
+    return name
+
+
+def file_stem(name: str) -> str:
+    """File stem for a (valid) name: readable slug + name hash, so no name can leave the root or collide."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9_-]", "_", ascii_name)[:32]
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return f"{slug}-{digest}" if slug else digest
+
+
+@dataclass
+class ViewRecord:
+    """What was kept of one reference view."""
+
+    grid_thw: tuple[int, int, int]  # the image's patch grid as the model saw it
+    indices: list[int]  # kept visual-token indices, ascending (the paper keeps the original order)
+    keywords: list[str]  # the VLM's keywords for the subject, whose attention scored the tokens
+    area_percent: float  # alpha: how much of the image the subject covers, in percent
+    area_parsed: bool  # False when the VLM's answer could not be parsed and a default was used
+    num_visual_tokens: int  # N_r: visual tokens of the view before selection
+
+    def __post_init__(self) -> None:
+        self.grid_thw = tuple(int(x) for x in self.grid_thw)
+        self.indices = [int(i) for i in self.indices]
+        if len(self.grid_thw) != 3 or min(self.grid_thw) < 1:
+            raise ValueError(f"grid_thw: expected three positive ints (t, h, w), got {self.grid_thw}")
+        if self.num_visual_tokens < 1:
+            raise ValueError(f"num_visual_tokens: expected >= 1, got {self.num_visual_tokens}")
+        if any(b <= a for a, b in zip(self.indices, self.indices[1:])):
+            raise ValueError("indices: must be strictly ascending")
+        if self.indices and not 0 <= self.indices[0] <= self.indices[-1] < self.num_visual_tokens:
+            raise ValueError(f"indices: must lie in [0, num_visual_tokens={self.num_visual_tokens})")
+        if not isinstance(self.keywords, list) or not all(isinstance(k, str) for k in self.keywords):
+            raise ValueError(f"keywords: expected a list of str, got {self.keywords!r}")
+        if not (math.isfinite(self.area_percent) and 0 <= self.area_percent <= 100):
+            raise ValueError(f"area_percent: expected a percentage in [0, 100], got {self.area_percent}")
+
+
+@dataclass(eq=False)  # tensors have no truth value, so a generated __eq__ would only raise
+class ConceptMemory:
+    """One concept: the kept tokens of all its views, and what made them."""
+
+    name: str
+    vectors: torch.Tensor  # (T, D): kept tokens of all views, concatenated in view order
+    views: list[ViewRecord]  # sum(len(v.indices)) == T
+    # What made the vectors: they are only meaningful to this model, at these layers, with this K.
+    layers: list[int]
+    max_tokens_per_view: int
+    model: str
+    fingerprint: str
+    created: float  # unix seconds
+    updated: float
+
+    def __post_init__(self) -> None:
+        self.name = validate_name(self.name)
+        if not isinstance(self.vectors, torch.Tensor) or self.vectors.dim() != 2:
+            shape = getattr(self.vectors, "shape", type(self.vectors).__name__)
+            raise ValueError(f"vectors: expected a 2-D tensor (T, D), got {shape}")
+        if not self.vectors.is_floating_point():
+            raise ValueError(f"vectors: expected a floating dtype, got {self.vectors.dtype}")
+        if not self.views or not all(isinstance(v, ViewRecord) for v in self.views):
+            raise ValueError("views: expected a non-empty list of ViewRecord")
+        if (selected := sum(len(v.indices) for v in self.views)) != self.vectors.shape[0]:
+            raise ValueError(f"vectors: {self.vectors.shape[0]} rows, but the views select {selected} tokens")
+        if not self.layers or not all(isinstance(layer, int) and layer >= 0 for layer in self.layers):
+            raise ValueError(f"layers: expected a non-empty list of layer indices, got {self.layers!r}")
+        if self.max_tokens_per_view < 1:
+            raise ValueError(f"max_tokens_per_view: expected >= 1, got {self.max_tokens_per_view}")
+        for i, view in enumerate(self.views):
+            if len(view.indices) > self.max_tokens_per_view:
+                raise ValueError(f"views[{i}].indices: {len(view.indices)} tokens > max_tokens_per_view")
+        if not self.fingerprint:
+            raise ValueError("fingerprint: must not be empty")
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def keywords(self) -> list[str]:
+        return list(dict.fromkeys(k for v in self.views for k in v.keywords))  # union, first-seen order
+
+    @property
+    def area_percent(self) -> float:
+        return sum(v.area_percent for v in self.views) / len(self.views)
+
+    def view_vectors(self, i: int) -> torch.Tensor:
+        """Rows of `vectors` kept from view i: (len(views[i].indices), D)."""
+        i = range(self.num_views)[i]  # negative indices and IndexError, as for a list
+        start = sum(len(v.indices) for v in self.views[:i])
+        return self.vectors[start : start + len(self.views[i].indices)]
+
+
+class _Skip(Exception):
+    """A stored concept that load() must leave alone, with the reason."""
+
+
+def _revision(stem: str, tensor_name: str) -> int | None:
+    """Revision number of a tensor file name of this stem, None if the name is not one of ours."""
+    match = re.fullmatch(re.escape(stem) + r"\.([0-9a-f]{1,32})\.safetensors", tensor_name)
+    return int(match.group(1), 16) if match else None
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the renames durable. Some platforms (Windows) cannot open a folder; there is nothing to do there.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part.
+
+    The rename is durable only once the caller fsyncs the folder (put orders two renames with it)."""
+    # Temp names start with "." and end with ".tmp": load() never mistakes them for concept files.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class MemoryStore:
+    """The concepts of one model, persisted under `root`. Thread-safe."""
+
+    def __init__(self, root: Path | str, fingerprint: str, hidden_size: int | None = None):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.hidden_size = hidden_size
+        self.skipped: list[tuple[Path, str]] = []
+        self._memories: dict[str, ConceptMemory] = {}
+        self._tensor_files: dict[str, str] = {}  # name -> committed tensor file name
+        self._lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.load()
+
+    def load(self) -> None:
+        """(Re)read every committed concept under root; skip, log and keep any file that cannot be trusted."""
+        memories, tensor_files, skipped = {}, {}, []
+        with self._lock:
+            for path in sorted(self.root.glob("*.json")):  # temp and orphan tensor files are never looked at
+                try:
+                    memory, tensor_name = self._read(path)
+                except Exception as e:  # whatever is wrong with one file must not stop the others loading
+                    reason = str(e) if isinstance(e, _Skip) else f"unreadable ({type(e).__name__}: {e})"
+                    logger.warning("skipping concept file %s: %s", path, reason)
+                    skipped.append((path, reason))
+                    continue
+                memories[memory.name], tensor_files[memory.name] = memory, tensor_name
+            self._memories, self._tensor_files, self.skipped = memories, tensor_files, skipped
+
+    def names(self) -> list[str]:
+        """Concept names, oldest first."""
+        with self._lock:
+            return self._names()
+
+    def get(self, name: str) -> ConceptMemory:
+        """The memory of `name` (shared with the store: do not modify it)."""
+        name = validate_name(name)
+        with self._lock:
+            if name not in self._memories:
+                raise self._unknown(name)
+            return self._memories[name]
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            name = validate_name(name)
+        except InvalidName:
+            return False
+        with self._lock:
+            return name in self._memories
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._memories)
+
+    def put(self, memory: ConceptMemory, *, replace: bool = True) -> None:
+        """Persist `memory` atomically and make it the current memory of its name."""
+        # A copy, validated again (the dataclass is mutable), that is what a reload would give: vectors on CPU.
+        vectors = memory.vectors.detach().to("cpu").contiguous()
+        memory = dataclasses.replace(memory, vectors=vectors, views=[dataclasses.replace(v) for v in memory.views])
+        if memory.fingerprint != self.fingerprint:
+            raise ValueError(f"fingerprint: memory made by {memory.fingerprint!r}, this store is {self.fingerprint!r}")
+        if self.hidden_size is not None and vectors.shape[1] != self.hidden_size:
+            raise ValueError(f"vectors: width {vectors.shape[1]} != store hidden_size {self.hidden_size}")
+        name, stem = memory.name, file_stem(memory.name)
+        json_path = self.root / f"{stem}.json"
+        with self._lock:
+            old_tensor_name = self._tensor_files.get(name)
+            if old_tensor_name is not None and not replace:
+                raise ConceptExists(f"a concept named {name!r} already exists")
+            if old_tensor_name is None and json_path.exists():
+                # A skipped file (another model's, corrupt) holds this name's slot: it is the user's, not ours.
+                why = next((r for p, r in self.skipped if p == json_path), "written after this store loaded")
+                raise ConceptExists(f"{json_path} holds a concept this store did not load ({why}); move it away first")
+            # A new revision name, never the committed one, so the commit below is the only thing readers can see.
+            revision = max(time.time_ns(), (_revision(stem, old_tensor_name or "") or 0) + 1)
+            tensor_name = f"{stem}.{revision:016x}.safetensors"
+            data = safetensors.torch.save(
+                {
+                    "vectors": vectors,  # (T, D), dtype as given (bf16 included)
+                    "indices": torch.tensor([i for v in memory.views for i in v.indices], dtype=torch.int64),  # (T,)
+                    "view_sizes": torch.tensor([len(v.indices) for v in memory.views], dtype=torch.int64),  # (V,)
+                    "grids": torch.tensor([v.grid_thw for v in memory.views], dtype=torch.int64).reshape(-1, 3),
+                },
+                metadata={"name": name, "fingerprint": self.fingerprint},
+            )
+            record = {
+                "format": FORMAT,
+                **{field: getattr(memory, field) for field in _RECORD_FIELDS},
+                "tensors": tensor_name,  # the commit: which revision of the tensors is current
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "views": [{field: getattr(v, field) for field in _VIEW_FIELDS} for v in memory.views],
+            }
+            _atomic_write(self.root / tensor_name, data)
+            _fsync_dir(self.root)  # the tensor file must be durable before the record that names it
+            try:
+                _atomic_write(json_path, json.dumps(record, ensure_ascii=False, indent=2).encode())  # the commit
+            except BaseException:
+                with contextlib.suppress(OSError):  # best effort; a real crash leaves an orphan that load ignores
+                    os.unlink(self.root / tensor_name)
+                raise
+            self._memories[name], self._tensor_files[name] = memory, tensor_name
+            _fsync_dir(self.root)  # the commit must be durable before the old revision goes
+            if old_tensor_name is not None:
+                self._unlink_quietly(self.root / old_tensor_name)
+
+    def remove(self, name: str) -> None:
+        name = validate_name(name)
+        with self._lock:
+            if name not in self._memories:
+                raise self._unknown(name)
+            with contextlib.suppress(FileNotFoundError):  # uncommit first: a crash now leaves only an orphan
+                os.unlink(self.root / f"{file_stem(name)}.json")
+            del self._memories[name]
+            tensor_name = self._tensor_files.pop(name)
+            _fsync_dir(self.root)
+            self._unlink_quietly(self.root / tensor_name)
+
+    def gc(self) -> list[Path]:
+        """Delete tensor files older than the committed revision of a loaded concept (left by crashes)."""
+        deleted = []
+        with self._lock:
+            for name, tensor_name in self._tensor_files.items():
+                stem = file_stem(name)
+                committed = _revision(stem, tensor_name)
+                for path in self.root.glob(f"{stem}.*.safetensors"):
+                    # Newer revisions may be another process's write in progress: leave them.
+                    if (revision := _revision(stem, path.name)) is not None and revision < committed:
+                        self._unlink_quietly(path)
+                        deleted.append(path)
+        return deleted
+
+    def _read(self, json_path: Path) -> tuple[ConceptMemory, str]:
+        """Load one concept from its commit record, or raise _Skip (or anything else) saying why not."""
+        record = json.loads(json_path.read_bytes())
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise _Skip(f"not a format-{FORMAT} concept record")
+        try:
+            name = validate_name(record["name"])
+        except InvalidName as e:
+            raise _Skip(str(e)) from None
+        if name != record["name"] or json_path.name != f"{file_stem(name)}.json":
+            raise _Skip(f"the record for {name!r} belongs in {file_stem(name)}.json, not {json_path.name}")
+        if record["fingerprint"] != self.fingerprint:
+            raise _Skip(f"made by another model: fingerprint {record['fingerprint']!r}, "
+                        f"this store expects {self.fingerprint!r}")
+        tensor_name = record["tensors"]
+        if not isinstance(tensor_name, str) or _revision(file_stem(name), tensor_name) is None:
+            raise _Skip(f"tensor file name {tensor_name!r} is not one of this concept's")
+        try:
+            data = (self.root / tensor_name).read_bytes()
+        except FileNotFoundError:
+            raise _Skip(f"its tensor file {tensor_name} is missing") from None
+        if (digest := hashlib.sha256(data).hexdigest()) != record["sha256"]:
+            raise _Skip(f"checksum mismatch for {tensor_name}: record says {record['sha256']}, file is {digest}")
+        try:
+            tensors = safetensors.torch.load(data)
+            header_size = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+        except Exception as e:
+            raise _Skip(f"{tensor_name} is not a valid safetensors file ({e})") from None
+        if metadata.get("name") != name or metadata.get("fingerprint") != self.fingerprint:
+            raise _Skip(f"{tensor_name} was written for another concept or model")
+        vectors = tensors["vectors"]  # (T, D)
+        if self.hidden_size is not None and (vectors.dim() != 2 or vectors.shape[1] != self.hidden_size):
+            raise _Skip(f"vectors have shape {tuple(vectors.shape)}, but the model's hidden size is {self.hidden_size}")
+        sizes = tensors["view_sizes"].tolist()
+        grids_shape, num_indices = tuple(tensors["grids"].shape), tensors["indices"].numel()
+        if len(record["views"]) != len(sizes) or grids_shape != (len(sizes), 3) or sum(sizes) != num_indices:
+            raise _Skip("the record's views do not match the tensor file")
+        views = [
+            ViewRecord(grid_thw=grid, indices=indices.tolist(), **{field: view[field] for field in _VIEW_FIELDS})
+            for grid, indices, view in zip(tensors["grids"].tolist(), tensors["indices"].split(sizes), record["views"])
+        ]
+        fields = {field: record[field] for field in _RECORD_FIELDS}
+        return ConceptMemory(vectors=vectors, views=views, **fields), tensor_name
+
+    def _names(self) -> list[str]:  # call with the lock held
+        return [m.name for m in sorted(self._memories.values(), key=lambda m: (m.created, m.name))]
+
+    def _unknown(self, name: str) -> UnknownConcept:  # call with the lock held
+        known = ", ".join(repr(n) for n in self._names()) or "none"
+        return UnknownConcept(f"no concept named {name!r}; known concepts: {known}")
+
+    @staticmethod
+    def _unlink_quietly(path: Path) -> None:
+        # Only ever called on files no commit record points to: failing to delete one costs disk, not correctness.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logger.warning("could not delete %s: %s", path, e)
