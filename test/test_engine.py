@@ -265,3 +265,15 @@ def test_memory_record_names_model_layers_and_k(ego, make_view):
     assert record["name"] == "mug" and record["fingerprint"] == ego.fingerprint
     assert record["layers"] == ego.layers and record["max_tokens_per_view"] == ego.config.max_tokens_per_view
     assert record["model"] == ego.model_name
+
+
+def test_reference_views_are_saved_for_show_and_removed_on_forget(ego, make_view):
+    from ego_ros.engine.figure import load_views, views_dir
+
+    info = ego.register("mug", [make_view(1), make_view(2, 168, 280)])
+    ego.register("mug", [make_view(3)], append=True)
+    saved = load_views(ego.store.root, "mug", 3)
+    assert [image.size for image in saved] == [t.image.size for t in info.traces] + [(224, 224)]
+    assert np.array_equal(np.asarray(saved[0]), make_view(1))  # as the model saw it (already within max pixels)
+    ego.forget("mug")
+    assert not views_dir(ego.store.root, "mug").exists()

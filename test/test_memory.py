@@ -446,3 +446,19 @@ def test_concurrent_puts_from_threads(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
     for name in ("Rex", "Anna"):
         assert_same(fresh.get(name), store.get(name))
+
+
+def test_reader_without_fingerprint_sees_every_model_and_cannot_write(tmp_path):
+    MemoryStore(tmp_path, FP, HIDDEN).put(make_memory("mug"))
+    MemoryStore(tmp_path, "other-model", HIDDEN).put(make_memory("Rex", fingerprint="other-model", created=2000.0))
+    before = snapshot(tmp_path)
+    reader = MemoryStore(tmp_path, fingerprint=None)
+    assert reader.names() == ["mug", "Rex"] and reader.skipped == []
+    assert reader.get("Rex").fingerprint == "other-model"
+    with pytest.raises(ValueError, match="cannot write"):
+        reader.put(make_memory("Anna"))
+    assert snapshot(tmp_path) == before
+    reader.remove("Rex")  # forgetting needs no model
+    assert MemoryStore(tmp_path, "other-model", HIDDEN).names() == []
+    assert not MemoryStore(tmp_path / "absent", fingerprint=None).names()
+    assert not (tmp_path / "absent").exists()  # looking does not create the folder

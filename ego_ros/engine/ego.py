@@ -27,6 +27,7 @@ import torch
 from . import prompts
 from .backends import Batch, EncodedImage, backend_for
 from .config import EgoConfig, default_layers, default_memory_dir
+from .figure import remove_views, save_views
 from .images import ImageInput, to_rgb
 from .loading import fingerprint, load_model
 from .memory import ConceptExists, ConceptMemory, MemoryStore, ViewRecord, validate_name
@@ -138,6 +139,7 @@ class Ego:
 
     def forget(self, name: str) -> None:
         self.store.remove(name)
+        remove_views(self.store.root, name)
 
     def register(
         self,
@@ -180,6 +182,10 @@ class Ego:
             fingerprint=self.fingerprint, created=existing.created if existing else now, updated=now,
         )
         self.store.put(memory)
+        try:  # the views as the model saw them, so `ego-ros show` can draw the kept tokens on them
+            save_views(self.store.root, name, images, start=existing.num_views if existing else 0)
+        except OSError as error:
+            log.warning("concept %r is stored, but its reference views could not be saved: %s", name, error)
         return ConceptInfo.of(memory, traces)
 
     @torch.no_grad()

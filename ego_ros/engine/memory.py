@@ -225,9 +225,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class MemoryStore:
-    """The concepts of one model, persisted under `root`. Thread-safe."""
+    """The concepts of one model, persisted under `root`. Thread-safe.
 
-    def __init__(self, root: Path | str, fingerprint: str, hidden_size: int | None = None):
+    With ``fingerprint=None`` the store reads every model's concepts (for listing, showing and forgetting them
+    without loading a model) and refuses to write: a memory is only ever written by the model that made it.
+    """
+
+    def __init__(self, root: Path | str, fingerprint: str | None, hidden_size: int | None = None):
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.hidden_size = hidden_size
@@ -235,14 +239,15 @@ class MemoryStore:
         self._memories: dict[str, ConceptMemory] = {}
         self._tensor_files: dict[str, str] = {}  # name -> committed tensor file name
         self._lock = threading.Lock()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if fingerprint is not None:  # a reader does not create the folder just to look into it
+            self.root.mkdir(parents=True, exist_ok=True)
         self.load()
 
     def load(self) -> None:
         """(Re)read every committed concept under root; skip, log and keep any file that cannot be trusted."""
         memories, tensor_files, skipped = {}, {}, []
         with self._lock:
-            for path in sorted(self.root.glob("*.json")):  # temp and orphan tensor files are never looked at
+            for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:  # temp and orphan tensor files are never looked at
                 try:
                     memory, tensor_name = self._read(path)
                 except Exception as e:  # whatever is wrong with one file must not stop the others loading
@@ -283,6 +288,8 @@ class MemoryStore:
         # A copy, validated again (the dataclass is mutable), that is what a reload would give: vectors on CPU.
         vectors = memory.vectors.detach().to("cpu").contiguous()
         memory = dataclasses.replace(memory, vectors=vectors, views=[dataclasses.replace(v) for v in memory.views])
+        if self.fingerprint is None:
+            raise ValueError("this store reads every model's concepts and cannot write; open it with a fingerprint")
         if memory.fingerprint != self.fingerprint:
             raise ValueError(f"fingerprint: memory made by {memory.fingerprint!r}, this store is {self.fingerprint!r}")
         if self.hidden_size is not None and vectors.shape[1] != self.hidden_size:
@@ -366,7 +373,7 @@ class MemoryStore:
             raise _Skip(str(e)) from None
         if name != record["name"] or json_path.name != f"{file_stem(name)}.json":
             raise _Skip(f"the record for {name!r} belongs in {file_stem(name)}.json, not {json_path.name}")
-        if record["fingerprint"] != self.fingerprint:
+        if self.fingerprint is not None and record["fingerprint"] != self.fingerprint:
             raise _Skip(f"made by another model: fingerprint {record['fingerprint']!r}, "
                         f"this store expects {self.fingerprint!r}")
         tensor_name = record["tensors"]
@@ -384,7 +391,7 @@ class MemoryStore:
             metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
         except Exception as e:
             raise _Skip(f"{tensor_name} is not a valid safetensors file ({e})") from None
-        if metadata.get("name") != name or metadata.get("fingerprint") != self.fingerprint:
+        if metadata.get("name") != name or metadata.get("fingerprint") != record["fingerprint"]:
             raise _Skip(f"{tensor_name} was written for another concept or model")
         vectors = tensors["vectors"]  # (T, D)
         if self.hidden_size is not None and (vectors.dim() != 2 or vectors.shape[1] != self.hidden_size):

@@ -1,7 +1,7 @@
 """Qwen2.5-VL: chat-template prompts, ``<|image_pad|>`` visual tokens, M-RoPE decoder attention.
 
 Visual token i of an image with patch grid (t, gh, gw) covers the 28x28 px block at merged-grid row
-``i // (gw // 2)``, column ``i % (gw // 2)`` of the resized image (2x2 patches of 14 px are merged).
+``i // (gw // 2)``, column ``i % (gw // 2)`` of the resized image (2x2 patches of 14 px are merged); see figure.py.
 """
 
 from __future__ import annotations
@@ -49,19 +49,6 @@ class Qwen2_5_VLBackend:
             EncodedImage(features=f, grid_thw=tuple(g.tolist()), pixel_values=p, size=image.size)
             for f, g, p, image in zip(features, grids, per_image_pixels, images)
         ]
-
-    def token_cell(self, image: EncodedImage, index: int) -> tuple[int, int, int, int]:
-        """The (left, top, right, bottom) box, in processed-image pixels, that visual token ``index`` covers."""
-        _, gh, gw = image.grid_thw
-        cols = gw // self.merge_size
-        cell = self.image_processor.patch_size * self.merge_size
-        row, col = divmod(index, cols)
-        return col * cell, row * cell, (col + 1) * cell, (row + 1) * cell
-
-    def processed_size(self, image: EncodedImage) -> tuple[int, int]:
-        """(width, height) of the image after the processor's resize, in pixels."""
-        _, gh, gw = image.grid_thw
-        return gw * self.image_processor.patch_size, gh * self.image_processor.patch_size
 
     # --- prompts ------------------------------------------------------------------------------------------------
 
