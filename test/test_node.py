@@ -38,11 +38,23 @@ def graph(tiny_model_dir, tmp_path_factory):
     camera = CameraPublisher(client, CAMERA, 15.0).start()
     try:
         client.call(ListConcepts, "/ego/list_concepts", ListConcepts.Request(), wait=120.0)
+        wait_for(lambda: _buffer_frames(client) >= 5, 30, "5 frames in the camera buffer")
         yield node, client, camera
     finally:
         camera.stop()
         client.close()
         node.stop()
+
+
+def _buffer_frames(client) -> int:
+    """Frames in CAMERA's buffer, from the latest /diagnostics message (0 until there is one)."""
+    if not hasattr(client, "diagnostics"):
+        client.diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
+    for message in reversed(client.diagnostics):
+        for status in message.status:
+            if status.name.endswith(f"camera {CAMERA}"):
+                return int({kv.key: kv.value for kv in status.values}["frames"])
+    return 0
 
 
 def ask(client, question="What is here?", **fields):
