@@ -18,7 +18,7 @@ from ego_ros.action import Answer
 from ego_ros.msg import RecognitionEvent
 from ego_ros.ros.image_msgs import image_to_msg
 from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterConcept
-from rosgraph import CameraPublisher, Client, NodeProcess, free_domain, wait_for
+from ego_ros.testing.rosgraph import CameraPublisher, Client, NodeProcess, free_domain, wait_for
 
 CAMERA = "/cam/image_raw"
 SILENT_CAMERA = "/silent/image_raw/compressed"  # subscribed, never published: an empty buffer

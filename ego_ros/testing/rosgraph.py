@@ -1,4 +1,4 @@
-"""Test support for the node tests: the real node as its own process, and a real rclpy client beside it.
+"""The real node as its own process, and a real rclpy client beside it: for tests, benchmarks and smoke runs.
 
 Each node process and its client share a ROS domain of their own, with discovery limited to this machine, so
 tests neither see each other nor anything else on the network.
@@ -22,7 +22,7 @@ from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def ros_env(domain_id: int) -> dict:
