@@ -1,0 +1,134 @@
+"""What the node costs per camera frame, and how fast its executor answers while the model is generating.
+
+1. Per 1280x720 frame: rclpy deserialisation, then the image callback's work (decode, downscale to
+   max_image_pixels, insert) for a frame the buffer keeps, and for one decimation drops — for sensor_msgs/Image
+   rgb8 and for a JPEG sensor_msgs/CompressedImage.
+2. ``~/list_concepts`` round trips from a client process: with the node idle, and while ``~/answer`` is
+   generating a long answer on the tiny model (which keeps this machine's CPU busy).
+
+Examples::
+
+    python bench/node_costs.py
+    python bench/node_costs.py --frames 200 --calls 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def per_frame_costs(frames: int, max_pixels: int) -> list[tuple[str, float, float, float]]:
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from ego_ros.ros.frame_buffer import FrameBuffer
+    from ego_ros.ros.image_msgs import compressed_to_msg, image_to_msg, rgb_from_msg
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+    image[200:500, 400:900] = (40, 90, 200)  # some structure, so that JPEG is not all noise
+    rows = []
+    for label, msg in (("Image rgb8", image_to_msg(image, Image)),
+                       ("CompressedImage jpeg", compressed_to_msg(image, CompressedImage, quality=90))):
+        wire = serialize_message(msg)
+        start = time.perf_counter()
+        for _ in range(frames):
+            received = deserialize_message(wire, type(msg))
+        deserialise_ms = (time.perf_counter() - start) / frames * 1e3
+
+        buffer = FrameBuffer(seconds=10.0, fps=2.0, max_pixels=max_pixels)
+        kept_times, dropped_times = [], []
+        for i in range(frames):
+            stamp = i * 0.5  # one frame per buffer period: every one is kept
+            start = time.perf_counter()
+            buffer.offer(stamp, lambda: rgb_from_msg(received, max_pixels))
+            kept_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            buffer.offer(stamp + 0.01, lambda: rgb_from_msg(received, max_pixels))  # too soon: decimated
+            dropped_times.append(time.perf_counter() - start)
+        rows.append((f"{label} ({len(wire) / 1e6:.2f} MB on the wire)", deserialise_ms,
+                     statistics.median(kept_times) * 1e3, statistics.median(dropped_times) * 1e3))
+    return rows
+
+
+def list_latency(calls: int) -> tuple[list[float], list[float], int]:
+    from ego_ros.action import Answer
+    from ego_ros.srv import ListConcepts, RegisterConcept
+    from ego_ros.testing.rosgraph import CameraPublisher, Client, NodeProcess, free_domain, wait_for
+    from ego_ros.testing.tiny_model import build
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model = build("qwen2_5_vl", Path(scratch) / "tiny")
+        domain = free_domain()
+        node = NodeProcess(domain, Path(scratch) / "node.log", model=str(model), memory_dir=f"{scratch}/memory",
+                           camera_topics=["/cam/image_raw"], max_image_pixels=224 * 224, autostart=True).start()
+        client = Client(domain)
+        camera = CameraPublisher(client, "/cam/image_raw", 15.0).start()
+        try:
+            request = ListConcepts.Request()
+            client.call(ListConcepts, "/ego/list_concepts", request, wait=120.0)
+            wait_for(lambda: client.call(RegisterConcept, "/ego/register_concept",
+                                         RegisterConcept.Request(name="mug", camera="/cam/image_raw")).success,
+                     30, "a registered concept")
+
+            def timed_calls() -> list[float]:
+                times = []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    client.call(ListConcepts, "/ego/list_concepts", request)
+                    times.append((time.perf_counter() - start) * 1e3)
+                return times
+
+            idle = timed_calls()
+            action = client.action_client(Answer, "/ego/answer")
+            action.wait_for_server(timeout_sec=30)
+            feedback = []
+            goal = Answer.Goal(question="Tell a long story.", camera="/cam/image_raw", max_new_tokens=100_000)
+            sent = action.send_goal_async(goal, feedback_callback=feedback.append)
+            handle = wait_for(lambda: sent.result() if sent.done() else None, 30, "goal acceptance")
+            wait_for(lambda: feedback, 60, "generation to start")
+            during = timed_calls()
+            tokens = len(feedback)
+            cancel = handle.cancel_goal_async()
+            wait_for(cancel.done, 30, "cancel")
+            return idle, during, tokens
+        finally:
+            camera.stop()
+            client.close()
+            node.stop()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=100, help="frames timed per message kind")
+    parser.add_argument("--calls", type=int, default=50, help="list_concepts calls timed per condition")
+    parser.add_argument("--max-pixels", type=int, default=640 * 480, help="the node's max_image_pixels")
+    args = parser.parse_args(argv)
+
+    print(f"\nPer 1280x720 frame (median over {args.frames}; max_image_pixels {args.max_pixels}; buffer_fps 2)\n")
+    print("| message | deserialise ms | callback, frame kept ms | callback, frame decimated ms |")
+    print("|---|---|---|---|")
+    for label, deserialise, kept, dropped in per_frame_costs(args.frames, args.max_pixels):
+        print(f"| {label} | {deserialise:.2f} | {kept:.2f} | {dropped:.3f} |")
+
+    idle, during, tokens = list_latency(args.calls)
+    print(f"\n~/list_concepts round trip from another process, {args.calls} calls each (ms)\n")
+    print("| node | median | p95 | max |")
+    print("|---|---|---|---|")
+    for label, times in (("idle", idle), (f"generating an answer ({tokens} tokens streamed meanwhile)", during)):
+        p95 = statistics.quantiles(times, n=20)[-1]
+        print(f"| {label} | {statistics.median(times):.1f} | {p95:.1f} | {max(times):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
