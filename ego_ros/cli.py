@@ -1,4 +1,4 @@
-"""The ``ego-ros`` command: teach a VLM your concepts, ask about them and look at what it kept, without ROS.
+"""The ``ego-ros`` command: teach a VLM your concepts, ask about them and look at what it kept, offline or live.
 
 Examples::
 
@@ -25,12 +25,27 @@ Examples::
     python -m ego_ros.testing.tiny_model /tmp/tiny-qwen
     ego-ros register mug mug.jpg --model /tmp/tiny-qwen --memory-dir /tmp/ego-memory --max-image-pixels 50176
 
+    # Live, through a running ego node over ROS 2 (ego_ros.ros.cli)
+    ego-ros node --params-file config/ego.yaml       # the node, here (on a distro: ros2 launch ego_ros ego.launch.py)
+    ego-ros register "my mug" --camera               # views from the node's camera buffer (--views N --window SEC)
+    ego-ros ask "Where is my mug?"                   # the latest frame; or --video SEC, --image FILE; Ctrl-C cancels
+    ego-ros recognize --camera /camera/image_raw
+    ego-ros list
+    ego-ros watch                                    # recognition events, one line each, until Ctrl-C
+
+mode:
+    register, ask, recognize, list and forget work OFFLINE (this machine's model and memory folder, no ROS) when a
+    model is given (--model or $EGO_ROS_MODEL), or --memory-dir, or --offline; otherwise they are clients of the
+    running node --node (default $EGO_ROS_NODE, else /ego). An explicit --node asks the node even when
+    $EGO_ROS_MODEL is set. show is always offline; node and watch always use ROS.
+
 Errors a user can fix (a missing file, an unknown concept, a taken name, a model that does not load) print one
 line, ``ego-ros: error: ...``, and exit with 1 (2 for a wrong command line), never a traceback.
 
 Subcommands are a table, :data:`COMMANDS` (name -> :class:`Command`). The ROS client commands (``node``,
-``watch``, ``--camera`` variants that talk to a running node) come from ``ego_ros.ros.cli.COMMANDS`` when that
-module exists; an entry there with the same name as one here replaces it (so it can wrap the offline handler).
+``watch``, and live versions of ``register``, ``ask``, ``recognize``, ``list``, ``forget``) come from
+``ego_ros.ros.cli.COMMANDS`` when that module exists; an entry there with the same name as one here replaces it and
+falls back to the handler here when the mode rule above says offline.
 """
 
 from __future__ import annotations
@@ -465,4 +480,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m ego_ros.cli` runs this file as __main__; ego_ros.ros.cli imports ego_ros.cli, a second copy of it.
+    # Run the importable copy, so that the errors its handlers raise (UsageError...) are the ones main() catches.
+    from ego_ros.cli import main as _main
+
+    sys.exit(_main())

@@ -307,3 +307,12 @@ def _state_or_none(client):
 
 def _has_service(client, name):
     return any(n == name for n, _ in client.node.get_service_names_and_types())
+
+
+def test_a_request_naming_no_camera_uses_the_first(graph):
+    _, client, _ = graph
+    _ensure_concept(client, "Rex")
+    response = ask(client, "Where is Rex?", max_new_tokens=2)  # camera "" -> CAMERA, the first of camera_topics
+    assert response.success, response.message
+    scored = client.call(Recognize, "/ego/recognize", Recognize.Request())
+    assert scored.success, scored.message

@@ -117,7 +117,7 @@ class Settings:
         if not str(p["model"]).strip():
             raise RequestError("parameter model is empty: set it to a model folder or a cached hub id")
         topics = tuple(str(t) for t in (p["camera_topics"] or ()))
-        if len(set(topics)) != len(topics) or any(not t.strip() for t in topics):
+        if len(set(topics)) != len(topics) or any(not t.strip() for t in topics):  # none at all is allowed
             raise RequestError(f"camera_topics must be distinct, non-empty topic names, got {list(topics)}")
         layers = tuple(int(i) for i in (p["layers"] or ()))
         return cls(
@@ -303,11 +303,12 @@ class EgoNode(LifecycleNode):
         return on_frame
 
     def _camera(self, name: str) -> str:
+        """The camera a request names; none named means the first of camera_topics."""
         topics = self.settings.camera_topics
+        if not topics:
+            raise RequestError("the node has no cameras: set camera_topics")
         if not name:
-            if len(topics) == 1:
-                return topics[0]
-            raise RequestError(f"say which camera: one of {list(topics)}")
+            return topics[0]
         if name not in topics:
             raise RequestError(f"unknown camera {name!r}; cameras: {list(topics)}")
         return name

@@ -1,0 +1,96 @@
+"""Start the ego node (a managed lifecycle node) with the shipped parameters and a few overrides.
+
+Examples::
+
+    ros2 launch ego_ros ego.launch.py model:=/models/Qwen2.5-VL-7B-Instruct
+    ros2 launch ego_ros ego.launch.py camera_topics:=/front/image_raw,/arm/image_raw/compressed namespace:=robot1
+    ros2 launch ego_ros ego.launch.py camera_topics:="['/front/image_raw']" params_file:=/etc/robot/ego.yaml
+    ros2 launch ego_ros ego.launch.py autostart:=false     # stays unconfigured, for a lifecycle manager
+
+Every argument left empty keeps the params file's value (share/ego_ros/config/ego.yaml unless params_file says
+otherwise); ``autostart`` is always passed, true by default, so the node configures and activates itself. Where
+``ros2 launch`` is not installed (the PyPI-wheel venv), ``ego-ros node`` runs the same node with the same file.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import LifecycleNode
+from launch_ros.substitutions import FindPackageShare
+
+
+def generate_launch_description() -> LaunchDescription:
+    return LaunchDescription([
+        DeclareLaunchArgument(
+            "model", default_value="",
+            description="the VLM: a local model folder, or a hub id already in the cache (empty: the params file's)"),
+        DeclareLaunchArgument(
+            "camera_topics", default_value="",
+            description="image topics to buffer, comma-separated or a YAML list like ['/a', '/b/compressed'] "
+                        "(a name ending in /compressed is a CompressedImage; empty: the params file's)"),
+        DeclareLaunchArgument(
+            "memory_dir", default_value="",
+            description="folder of the concept memories (empty: the params file's)"),
+        DeclareLaunchArgument(
+            "params_file",
+            default_value=PathJoinSubstitution([FindPackageShare("ego_ros"), "config", "ego.yaml"]),
+            description="the node's parameters file"),
+        DeclareLaunchArgument(
+            "namespace", default_value="",
+            description="namespace of the node, e.g. robot1 gives /robot1/ego/ask (empty: none)"),
+        DeclareLaunchArgument(
+            "autostart", default_value="true", choices=["true", "false"],
+            description="configure and activate the node at start, loading the model"),
+        OpaqueFunction(function=_ego_node),
+    ])
+
+
+def _ego_node(context):
+    """The node action, built once the arguments are known, so that empty ones can be left out."""
+    value = {name: LaunchConfiguration(name).perform(context)
+             for name in ("model", "camera_topics", "memory_dir", "params_file", "namespace", "autostart")}
+    overrides = parameter_overrides(value["model"], value["camera_topics"], value["memory_dir"], value["autostart"])
+    return [LifecycleNode(
+        package="ego_ros",
+        executable="ego_node",
+        name="ego",
+        namespace=value["namespace"],
+        parameters=[value["params_file"], overrides],  # the file first: the later source wins
+        output="screen",
+    )]
+
+
+# --- pure helpers (no launch objects; test/test_launch.py runs them even where launch is not installed) ---------
+
+
+def parameter_overrides(model: str, camera_topics: str, memory_dir: str, autostart: str) -> dict:
+    """The parameters given as launch arguments, typed; empty arguments are left to the params file."""
+    overrides = {"autostart": parse_bool(autostart)}
+    if model.strip():
+        overrides["model"] = model.strip()
+    topics = topic_list(camera_topics)
+    if topics:
+        overrides["camera_topics"] = topics
+    if memory_dir.strip():
+        overrides["memory_dir"] = memory_dir.strip()
+    return overrides
+
+
+def topic_list(text: str) -> list:
+    """``/a,/b``, ``[/a, /b]``, ``['/a', "/b"]`` or ``/a`` -> ``['/a', '/b']``; empty -> ``[]``."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    topics = [part.strip().strip("'\"").strip() for part in text.split(",")]
+    for topic in topics:
+        if topic and (any(c.isspace() for c in topic) or any(c in topic for c in "[]'\"")):
+            raise ValueError(f"camera_topics: {topic!r} is not a topic name; pass names separated by commas, "
+                             f"like /front/image_raw,/arm/image_raw/compressed")
+    return [topic for topic in topics if topic]
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"autostart must be true or false, not {text!r}")
+    return value == "true"
