@@ -20,6 +20,7 @@ from ego_ros.ros.image_msgs import image_to_msg
 from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterConcept
 from ego_ros.testing.rosgraph import CameraPublisher, Client, NodeProcess, free_domain, wait_for
 
+REPO = Path(__file__).resolve().parents[1]
 CAMERA = "/cam/image_raw"
 SILENT_CAMERA = "/silent/image_raw/compressed"  # subscribed, never published: an empty buffer
 
@@ -30,7 +31,7 @@ def graph(tiny_model_dir, tmp_path_factory):
     domain = free_domain()
     folder = tmp_path_factory.mktemp("node")
     node = NodeProcess(
-        domain, folder / "node.log", model=str(tiny_model_dir), memory_dir=str(folder / "memory"),
+        domain, folder / "node.log", params_file=REPO / "config" / "ego.yaml", model=str(tiny_model_dir), memory_dir=str(folder / "memory"),
         camera_topics=[CAMERA, SILENT_CAMERA], buffer_seconds=6.0, buffer_fps=2.0, max_image_pixels=224 * 224,
         recognition_rate_hz=2.0, recognition_threshold=0.5, video_frames=4, max_new_tokens=8, autostart=True,
     ).start()

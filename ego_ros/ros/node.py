@@ -33,6 +33,7 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -113,7 +114,9 @@ class Settings:
 
     @classmethod
     def from_node(cls, node: "EgoNode") -> "Settings":
-        p = {name: node.get_parameter(name).value for name in PARAMETER_SPECS}
+        # An empty list in a params file arrives as "not set": that means the default, not an error.
+        p = {name: node.get_parameter_or(name, Parameter(name, value=default)).value
+             for name, (default, _) in PARAMETER_SPECS.items()}
         if not str(p["model"]).strip():
             raise RequestError("parameter model is empty: set it to a model folder or a cached hub id")
         topics = tuple(str(t) for t in (p["camera_topics"] or ()))
@@ -165,8 +168,8 @@ class EgoNode(LifecycleNode):
             probe = memory_dir / ".ego_write_test"
             probe.write_bytes(b"")
             probe.unlink()
-        except (RequestError, OSError) as error:
-            self.get_logger().error(f"configure failed: {error}")
+        except Exception as error:  # noqa: BLE001 - a failed transition must say why (rclpy would not)
+            self.get_logger().error(f"configure failed: {_message(error)}")
             return TransitionCallbackReturn.FAILURE
         s = self.settings
         self.buffers = {t: FrameBuffer(s.buffer_seconds, s.buffer_fps, s.max_image_pixels) for t in s.camera_topics}
