@@ -200,6 +200,27 @@ def report_skipped(skipped) -> None:
         warn(f"skipped concept file {path}: {reason}")
 
 
+class StreamPrinter:
+    """Writes an answer to stdout as it grows: each call gets the whole answer so far, only the new part is written."""
+
+    def __init__(self):
+        self.shown = ""
+
+    def __call__(self, text: str) -> None:
+        text = text.lstrip().rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD until it completes
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self, final: str = "") -> None:
+        """End the line with whatever of ``final`` was not shown (all of it, on a new line, if it differs)."""
+        final = final.lstrip()
+        rest = final[len(self.shown):] if final.startswith(self.shown) else ("\n" + final if self.shown else final)
+        sys.stdout.write(rest + "\n")
+        sys.stdout.flush()
+
+
 def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
 
@@ -290,22 +311,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     frames = [to_rgb(path, max_image_pixels(args)) for path in args.images]
     ego = load_engine(args)
 
-    shown = ""  # what has been written so far; the engine hands over the whole answer so far each time
-
-    def stream(text: str) -> None:
-        nonlocal shown
-        text = text.lstrip().rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD until it completes
-        if text.startswith(shown) and len(text) > len(shown):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-
+    printer = StreamPrinter()
     answer = ego.ask(args.question, frames, concepts=args.concepts, max_new_tokens=args.max_new_tokens,
-                     on_text=stream)
-    if answer.text.startswith(shown):
-        sys.stdout.write(answer.text[len(shown):])
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+                     on_text=printer)
+    printer.finish(answer.text)
     if not answer.text:
         warn("the model gave an empty answer")
     context = ", ".join(repr(n) for n in answer.concepts) or "none"

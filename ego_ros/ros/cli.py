@@ -500,33 +500,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise UsageError("--image asks about that file; --video and --camera ask about a camera: pass one")
     image = _read_images(args.images)[0] if args.images else None
 
-    shown = ""  # what has been written so far; each feedback holds the whole answer so far
-
-    def stream(text: str) -> None:
-        nonlocal shown
-        text = text.lstrip().rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD until it completes
-        if text.startswith(shown) and len(text) > len(shown):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
+    printer = cli.StreamPrinter()
 
     def run(args, ego: EgoClient) -> int:
         try:
             answer = ego.ask(args.question, image=image, camera=args.camera or "", video_sec=args.video,
-                             concepts=args.concepts or (), max_new_tokens=args.max_new_tokens or 0, on_text=stream)
+                             concepts=args.concepts or (), max_new_tokens=args.max_new_tokens or 0, on_text=printer)
         except KeyboardInterrupt:
-            sys.stdout.write("\n" if shown else "")
-            sys.stdout.flush()
+            if printer.shown:
+                printer.finish(printer.shown)
             info(f"{cli.PROG}: interrupted (a question already sent to {ego.node} was cancelled there)")
             return 130
         except NodeError:
-            if shown:
-                sys.stdout.write("\n")
+            if printer.shown:
+                printer.finish(printer.shown)
             raise
-        text = answer.answer.lstrip()
-        sys.stdout.write((text[len(shown):] if text.startswith(shown) else ("\n" + text if shown else text)) + "\n")
-        sys.stdout.flush()
-        if not text:
+        printer.finish(answer.answer)
+        if not answer.answer.strip():
             cli.warn("the model gave an empty answer")
         context = ", ".join(repr(n) for n in answer.concepts_used) or "none"
         tokens = f"{answer.tokens} tokens in " if answer.tokens is not None else ""
