@@ -293,10 +293,26 @@ def test_lifecycle_and_a_wrong_model_path(tiny_model_dir, tmp_path):
         assert transition(Transition.TRANSITION_ACTIVATE)
         assert state() == State.PRIMARY_STATE_ACTIVE
         assert client.call(ListConcepts, "/lc/ego/list_concepts", ListConcepts.Request()).concepts == []
+
+        # Parameters are read on configure: a change while configured is refused with the way to apply it.
+        (refused,) = set_parameter(client, "recognition_threshold", 0.7)
+        assert not refused.successful and "configure" in refused.reason
+        assert transition(Transition.TRANSITION_DEACTIVATE) and transition(Transition.TRANSITION_CLEANUP)
+        (accepted,) = set_parameter(client, "recognition_threshold", 0.7)
+        assert accepted.successful, accepted.reason
+        assert transition(Transition.TRANSITION_CONFIGURE) and transition(Transition.TRANSITION_ACTIVATE)
         assert node.alive
     finally:
         client.close()
         node.stop()
+
+
+def set_parameter(client, name, value):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    parameter = Parameter(name=name, value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value))
+    return client.call(SetParameters, "/lc/ego/set_parameters", SetParameters.Request(parameters=[parameter])).results
 
 
 def _state_or_none(client):

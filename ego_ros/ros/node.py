@@ -28,7 +28,8 @@ from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
+                                SetParametersResult)
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -157,13 +158,23 @@ class EgoNode(LifecycleNode):
         self._fast_group = ReentrantCallbackGroup()
         self._slow_group = ReentrantCallbackGroup()
         self._camera_group = MutuallyExclusiveCallbackGroup()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        """Parameters are read on configure: refuse a change that would silently not apply."""
+        if self.settings is None:
+            return SetParametersResult(successful=True)
+        names = ", ".join(p.name for p in parameters)
+        return SetParametersResult(successful=False, reason=(
+            f"{names}: parameters are read on configure; deactivate and clean up the node, set them, then "
+            "configure and activate again"))
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            self.settings = Settings.from_node(self)
-            memory_dir = self.settings.memory_dir or _default_memory_dir()
+            settings = Settings.from_node(self)
+            memory_dir = settings.memory_dir or _default_memory_dir()
             memory_dir.mkdir(parents=True, exist_ok=True)
             probe = memory_dir / ".ego_write_test"
             probe.write_bytes(b"")
@@ -171,7 +182,7 @@ class EgoNode(LifecycleNode):
         except Exception as error:  # noqa: BLE001 - a failed transition must say why (rclpy would not)
             self.get_logger().error(f"configure failed: {_message(error)}")
             return TransitionCallbackReturn.FAILURE
-        s = self.settings
+        self.settings = s = settings
         self.buffers = {t: FrameBuffer(s.buffer_seconds, s.buffer_fps, s.max_image_pixels) for t in s.camera_topics}
         off = max(0.0, s.recognition_threshold - 0.1)
         self.trackers = {t: PresenceTracker(s.recognition_threshold, off) for t in s.camera_topics}
@@ -218,6 +229,7 @@ class EgoNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.settings = None  # parameters may change again until the next configure
         self._close_interfaces(permanent=True)
         self.buffers, self.trackers = {}, {}
         if self._recognitions_pub is not None:
