@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -233,13 +234,39 @@ def test_question_with_control_tokens_is_refused(ego, make_view):
         ego.ask("Where?", [])
 
 
-def test_hub_id_without_hub_access_names_the_id_and_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(ModelLoadError) as error:
-        Ego.load("Qwen/Qwen2.5-VL-7B-Instruct", memory_dir=tmp_path / "memory")
-    message = str(error.value)
-    assert "Qwen/Qwen2.5-VL-7B-Instruct" in message and "local" in message and "folder" in message
+HUB_LOAD = """
+import sys
+from ego_ros.engine import Ego, ModelLoadError
+try:
+    ego = Ego.load(sys.argv[1], memory_dir=sys.argv[2])
+    print("loaded", ego.model_name)
+except ModelLoadError as error:
+    print("error", error)
+"""
+
+
+@pytest.mark.parametrize("offline", ["1", ""], ids=["HF_HUB_OFFLINE", "no-network"])
+def test_hub_id_without_hub_access_names_the_id_and_the_fix(tmp_path, offline):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": offline}
+    done = subprocess.run([sys.executable, "-c", HUB_LOAD, "Qwen/Qwen2.5-VL-7B-Instruct", str(tmp_path / "m")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    message = done.stdout.strip().splitlines()[-1]
+    assert message.startswith("error") and "Qwen/Qwen2.5-VL-7B-Instruct" in message
+    assert "local" in message and "folder" in message
+
+
+def test_hub_id_in_the_local_cache_loads_without_network(tiny_model_dir, tmp_path):
+    # The cache layout huggingface_hub writes: hub/models--ORG--NAME/{refs/main, snapshots/REVISION/...}.
+    repo = tmp_path / "hf" / "hub" / "models--ego--tiny-qwen"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run([sys.executable, "-c", HUB_LOAD, "ego/tiny-qwen", str(tmp_path / "m")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "loaded ego/tiny-qwen", done.stdout + done.stderr
 
 
 def test_missing_folder_and_non_model_folder(tmp_path):

@@ -66,8 +66,8 @@ def load_model(name: str | os.PathLike, *, device: str, dtype: str | torch.dtype
         source, local_only = str(local), True
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(f"model folder {name} does not exist")
-    else:  # a hub id: use the local cache; download only where the hub is reachable and allowed
-        source, local_only = name, bool(os.environ.get("HF_HUB_OFFLINE"))
+    else:  # a hub id: the local cache first; a download only where the hub answers (no minute of retries offline)
+        source, local_only = name, _in_hub_cache(name) or bool(os.environ.get("HF_HUB_OFFLINE")) or not _hub_reachable()
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     try:
@@ -85,6 +85,27 @@ def load_model(name: str | os.PathLike, *, device: str, dtype: str | torch.dtype
     model.to(target_device).eval()
     _ensure_placeholder(tokenizer, model, placeholder)
     return LoadedModel(model, tokenizer, image_processor, name, target_device, target_dtype)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection: a robot off the network should fail in seconds, not retry."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _ensure_placeholder(tokenizer, model, placeholder: str) -> None:
