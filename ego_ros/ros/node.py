@@ -36,6 +36,8 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
+from rclpy.service import Service
+from rclpy.timer import Timer
 from sensor_msgs.msg import CompressedImage, Image
 
 from ego_ros.action import Answer
@@ -148,7 +150,8 @@ class EgoNode(LifecycleNode):
         self.trackers: dict[str, PresenceTracker] = {}
         self._recognitions_pub = None
         self._diagnostics_pub = None
-        self._active_entities: list = []  # subscriptions, services, timers, action server: made on activate
+        self._active: list = []  # subscriptions, services, the action server and timers made on activate
+        self._configured: list = []  # the diagnostics timer, made on configure
         self._pending = threading.BoundedSemaphore(MAX_PENDING_REQUESTS)
         self._cancel_events: set[threading.Event] = set()
         self._last_analysed: dict[str, float] = {}
@@ -188,8 +191,8 @@ class EgoNode(LifecycleNode):
         self.trackers = {t: PresenceTracker(s.recognition_threshold, off) for t in s.camera_topics}
         self._recognitions_pub = self.create_lifecycle_publisher(RecognitionEvent, "~/recognitions", 10)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._add(self.create_timer(DIAGNOSTICS_PERIOD_SEC, self._publish_diagnostics, callback_group=self._fast_group),
-                  permanent=True)
+        self._configured.append(
+            self.create_timer(DIAGNOSTICS_PERIOD_SEC, self._publish_diagnostics, callback_group=self._fast_group))
         self.get_logger().info(
             f"configured: model {s.model}, cameras {list(s.camera_topics)}, memories in {memory_dir}")
         return TransitionCallbackReturn.SUCCESS
@@ -222,7 +225,7 @@ class EgoNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._close_interfaces()
+        self._destroy(self._active)
         self._release_model()
         for tracker in self.trackers.values():
             tracker.reset()
@@ -230,7 +233,7 @@ class EgoNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.settings = None  # parameters may change again until the next configure
-        self._close_interfaces(permanent=True)
+        self._destroy(self._configured)
         self.buffers, self.trackers = {}, {}
         if self._recognitions_pub is not None:
             self.destroy_lifecycle_publisher(self._recognitions_pub)
@@ -240,7 +243,8 @@ class EgoNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._close_interfaces(permanent=True)
+        self._destroy(self._active)
+        self._destroy(self._configured)
         self._release_model()
         return TransitionCallbackReturn.SUCCESS
 
@@ -248,42 +252,35 @@ class EgoNode(LifecycleNode):
         s = self.settings
         for topic in s.camera_topics:
             kind = CompressedImage if is_compressed_topic(topic) else Image
-            self._add(self.create_subscription(kind, topic, self._frame_callback(topic), qos_profile_sensor_data,
+            self._active.append(self.create_subscription(kind, topic, self._frame_callback(topic), qos_profile_sensor_data,
                                                callback_group=self._camera_group))
-        self._add(self.create_service(ListConcepts, "~/list_concepts", self._list_concepts,
+        self._active.append(self.create_service(ListConcepts, "~/list_concepts", self._list_concepts,
                                       callback_group=self._fast_group))
-        self._add(self.create_service(ForgetConcept, "~/forget_concept", self._forget_concept,
+        self._active.append(self.create_service(ForgetConcept, "~/forget_concept", self._forget_concept,
                                       callback_group=self._fast_group))
-        self._add(self.create_service(RegisterConcept, "~/register_concept", self._register_concept,
+        self._active.append(self.create_service(RegisterConcept, "~/register_concept", self._register_concept,
                                       callback_group=self._slow_group))
-        self._add(self.create_service(Ask, "~/ask", self._ask, callback_group=self._slow_group))
-        self._add(self.create_service(Recognize, "~/recognize", self._recognize, callback_group=self._slow_group))
-        self._add(ActionServer(self, Answer, "~/answer", execute_callback=self._answer_execute,
+        self._active.append(self.create_service(Ask, "~/ask", self._ask, callback_group=self._slow_group))
+        self._active.append(self.create_service(Recognize, "~/recognize", self._recognize, callback_group=self._slow_group))
+        self._active.append(ActionServer(self, Answer, "~/answer", execute_callback=self._answer_execute,
                                goal_callback=lambda goal: GoalResponse.ACCEPT,
                                cancel_callback=lambda handle: CancelResponse.ACCEPT,
                                callback_group=self._slow_group))
         if s.recognition_rate_hz > 0:
-            self._add(self.create_timer(1.0 / s.recognition_rate_hz, self._recognition_tick,
+            self._active.append(self.create_timer(1.0 / s.recognition_rate_hz, self._recognition_tick,
                                         callback_group=self._fast_group))
 
-    def _add(self, entity, permanent: bool = False) -> None:
-        self._active_entities.append((entity, permanent))
-
-    def _close_interfaces(self, permanent: bool = False) -> None:
-        keep = []
-        for entity, is_permanent in self._active_entities:
-            if is_permanent and not permanent:
-                keep.append((entity, is_permanent))
-                continue
+    def _destroy(self, entities: list) -> None:
+        for entity in entities:
             if isinstance(entity, ActionServer):
                 entity.destroy()
-            elif hasattr(entity, "timer_period_ns"):
+            elif isinstance(entity, Timer):
                 self.destroy_timer(entity)
-            elif hasattr(entity, "srv_type"):
+            elif isinstance(entity, Service):
                 self.destroy_service(entity)
             else:
                 self.destroy_subscription(entity)
-        self._active_entities = keep
+        entities.clear()
 
     def _release_model(self) -> None:
         for event in list(self._cancel_events):
