@@ -287,7 +287,20 @@ def test_lifecycle_and_a_wrong_model_path(tiny_model_dir, tmp_path):
         assert transition(Transition.TRANSITION_CONFIGURE)
         assert transition(Transition.TRANSITION_ACTIVATE)
         assert client.call(ListConcepts, "/lc/ego/list_concepts", ListConcepts.Request()).concepts == []
+
+        # Deactivating during a long answer stops it, and the caller is told why before the action goes away.
+        camera = CameraPublisher(client, CAMERA, 15.0).start()
+        action = client.action_client(Answer, "/lc/ego/answer")
+        assert action.wait_for_server(timeout_sec=30)
+        feedback = []
+        handle = wait_for(lambda: _try_goal(action, feedback), 30, "a goal generating")
+        result_future = handle.get_result_async()
+        wait_for(lambda: feedback, 60, "first feedback")
         assert transition(Transition.TRANSITION_DEACTIVATE)
+        camera.stop()
+        result = wait_for(lambda: result_future.result() if result_future.done() else None, 30, "the result")
+        assert result.status == 6 and "deactivated" in result.result.message  # ABORTED, with the reason
+        assert feedback[-1].feedback.tokens < 5000
         assert state() == State.PRIMARY_STATE_INACTIVE
         wait_for(lambda: not _has_service(client, "/lc/ego/ask"), 10, "the ask service to go away")
         assert transition(Transition.TRANSITION_ACTIVATE)
@@ -305,6 +318,18 @@ def test_lifecycle_and_a_wrong_model_path(tiny_model_dir, tmp_path):
     finally:
         client.close()
         node.stop()
+
+
+def _try_goal(action, feedback):
+    """A long goal on the latest frame, once the camera buffer has one (None until then)."""
+    goal = Answer.Goal(question="Tell a long story.", max_new_tokens=5000)
+    sent = action.send_goal_async(goal, feedback_callback=feedback.append)
+    handle = wait_for(lambda: sent.result() if sent.done() else None, 30, "goal acceptance")
+    result = handle.get_result_async()
+    time.sleep(0.5)
+    if result.done() and not result.result().result.success:  # no frame yet: refused at once
+        return None
+    return handle
 
 
 def set_parameter(client, name, value):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,10 @@ class EgoNode(LifecycleNode):
         self._active: list = []  # subscriptions, services, the action server and timers made on activate
         self._configured: list = []  # the diagnostics timer, made on configure
         self._pending = threading.BoundedSemaphore(MAX_PENDING_REQUESTS)
-        self._cancel_events: set[threading.Event] = set()
+        self._cancel_events: set[threading.Event] = set()  # one per generation in progress
+        self._in_flight = 0  # requests and goals being served; deactivate waits for them to answer
+        self._idle = threading.Condition()
+        self._stopping = False
         self._last_analysed: dict[str, float] = {}
         self._load_error = ""
         # Fast callbacks (list, forget, diagnostics, camera frames) never share a thread pool slot with requests
@@ -225,8 +229,8 @@ class EgoNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_model()  # first: every caller gets its answer while the services still exist
         self._destroy(self._active)
-        self._release_model()
         for tracker in self.trackers.values():
             tracker.reset()
         return super().on_deactivate(state)
@@ -243,9 +247,9 @@ class EgoNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_model()
         self._destroy(self._active)
         self._destroy(self._configured)
-        self._release_model()
         return TransitionCallbackReturn.SUCCESS
 
     def _open_interfaces(self) -> None:
@@ -283,11 +287,17 @@ class EgoNode(LifecycleNode):
         entities.clear()
 
     def _release_model(self) -> None:
+        """Stop inference (queued jobs cancelled, a generation stopped at its next token), let every request in
+        flight send its answer, then free the model and its GPU memory."""
+        self._stopping = True
         for event in list(self._cancel_events):
-            event.set()  # a generation in progress stops at its next token
+            event.set()
         if self.worker is not None:
             self.worker.stop(timeout=30.0)
             self.worker = None
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout=30.0)
+        self._stopping = False
         self.ego = None
         gc.collect()
         try:
@@ -420,8 +430,20 @@ class EgoNode(LifecycleNode):
                                "SOURCE_IMAGE (2)")
         concepts = self._known_concepts(request.concepts)
         max_new_tokens = int(request.max_new_tokens) or None
-        return lambda: self.ego.ask(question, images, concepts=concepts, times=times, max_new_tokens=max_new_tokens,
-                                    on_text=on_text, cancel=cancel)
+        cancel = cancel or threading.Event()
+
+        def job():
+            self._cancel_events.add(cancel)  # so that deactivating stops this generation at its next token
+            try:
+                answer = self.ego.ask(question, images, concepts=concepts, times=times,
+                                      max_new_tokens=max_new_tokens, on_text=on_text, cancel=cancel)
+            finally:
+                self._cancel_events.discard(cancel)
+            if self._stopping:
+                raise RequestError("stopped: the node is being deactivated")
+            return answer
+
+        return job
 
     def _known_concepts(self, names) -> list[str] | None:
         """The requested concepts (None: all), checked here so that a typo is refused before waiting in line."""
@@ -433,15 +455,28 @@ class EgoNode(LifecycleNode):
         """The shape of every model-backed service: validate, queue, wait, and always answer with a message."""
         started = time.perf_counter()
         try:
-            result = self._run_on_worker(prepare)
-            respond(result)
-            response.success = True
+            with self._serving():
+                result = self._run_on_worker(prepare)
+                respond(result)
+                response.success = True
         except Exception as error:  # noqa: BLE001 - the caller gets the reason; the node keeps running
             response.success, response.message = False, _message(error)
             self.get_logger().warning(f"{type(request).__name__} refused: {response.message}")
         if hasattr(response, "latency_sec") and not response.latency_sec:
             response.latency_sec = float(time.perf_counter() - started)
         return response
+
+    @contextmanager
+    def _serving(self):
+        """Counts a request or goal in flight until its answer is decided."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
 
     def _run_on_worker(self, prepare):
         """Run ``prepare()`` (validation, conversion) here, then the job it returns on the model's thread."""
@@ -463,30 +498,29 @@ class EgoNode(LifecycleNode):
     def _answer_execute(self, goal_handle):
         result = Answer.Result()
         cancel = threading.Event()
-        self._cancel_events.add(cancel)
-        tokens = [0]
+        tokens = 0
 
         def on_text(text: str) -> None:
-            tokens[0] += 1
-            goal_handle.publish_feedback(Answer.Feedback(answer_so_far=text, tokens=tokens[0]))
+            nonlocal tokens
+            tokens += 1
+            goal_handle.publish_feedback(Answer.Feedback(answer_so_far=text, tokens=tokens))
             if goal_handle.is_cancel_requested:
                 cancel.set()
 
-        try:
-            answer = self._run_on_worker(lambda: self._ask_job(goal_handle.request, on_text, cancel))
-            result.success, result.answer = True, answer.text
-            result.concepts_used, result.latency_sec = answer.concepts, float(answer.timings["total"])
-            result.message = f"{answer.new_tokens} tokens" + (" (cancelled)" if cancel.is_set() else "")
-        except Exception as error:  # noqa: BLE001
-            result.success, result.message = False, _message(error)
-        finally:
-            self._cancel_events.discard(cancel)
-        if goal_handle.is_cancel_requested:
-            goal_handle.canceled()
-        elif result.success:
-            goal_handle.succeed()
-        else:
-            goal_handle.abort()
+        with self._serving():  # until the goal's terminal state is set, so deactivate waits for it
+            try:
+                answer = self._run_on_worker(lambda: self._ask_job(goal_handle.request, on_text, cancel))
+                result.success, result.answer = True, answer.text
+                result.concepts_used, result.latency_sec = answer.concepts, float(answer.timings["total"])
+                result.message = f"{answer.new_tokens} tokens" + (" (cancelled)" if cancel.is_set() else "")
+            except Exception as error:  # noqa: BLE001
+                result.success, result.message = False, _message(error)
+            if goal_handle.is_cancel_requested:
+                goal_handle.canceled()
+            elif result.success:
+                goal_handle.succeed()
+            else:
+                goal_handle.abort()
         return result
 
     # --- recognition ------------------------------------------------------------------------------------------
