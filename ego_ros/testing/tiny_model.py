@@ -105,8 +105,12 @@ def _merges_of(bpe_model) -> list[tuple[str, str]]:
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state]
 
 
-def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 112 * 4, placeholder: str) -> Path:
-    """Write a tiny Qwen2_5_VLForConditionalGeneration (4 decoder layers, hidden 64) and its processor."""
+def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 112 * 4, placeholder: str,
+                     text_overrides: dict | None = None) -> Path:
+    """Write a tiny Qwen2_5_VLForConditionalGeneration (4 decoder layers, hidden 64) and its processor.
+
+    ``text_overrides`` changes decoder sizes (e.g. a real model's layer and head counts, for benchmarks).
+    """
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -132,6 +136,7 @@ def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 11
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
+    text_config.update(text_overrides or {})
     vision_config = dict(
         model_type="qwen2_5_vl",
         depth=2,
@@ -140,7 +145,7 @@ def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 11
         intermediate_size=64,
         num_heads=2,
         in_chans=3,
-        out_hidden_size=64,
+        out_hidden_size=text_config["hidden_size"],
         patch_size=14,
         spatial_merge_size=2,
         spatial_patch_size=14,
@@ -184,12 +189,14 @@ def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 11
     return out_dir
 
 
-def build(arch: str, out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 112 * 4) -> Path:
+def build(arch: str, out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 112 * 4,
+          text_overrides: dict | None = None) -> Path:
     """Build the tiny model of ``arch`` into ``out_dir`` and return the folder."""
     from ego_ros.engine.prompts import CONCEPT_PLACEHOLDER
 
     if arch == "qwen2_5_vl":
-        return build_qwen2_5_vl(out_dir, seed=seed, max_pixels=max_pixels, placeholder=CONCEPT_PLACEHOLDER)
+        return build_qwen2_5_vl(out_dir, seed=seed, max_pixels=max_pixels, placeholder=CONCEPT_PLACEHOLDER,
+                                text_overrides=text_overrides)
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
