@@ -263,6 +263,8 @@ def _register_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_register(args: argparse.Namespace) -> int:
     require_model(args)  # before the engine's imports: the quickest possible answer to a wrong command line
     from ego_ros.engine import ConceptExists
+    from tqdm import tqdm
+
     from ego_ros.engine.images import to_rgb
     from ego_ros.engine.memory import file_stem, validate_name
 
@@ -273,7 +275,10 @@ def cmd_register(args: argparse.Namespace) -> int:
     images = [to_rgb(path, max_image_pixels(args)) for path in args.images]  # every file checked before loading
     ego = load_engine(args)
     before = ego.store.get(name).num_views if name in ego.store else 0
-    concept = ego.register(name, images, append=args.append, area_percent=args.area)
+    with tqdm(total=len(images), desc=f"registering {name!r}", unit="view", file=sys.stderr,
+              disable=len(images) < 2) as bar:
+        concept = ego.register(name, images, append=args.append, area_percent=args.area,
+                               on_view=lambda done, total: bar.update(1))
     added = len(concept.traces)
     verb = f"added {added} view{'s' * (added != 1)} to" if before else "registered"
     print(f"{verb} {name!r}: {concept.num_views} view{'s' * (concept.num_views != 1)}, "

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_register_list_forget(ego, make_view):
-    info = ego.register("my mug", [make_view(1), make_view(2)])
+    progress = []
+    info = ego.register("my mug", [make_view(1), make_view(2)], on_view=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 2), (2, 2)]
     assert info.name == "my mug" and info.num_views == 2
     assert info.num_tokens == sum(t.selected.numel() for t in info.traces) == ego.store.get("my mug").num_tokens
     assert info.keywords and all(isinstance(k, str) and k for k in info.keywords)

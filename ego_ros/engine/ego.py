@@ -148,11 +148,13 @@ class Ego:
         *,
         append: bool = False,
         area_percent: float | Sequence[float] | None = None,
+        on_view: Callable[[int, int], None] | None = None,
     ) -> ConceptInfo:
         """Introduce a concept from reference views (paper §3.2); with ``append``, add views to an existing one.
 
         ``area_percent``: the subject's share of each view when the caller knows it (from a mask, or a person
         saying so); it replaces the model's own estimate of alpha. One value for all views or one per view.
+        ``on_view(done, total)`` is called after each view, for progress.
         """
         name = self._check_text(validate_name(name), "name")
         if isinstance(views, (str, bytes)) or not hasattr(views, "__len__"):
@@ -164,7 +166,11 @@ class Ego:
             raise ConceptExists(f"concept {name!r} already exists; use append to add views or forget it first")
         areas = self._areas(area_percent, len(views))
         images = [to_rgb(view, self.config.max_image_pixels) for view in views]  # all checked before any work
-        traces = [self._introduce_view(image, area) for image, area in zip(self.backend.encode(images), areas)]
+        traces = []
+        for image, area in zip(self.backend.encode(images), areas):
+            traces.append(self._introduce_view(image, area))
+            if on_view is not None:
+                on_view(len(traces), len(images))
 
         vectors = torch.cat([t.image.features[t.selected] for t in traces]).detach().cpu()
         records = [
