@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -268,7 +267,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     from ego_ros.engine.images import to_rgb
     from ego_ros.engine.memory import file_stem, validate_name
 
-    root, settings = memory_dir(args), engine_settings(args)
+    root = memory_dir(args)
+    engine_settings(args)  # a bad setting is refused before anything is read or loaded
     name = validate_name(args.name)
     if not args.append and (root / f"{file_stem(name)}.json").exists():
         raise ConceptExists(f"concept {name!r} already exists in {root}; use --append to add views, or forget it first")
