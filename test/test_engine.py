@@ -306,3 +306,13 @@ def test_reference_views_are_saved_for_show_and_removed_on_forget(ego, make_view
     assert np.array_equal(np.asarray(saved[0]), make_view(1))  # as the model saw it (already within max pixels)
     ego.forget("mug")
     assert not views_dir(ego.store.root, "mug").exists()
+
+
+def test_append_with_a_smaller_k_keeps_the_older_views(tiny_model_dir, tmp_path, make_view):
+    big = Ego.load(str(tiny_model_dir), memory_dir=tmp_path, max_image_pixels=TEST_MAX_PIXELS, max_tokens_per_view=32)
+    big.register("mug", [make_view(1)])
+    small = Ego.load(str(tiny_model_dir), memory_dir=tmp_path, max_image_pixels=TEST_MAX_PIXELS, max_tokens_per_view=8)
+    info = small.register("mug", [make_view(2)], append=True)
+    memory = small.store.get("mug")
+    assert [len(v.indices) for v in memory.views] == [32, 8] and info.num_tokens == 40
+    assert memory.max_tokens_per_view == 32

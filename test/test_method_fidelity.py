@@ -85,7 +85,7 @@ def test_tokens_kept_follow_area(ego, make_view, alpha):
     n, k, floor = trace.image.num_tokens, ego.config.max_tokens_per_view, ego.config.min_tokens_per_view
     expected = min(n, max(floor, min(k, math.ceil(alpha * n / 100))))
     assert trace.selected.numel() == expected
-    assert trace.area_percent == alpha
+    assert trace.area_percent == alpha and trace.area_answer == ""  # a given area is not asked for
 
 
 def test_unparsable_area_answer_uses_documented_fallback(tiny_model_dir, tmp_path, make_view):

@@ -184,7 +184,9 @@ class Ego:
             records = existing.views + records
         memory = ConceptMemory(
             name=name, vectors=vectors, views=records, layers=self.layers,
-            max_tokens_per_view=self.config.max_tokens_per_view, model=self.model_name,
+            # K bounds every view's selection; views appended under a smaller K keep their larger older ones
+            max_tokens_per_view=max(self.config.max_tokens_per_view, existing.max_tokens_per_view if existing else 0),
+            model=self.model_name,
             fingerprint=self.fingerprint, created=existing.created if existing else now, updated=now,
         )
         self.store.put(memory)
@@ -196,16 +198,16 @@ class Ego:
 
     @torch.no_grad()
     def _introduce_view(self, image: EncodedImage, given_area: float | None = None) -> ViewTrace:
-        # 1. Keywords and area, in one batched greedy generation.
-        keyword_ids, area_ids = self._generate(
-            self.backend.build([[image, prompts.KEYWORDS], [image, prompts.AREA]]),
-            max(self.config.keyword_max_new_tokens, self.config.area_max_new_tokens),
-        )
-        keyword_ids = keyword_ids[: self.config.keyword_max_new_tokens]
-        area_answer = self.tokenizer.decode(area_ids[: self.config.area_max_new_tokens], skip_special_tokens=True)
-        area_percent, area_parsed = parse_area(area_answer, self.config.fallback_area_percent)
-        if given_area is not None:
-            area_percent, area_parsed = given_area, True
+        # 1. Keywords and (unless the caller knows it) the area, in one batched greedy generation.
+        questions = [[image, prompts.KEYWORDS]] + ([[image, prompts.AREA]] if given_area is None else [])
+        answers = self._generate(self.backend.build(questions),
+                                 max(self.config.keyword_max_new_tokens, self.config.area_max_new_tokens))
+        keyword_ids = answers[0][: self.config.keyword_max_new_tokens]
+        if given_area is None:
+            area_answer = self.tokenizer.decode(answers[1][: self.config.area_max_new_tokens], skip_special_tokens=True)
+            area_percent, area_parsed = parse_area(area_answer, self.config.fallback_area_percent)
+        else:
+            area_answer, area_percent, area_parsed = "", given_area, True
 
         # 2. Which generated tokens are keywords: words only, no punctuation, whitespace or special tokens.
         word_rows = [i for i, token in enumerate(keyword_ids) if self._is_word(token)]
