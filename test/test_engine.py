@@ -316,3 +316,19 @@ def test_append_with_a_smaller_k_keeps_the_older_views(tiny_model_dir, tmp_path,
     memory = small.store.get("mug")
     assert [len(v.indices) for v in memory.views] == [32, 8] and info.num_tokens == 40
     assert memory.max_tokens_per_view == 32
+
+
+@pytest.mark.parametrize("where", ["chat_template.json", "nowhere"])
+def test_chat_template_beside_the_processor_is_used(tiny_model_dir, tmp_path, make_view, where):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()  # the tokenizer now loads without a template
+    if where == "nowhere":
+        with pytest.raises(ModelLoadError, match="no chat template"):
+            Ego.load(str(folder), memory_dir=tmp_path / "memory")
+        return
+    (folder / where).write_text(json.dumps({"chat_template": template}))
+    ego = Ego.load(str(folder), memory_dir=tmp_path / "memory", max_image_pixels=TEST_MAX_PIXELS)
+    assert ego.tokenizer.chat_template == template
+    assert ego.ask("What is this?", make_view(1), max_new_tokens=2).new_tokens == 2

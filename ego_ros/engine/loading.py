@@ -83,8 +83,26 @@ def load_model(name: str | os.PathLike, *, device: str, dtype: str | torch.dtype
             ) from None
         raise ModelLoadError(f"cannot load model from {source}: {error}") from None
     model.to(target_device).eval()
+    _ensure_chat_template(tokenizer, source, local_only)
     _ensure_placeholder(tokenizer, model, placeholder)
     return LoadedModel(model, tokenizer, image_processor, name, target_device, target_dtype)
+
+
+def _ensure_chat_template(tokenizer, source: str, local_only: bool) -> None:
+    """Checkpoints that keep the chat template beside the processor (chat_template.json/.jinja) rather than in
+    tokenizer_config.json load a tokenizer without one; the prompts are built with it, so take it from there."""
+    if tokenizer.chat_template:
+        return
+    from transformers.utils import cached_file
+
+    for filename in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(source, filename, local_files_only=local_only, _raise_exceptions_for_missing_entries=False)
+        if path is not None:
+            text = Path(path).read_text(encoding="utf-8")
+            tokenizer.chat_template = json.loads(text)["chat_template"] if filename.endswith(".json") else text
+            return
+    raise ModelLoadError(f"{source} has no chat template (in tokenizer_config.json, chat_template.jinja or "
+                         "chat_template.json): the engine builds its prompts with it")
 
 
 def _in_hub_cache(repo_id: str) -> bool:
