@@ -534,7 +534,13 @@ class EgoNode(LifecycleNode):
             if frame is None or self._last_analysed.get(camera) == frame.stamp_sec:
                 continue  # nothing new to look at
             self._last_analysed[camera] = frame.stamp_sec
-            worker.submit_periodic(("recognize", camera), lambda c=camera, f=frame: self._recognize_frame(c, f))
+            job = worker.submit_periodic(("recognize", camera), lambda c=camera, f=frame: self._recognize_frame(c, f))
+            job.add_done_callback(self._report_recognition_failure)
+
+    def _report_recognition_failure(self, job) -> None:
+        # Nobody waits for a periodic job: a failure would pass unseen if it were not logged here.
+        if not job.cancelled() and job.exception() is not None:
+            self.get_logger().error(f"recognition failed: {_message(job.exception())}", throttle_duration_sec=10.0)
 
     def _recognize_frame(self, camera: str, frame) -> None:
         if self.ego is None:
