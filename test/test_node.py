@@ -99,9 +99,12 @@ def test_register_from_buffer_is_listed_persisted_and_survives_restart(graph, tm
     assert any(p.suffix == ".json" for p in Path(memory_dir).iterdir())
 
     node.stop()
+    _buffer_frames(client)
+    client.diagnostics.clear()  # what the stopped node said no longer counts
     node.start()
     listed = wait_for(lambda: _try_names(client), 120, "the restarted node to answer")
     assert "my mug" in listed
+    wait_for(lambda: _buffer_frames(client) >= 5, 30, "the restarted node's buffer to fill")  # for the next tests
 
 
 def _try_names(client):
