@@ -1,4 +1,4 @@
-"""The ``ego-ros`` commands that talk to a running ``ego`` node over ROS 2, and :class:`EgoClient` under them.
+"""The ``ego-ros`` commands that talk to a running ``ego`` node over ROS 2, thin over :mod:`ego_ros.ros.client`.
 
 Examples::
 
@@ -27,14 +27,8 @@ Live errors are one line, like the offline ones: no node answering within ``--ti
 node's own ``success=false`` message, print ``ego-ros: error: ...`` and exit 1; Ctrl-C during ``ask`` cancels the
 goal on the node and exits 130; ``watch`` ends with Ctrl-C and exits 0.
 
-rclpy is imported inside the handlers and :class:`EgoClient` only, so ``ego-ros --help`` and the offline commands
-never load ROS. :class:`EgoClient` is the Python face of the same calls (one call, one result or a
-:class:`NodeError`), in the spirit of nav2_simple_commander::
-
-    with EgoClient("/ego", timeout=10.0) as ego:
-        info = ego.register("my mug", camera="", num_views=3)
-        answer = ego.ask("Where is my mug?", on_text=print)     # answer.answer, .concepts_used, .latency_sec
-        ego.recognize(camera="/camera/image_raw")               # {"my mug": 0.87, ...}
+rclpy is imported inside the handlers and :class:`ego_ros.ros.client.EgoClient` only, so ``ego-ros --help`` and the
+offline commands never load ROS.
 """
 
 from __future__ import annotations
@@ -44,270 +38,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ego_ros import cli
 from ego_ros.cli import Command, UsageError, info
+from ego_ros.ros.client import DEFAULT_NODE, DEFAULT_TIMEOUT, NODE_ENV, EgoClient, NodeError, NodeNotFound, node_name
 
-NODE_ENV = "EGO_ROS_NODE"
-DEFAULT_NODE = "/ego"
-DEFAULT_TIMEOUT = 10.0
 # Images read from files are sent at most this big (rgb8, about 6 MB); the node downscales to its max_image_pixels.
 SEND_MAX_PIXELS = 1920 * 1080
-# While waiting for a long answer, how often to check that the node is still there (seconds).
-_LIVENESS_PERIOD = 1.0
-
-
-# --- the facade -------------------------------------------------------------------------------------------------
-
-
-class NodeError(Exception):
-    """The node could not be reached, refused the request, or answered ``success=false`` (the message says which)."""
-
-
-class NodeNotFound(NodeError):
-    """Nothing answered at ``endpoint`` within the timeout."""
-
-    def __init__(self, endpoint: str, timeout: float):
-        super().__init__(f"no ego node answering at {endpoint} (start one with 'ego-ros node')")
-        self.endpoint, self.timeout = endpoint, timeout
-
-
-class NodeInactive(NodeError):
-    """The node is in the graph but offers no services: a lifecycle node that is not active."""
-
-
-@dataclass
-class AskResult:
-    answer: str
-    concepts_used: list[str]
-    latency_sec: float
-    tokens: int | None  # from the last feedback; None when no feedback arrived
-
-
-def node_name(name: str | None) -> str:
-    """``ego``, ``/ego/``, ``robot1/ego`` -> ``/ego``, ``/robot1/ego``: the prefix of the node's services."""
-    name = (name if name is not None else os.environ.get(NODE_ENV) or DEFAULT_NODE).strip().strip("/")
-    if not name:
-        raise UsageError("--node needs a node name like /ego or /robot1/ego")
-    return "/" + name
-
-
-class EgoClient:
-    """Plain calls to a running ``ego`` node: each waits for the node (up to ``timeout`` s), then for its answer.
-
-    Its own rclpy context (no global ``rclpy.init``) and a single-threaded executor spun only while a call is
-    waiting; no signal handlers, so Ctrl-C is a KeyboardInterrupt in the caller. ``ask`` turns that interrupt into
-    a cancel of the goal on the node before re-raising it.
-    """
-
-    def __init__(self, node: str | None = None, timeout: float = DEFAULT_TIMEOUT):
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.signals import SignalHandlerOptions
-
-        self.node = node_name(node)
-        self.timeout = timeout
-        self._context = Context()
-        rclpy.init(context=self._context, signal_handler_options=SignalHandlerOptions.NO)
-        try:
-            self._ros = rclpy.create_node(f"ego_ros_cli_{os.getpid()}", context=self._context,
-                                          start_parameter_services=False, enable_rosout=False)
-            self._executor = SingleThreadedExecutor(context=self._context)
-            self._executor.add_node(self._ros)
-        except BaseException:
-            self._context.try_shutdown()
-            raise
-
-    def close(self) -> None:
-        self._executor.shutdown(timeout_sec=1.0)
-        self._ros.destroy_node()
-        self._context.try_shutdown()
-
-    def __enter__(self) -> EgoClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # -- the node's calls
-
-    def register(self, name: str, views: Sequence = (), *, camera: str = "", num_views: int = 0,
-                 window_sec: float = 0.0, append: bool = False):
-        """``RegisterConcept``: from ``views`` (RGB uint8 arrays) if given, else from the camera's buffer.
-        Returns the stored ``ConceptInfo``."""
-        from ego_ros.srv import RegisterConcept
-
-        request = RegisterConcept.Request(name=name, camera=camera, num_views=num_views,
-                                          window_sec=float(window_sec), append=append)
-        request.views = [_image_msg(view) for view in views]
-        return self._succeeded(self._call(RegisterConcept, "register_concept", request)).concept
-
-    def ask(self, question: str, *, image=None, camera: str = "", video_sec: float | None = None,
-            concepts: Iterable[str] = (), max_new_tokens: int = 0,
-            on_text: Callable[[str], None] | None = None) -> AskResult:
-        """The ``answer`` action. ``on_text`` gets the whole answer so far at each feedback. Source: ``image`` (an RGB
-        array) if given, else the last ``video_sec`` seconds of ``camera`` if given, else its latest frame."""
-        from action_msgs.msg import GoalStatus
-        from rclpy.action import ActionClient
-
-        from ego_ros.action import Answer
-
-        goal = Answer.Goal(question=question, camera=camera, concepts=list(concepts),
-                           max_new_tokens=int(max_new_tokens))
-        if image is not None:
-            goal.source, goal.image = Answer.Goal.SOURCE_IMAGE, _image_msg(image)
-        elif video_sec is not None:
-            goal.source, goal.window_sec = Answer.Goal.SOURCE_VIDEO, float(video_sec)
-        else:
-            goal.source = Answer.Goal.SOURCE_LATEST
-
-        endpoint = f"{self.node}/answer"
-        client = ActionClient(self._ros, Answer, endpoint)
-        tokens = None
-
-        def feedback(message) -> None:
-            nonlocal tokens
-            tokens = message.feedback.tokens
-            if on_text is not None:
-                on_text(message.feedback.answer_so_far)
-
-        accepted = goal_handle = None
-        try:
-            if not client.wait_for_server(timeout_sec=self.timeout):
-                raise self._not_found(endpoint)
-            accepted = client.send_goal_async(goal, feedback_callback=feedback)
-            self._wait(accepted, client.server_is_ready, endpoint)
-            goal_handle = accepted.result()
-            if not goal_handle.accepted:
-                raise NodeError(f"the node at {self.node} refused the question (goal rejected)")
-            response = goal_handle.get_result_async()
-            self._wait(response, client.server_is_ready, endpoint)
-        except KeyboardInterrupt:
-            self._cancel(goal_handle, accepted)
-            raise
-        finally:
-            client.destroy()
-        result, status = response.result().result, response.result().status
-        if status != GoalStatus.STATUS_SUCCEEDED or not result.success:
-            raise NodeError(result.message or f"the question ended with goal status {status}")
-        return AskResult(result.answer, list(result.concepts_used), result.latency_sec, tokens)
-
-    def recognize(self, image=None, *, camera: str = "", concepts: Iterable[str] = ()) -> dict[str, float]:
-        """``Recognize`` on ``image`` (an RGB array) if given, else on the camera's latest frame: name -> score."""
-        from ego_ros.srv import Recognize
-
-        request = Recognize.Request(camera=camera, concepts=list(concepts))
-        if image is not None:
-            request.camera, request.image = "", _image_msg(image)
-        response = self._succeeded(self._call(Recognize, "recognize", request))
-        return {d.name: float(d.score) for d in response.detections}
-
-    def list(self) -> list:
-        """``ListConcepts``: the node's ``ConceptInfo`` messages, sorted by name."""
-        from ego_ros.srv import ListConcepts
-
-        return list(self._call(ListConcepts, "list_concepts", ListConcepts.Request()).concepts)
-
-    def forget(self, name: str) -> str:
-        """``ForgetConcept``; returns the node's message."""
-        from ego_ros.srv import ForgetConcept
-
-        return self._succeeded(self._call(ForgetConcept, "forget_concept", ForgetConcept.Request(name=name))).message
-
-    def watch(self, callback: Callable, *, duration: float | None = None,
-              on_ready: Callable[[str], None] | None = None) -> None:
-        """Calls ``callback(RecognitionEvent)`` for each event on ``<node>/recognitions``, for ``duration`` seconds
-        or until KeyboardInterrupt (which propagates); ``on_ready(topic)`` once subscribed. Fails like the calls
-        when the node is not there."""
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-
-        from ego_ros.msg import RecognitionEvent
-        from ego_ros.srv import ListConcepts
-
-        # The node's presence, as for every other command: its list_concepts service.
-        probe = self._ros.create_client(ListConcepts, f"{self.node}/list_concepts")
-        try:
-            if not probe.wait_for_service(timeout_sec=self.timeout):
-                raise self._not_found(f"{self.node}/list_concepts")
-        finally:
-            self._ros.destroy_client(probe)
-        topic = f"{self.node}/recognitions"
-        # Match the publisher's reliability (a reliable subscription gets nothing from a best-effort publisher).
-        publishers = self._ros.get_publishers_info_by_topic(topic)
-        best_effort = any(p.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT for p in publishers)
-        qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT if best_effort
-                         else ReliabilityPolicy.RELIABLE)
-        subscription = self._ros.create_subscription(RecognitionEvent, topic, callback, qos)
-        if on_ready is not None:
-            on_ready(topic)
-        try:
-            end = None if duration is None else time.monotonic() + duration
-            while end is None or time.monotonic() < end:
-                self._executor.spin_once(timeout_sec=0.1)
-        finally:
-            self._ros.destroy_subscription(subscription)
-
-    # -- plumbing
-
-    def _not_found(self, endpoint: str) -> NodeError:
-        """NodeNotFound, or NodeInactive when a node of that name is there (its services exist only when active)."""
-        namespace, _, name = self.node.rpartition("/")
-        if (name, namespace or "/") in self._ros.get_node_names_and_namespaces():
-            return NodeInactive(f"the node {self.node} is running but not active, so it offers no {endpoint}: it "
-                                f"may still be loading its model (retry, or raise --timeout), be waiting for a "
-                                f"lifecycle activate, or have failed to activate (see its log)")
-        return NodeNotFound(endpoint, self.timeout)
-
-    def _call(self, srv_type, service: str, request):
-        endpoint = f"{self.node}/{service}"
-        client = self._ros.create_client(srv_type, endpoint)
-        try:
-            if not client.wait_for_service(timeout_sec=self.timeout):
-                raise self._not_found(endpoint)
-            future = client.call_async(request)
-            self._wait(future, client.service_is_ready, endpoint)
-            return future.result()
-        finally:
-            self._ros.destroy_client(client)
-
-    def _wait(self, future, alive: Callable[[], bool], endpoint: str) -> None:
-        """Spin until ``future`` is done (a model may take minutes: no deadline), failing if the node goes away."""
-        while not future.done():
-            self._executor.spin_until_future_complete(future, timeout_sec=_LIVENESS_PERIOD)
-            if not future.done() and not alive():
-                raise NodeError(f"{endpoint} went away before answering (the node stopped or was deactivated)")
-        if future.exception() is not None:
-            raise NodeError(f"{endpoint} failed: {future.exception()}")
-
-    def _cancel(self, goal_handle, accepted) -> None:
-        """Best effort, a few seconds at most: ask the node to stop generating for this goal."""
-        try:
-            if goal_handle is None and accepted is not None:  # interrupted before the node accepted the goal
-                self._executor.spin_until_future_complete(accepted, timeout_sec=2.0)
-                goal_handle = accepted.result() if accepted.done() else None
-            if goal_handle is not None and goal_handle.accepted:
-                cancelling = goal_handle.cancel_goal_async()
-                self._executor.spin_until_future_complete(cancelling, timeout_sec=3.0)
-        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for the cancel to be acknowledged
-            pass
-
-    @staticmethod
-    def _succeeded(response):
-        if not response.success:
-            raise NodeError(response.message or "the node answered success=false without a message")
-        return response
-
-
-def _image_msg(image):
-    from sensor_msgs.msg import Image
-
-    from ego_ros.ros.image_msgs import image_to_msg
-
-    return image_to_msg(image, Image)
 
 
 # --- the commands -----------------------------------------------------------------------------------------------
