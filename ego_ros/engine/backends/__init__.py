@@ -7,7 +7,6 @@ A backend provides:
     ``build(prompts) -> Batch``                   token ids, masks and the rows to overwrite, left-padded
     ``decoder_layers``                            the LLM's decoder layers (hook points for scoring)
     ``query_attention(layer, hidden, position_embeddings, rows)``  softmax rows of one layer, (B, H, R, S)
-    ``rope_index(batch)``                         the model's own position ids for a batch
 """
 
 from __future__ import annotations

@@ -124,16 +124,6 @@ class Qwen2_5_VLBackend:
         breaks = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
         return list(torch.tensor_split(positions.cpu(), breaks.cpu()))
 
-    def rope_index(self, batch: Batch) -> torch.Tensor:
-        """The model's own 3-D (M-RoPE) position ids for ``batch``, (3, B, S)."""
-        position_ids, _ = self.model.model.get_rope_index(
-            batch.input_ids,
-            mm_token_type_ids=batch.mm_token_type_ids,
-            image_grid_thw=batch.image_grid_thw,
-            attention_mask=batch.attention_mask,
-        )
-        return position_ids
-
     # --- attention ----------------------------------------------------------------------------------------------
 
     @property
