@@ -199,29 +199,19 @@ class Ego:
     @torch.no_grad()
     def _introduce_view(self, image: EncodedImage, given_area: float | None = None) -> ViewTrace:
         # 1. Keywords and (unless the caller knows it) the area, in one batched greedy generation.
-        questions = [[image, prompts.KEYWORDS]] + ([[image, prompts.AREA]] if given_area is None else [])
-        answers = self._generate(self.backend.build(questions),
-                                 max(self.config.keyword_max_new_tokens, self.config.area_max_new_tokens))
-        keyword_ids = answers[0][: self.config.keyword_max_new_tokens]
+        keyword_ids, area_ids = self._describe(image, ask_area=given_area is None)
         if given_area is None:
-            area_answer = self.tokenizer.decode(answers[1][: self.config.area_max_new_tokens], skip_special_tokens=True)
+            area_answer = self.tokenizer.decode(area_ids, skip_special_tokens=True)
             area_percent, area_parsed = parse_area(area_answer, self.config.fallback_area_percent)
         else:
             area_answer, area_percent, area_parsed = "", given_area, True
 
         # 2. Which generated tokens are keywords: words only, no punctuation, whitespace or special tokens.
-        word_rows = [i for i, token in enumerate(keyword_ids) if self._is_word(token)]
-        fallback = not word_rows
-        if fallback:  # nothing usable was generated: score the instruction's own subject words instead
-            keyword_ids = self.tokenizer(prompts.FALLBACK_KEYWORDS, add_special_tokens=False)["input_ids"]
-            word_rows = [i for i, token in enumerate(keyword_ids) if self._is_word(token)]
+        keyword_ids, word_rows, fallback = self._keyword_rows(keyword_ids)
         keywords = split_keywords(self.tokenizer.decode(keyword_ids, skip_special_tokens=True))
 
         # 3. Teacher-forced pass over [instruction, image, keywords]; eq. 3 on the selected layers.
-        batch = self.backend.build([[image, prompts.KEYWORDS]], responses=[keyword_ids])
-        prompt_length = batch.input_ids.shape[1] - len(keyword_ids)
-        keyword_positions = torch.tensor(word_rows) + prompt_length
-        visual_positions = batch.image_positions[0][0]
+        batch, keyword_positions, visual_positions = self._teacher_forced(image, keyword_ids, word_rows)
         scores = score_visual_tokens(self.model, self.backend, batch, keyword_positions, visual_positions, self.layers)
 
         # 4. Keep the top K_c tokens in raster order.
@@ -233,6 +223,34 @@ class Ego:
             scores=scores, selected=select_tokens(scores, k), keywords=keywords, keywords_fallback=fallback,
             area_answer=area_answer, area_percent=area_percent, area_parsed=area_parsed, image=image,
         )
+
+    def _describe(self, image: EncodedImage, *, ask_area: bool) -> tuple[list[int], list[int] | None]:
+        """The model's keywords for the main subject of ``image`` (token ids, greedy) and, with ``ask_area``, its
+        answer to the area question, in one batched generation."""
+        questions = [[image, prompts.KEYWORDS]] + ([[image, prompts.AREA]] if ask_area else [])
+        answers = self._generate(self.backend.build(questions),
+                                 max(self.config.keyword_max_new_tokens, self.config.area_max_new_tokens))
+        keyword_ids = answers[0][: self.config.keyword_max_new_tokens]
+        return keyword_ids, (answers[1][: self.config.area_max_new_tokens] if ask_area else None)
+
+    def _keyword_rows(self, keyword_ids: list[int]) -> tuple[list[int], list[int], bool]:
+        """(the response to teacher-force, the indices of its word tokens, whether it is the fallback).
+
+        Word tokens contain a letter or digit; when the model generated none, FALLBACK_KEYWORDS are scored instead.
+        """
+        word_rows = [i for i, token in enumerate(keyword_ids) if self._is_word(token)]
+        if word_rows:
+            return keyword_ids, word_rows, False
+        # Nothing usable was generated: score the instruction's own subject words instead.
+        keyword_ids = self.tokenizer(prompts.FALLBACK_KEYWORDS, add_special_tokens=False)["input_ids"]
+        return keyword_ids, [i for i, token in enumerate(keyword_ids) if self._is_word(token)], True
+
+    def _teacher_forced(self, image: EncodedImage, keyword_ids: list[int], word_rows: list[int]):
+        """The scoring pass's batch [instruction, image, keywords], with the keyword rows' and the image's
+        sequence positions: (batch, keyword_positions (R,), visual_positions (N,))."""
+        batch = self.backend.build([[image, prompts.KEYWORDS]], responses=[keyword_ids])
+        prompt_length = batch.input_ids.shape[1] - len(keyword_ids)
+        return batch, torch.tensor(word_rows) + prompt_length, batch.image_positions[0][0]
 
     # --- questions --------------------------------------------------------------------------------------------
 

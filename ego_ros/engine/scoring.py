@@ -11,6 +11,9 @@ The top K_c tokens, K_c = min(K, alpha * N_r / 100) with alpha the subject's are
 Note: rather than ``output_attentions=True`` (eager attention, every layer's full S x S map kept), a pre-hook on
 each selected layer's attention recomputes the softmax rows of the keyword tokens only, and the pass stops after
 the deepest selected layer. Memory is O(|L| * H * R * S) instead of O(layers * H * S^2).
+
+:func:`score_visual_tokens_per_layer` keeps the layers apart, (L, N): layer calibration (paper §3.4,
+``calibration.py``) scores every layer in one pass and compares them.
 """
 
 from __future__ import annotations
@@ -56,12 +59,20 @@ def keyword_attention(backend, layers: list[int], rows: torch.Tensor, cols: torc
 
 
 @torch.no_grad()
-def score_visual_tokens(
+def score_visual_tokens_per_layer(
     model, backend, batch: Batch, keyword_positions: torch.Tensor, visual_positions: torch.Tensor, layers: list[int]
 ) -> torch.Tensor:
-    """Eq. 3 for a single teacher-forced sequence: one importance score per visual token, (N,), float32."""
+    """Eq. 3 on each layer of ``layers`` separately, for a single teacher-forced sequence: (L, N), float32.
+
+    Row i is ``mean_h mean_r A_{layers[i]}[h, r, j]``, in the order of ``layers``. Eq. 3 is linear in the layers,
+    so the scores of any subset of them are the mean of its rows: one pass over every layer (calibration, §3.4)
+    answers for every choice of layers.
+    """
     if batch.input_ids.shape[0] != 1 or not bool(batch.attention_mask.all()):
         raise ValueError("scoring expects one unpadded sequence")
+    layers = list(layers)
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct decoder layer indices, got {layers}")
     device = batch.input_ids.device
     rows, cols = keyword_positions.to(device), visual_positions.to(device)
     with keyword_attention(backend, layers, rows, cols) as captured:
@@ -71,7 +82,23 @@ def score_visual_tokens(
             except _DeepestLayerDone:
                 pass
     attention = torch.stack([captured[layer][0] for layer in layers])  # (L, H, R, N)
-    return attention.mean(dim=(0, 1, 2)).cpu()  # (N,)
+    return attention.mean(dim=(1, 2)).cpu()  # (L, N)
+
+
+def score_visual_tokens(
+    model, backend, batch: Batch, keyword_positions: torch.Tensor, visual_positions: torch.Tensor, layers: list[int]
+) -> torch.Tensor:
+    """Eq. 3 for a single teacher-forced sequence: one importance score per visual token, (N,), float32.
+
+    The mean over ``layers`` of :func:`score_visual_tokens_per_layer`'s rows.
+    """
+    return combine_layers(score_visual_tokens_per_layer(model, backend, batch, keyword_positions, visual_positions,
+                                                        layers))
+
+
+def combine_layers(per_layer: torch.Tensor) -> torch.Tensor:
+    """Eq. 3's outer mean: the scores of a set of layers from their per-layer rows (L, N) -> (N,)."""
+    return per_layer.mean(dim=0)
 
 
 def tokens_to_keep(max_tokens: int, area_percent: float, num_tokens: int, min_tokens: int) -> int:
