@@ -15,13 +15,22 @@ def default_memory_dir() -> Path:
     return data_home / "ego_ros" / "memory"
 
 
+def default_calibration_dir() -> Path:
+    """``$EGO_ROS_CALIBRATION_DIR``, else ``$XDG_DATA_HOME/ego_ros/calibration``
+    (``~/.local/share/ego_ros/calibration``): one ``<model fingerprint>.json`` per calibrated model."""
+    if os.environ.get("EGO_ROS_CALIBRATION_DIR"):
+        return Path(os.environ["EGO_ROS_CALIBRATION_DIR"]).expanduser()
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "ego_ros" / "calibration"
+
+
 @dataclass
 class EgoConfig:
     # Concept introduction
     max_tokens_per_view: int = 64  # K: at most this many visual tokens kept per view (~16% of a 640x480 view)
     min_tokens_per_view: int = 4  # floor of K_c, so a subject reported as tiny still leaves a trace
     fallback_area_percent: float = 100.0  # alpha when the model's area answer holds no number: K_c = K
-    layers: tuple[int, ...] | None = None  # decoder layers for eq. 3; None: the middle half of the decoder
+    layers: tuple[int, ...] | None = None  # decoder layers for eq. 3; None: calibrated, else the middle half
     keyword_max_new_tokens: int = 24  # bounds the keyword answer (greedy, so deterministic)
     area_max_new_tokens: int = 8
 
@@ -59,7 +68,8 @@ class EgoConfig:
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
-    """The middle half of the decoder, for models without a calibration (the paper selects layers per model).
+    """The middle half of the decoder, for models without a calibration (the paper selects layers per model, §3.4;
+    see calibration.py).
 
     Early layers still mix token identity, the last ones specialise to next-token prediction; the keyword-to-image
     attention that localises a subject is strongest in between.

@@ -20,18 +20,20 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from . import prompts
 from .backends import Batch, EncodedImage, backend_for
-from .config import EgoConfig, default_layers, default_memory_dir
+from . import calibration as calib
+from .config import EgoConfig, default_calibration_dir, default_memory_dir
 from .figure import remove_views, save_views
 from .images import ImageInput, to_rgb
 from .loading import fingerprint, load_model
 from .memory import ConceptExists, ConceptMemory, MemoryStore, ViewRecord, validate_name
-from .scoring import score_visual_tokens, select_tokens, tokens_to_keep
+from .scoring import score_visual_tokens, score_visual_tokens_per_layer, select_tokens, tokens_to_keep
 from .soft_tokens import injected_rows
 
 log = logging.getLogger("ego_ros.engine")
@@ -85,7 +87,7 @@ class Answer:
 class Ego:
     """The engine. Create it with :meth:`Ego.load`. Not thread-safe by design: one worker owns it."""
 
-    def __init__(self, loaded, config: EgoConfig, memory_dir):
+    def __init__(self, loaded, config: EgoConfig, memory_dir, calibration_dir=None):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -95,11 +97,17 @@ class Ego:
             loaded.model, loaded.tokenizer, loaded.image_processor,
             placeholder=prompts.CONCEPT_PLACEHOLDER, max_pixels=config.max_image_pixels,
         )
-        num_layers = len(self.backend.decoder_layers)
-        self.layers = list(config.layers) if config.layers is not None else list(default_layers(num_layers))
-        if self.layers[-1] >= num_layers:
-            raise ValueError(f"layers {self.layers} out of range: the model has {num_layers} decoder layers")
+        self.num_layers = len(self.backend.decoder_layers)
+        if config.layers is not None and config.layers[-1] >= self.num_layers:
+            raise ValueError(f"layers {list(config.layers)} out of range: the model has {self.num_layers} "
+                             "decoder layers")
         self.fingerprint = fingerprint(self.model)
+        # Layers for eq. 3: explicit ones win, else this model's saved calibration (§3.4), else the middle half.
+        self.calibration_dir = Path(calibration_dir) if calibration_dir is not None else default_calibration_dir()
+        choice = calib.choose_layers(config.layers, self.calibration_dir, self.fingerprint, self.num_layers)
+        self.layers: list[int] = choice.layers
+        self.layers_source: str = choice.source  # for people: "set explicitly", "calibrated on ...", "default: ..."
+        self.calibration: calib.Calibration | None = choice.calibration  # the one in use, if any
         self.hidden_size = self.model.get_input_embeddings().weight.shape[1]
         self.store = MemoryStore(memory_dir, self.fingerprint, self.hidden_size)
         self._special_texts = [t for t in self.tokenizer.all_special_tokens if t] + [prompts.CONCEPT_PLACEHOLDER]
@@ -119,18 +127,21 @@ class Ego:
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         memory_dir=None,
+        calibration_dir=None,
         layers: Sequence[int] | None = None,
         max_tokens_per_view: int = EgoConfig.max_tokens_per_view,
         **settings,
     ) -> "Ego":
         """Load ``model`` (a folder or a cached hub id) and open the concept memories under ``memory_dir``.
 
+        ``layers``: the decoder layers of eq. 3; without them, the model's calibration under ``calibration_dir``
+        (default: $EGO_ROS_CALIBRATION_DIR, else ~/.local/share/ego_ros/calibration), else the middle half.
         ``settings`` are further :class:`EgoConfig` fields (``max_image_pixels``, ``max_concepts_in_context``...).
         """
         config = EgoConfig(layers=tuple(layers) if layers is not None else None,
                            max_tokens_per_view=max_tokens_per_view, **settings)
         loaded = load_model(model, device=device, dtype=dtype, placeholder=prompts.CONCEPT_PLACEHOLDER)
-        return cls(loaded, config, memory_dir if memory_dir is not None else default_memory_dir())
+        return cls(loaded, config, memory_dir if memory_dir is not None else default_memory_dir(), calibration_dir)
 
     # --- concepts ---------------------------------------------------------------------------------------------
 
@@ -252,6 +263,86 @@ class Ego:
         prompt_length = batch.input_ids.shape[1] - len(keyword_ids)
         return batch, torch.tensor(word_rows) + prompt_length, batch.image_positions[0][0]
 
+    # --- layer calibration (§3.4) ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        samples: Iterable[tuple[ImageInput, object]],
+        *,
+        max_layers: int | None = None,
+        source: str = "",
+        on_sample: Callable[[int, int | None], None] | None = None,
+        save: bool = False,
+    ) -> "calib.Calibration":
+        """Measure how well each decoder layer's keyword attention finds the subject, and choose layers for eq. 3.
+
+        ``samples``: (image, mask) pairs; the mask is a boolean (H, W) array or a PIL image (white = subject) of
+        the image's size. For each, the model describes the main subject with the keyword prompt of
+        :meth:`register` and one teacher-forced pass scores every visual token on every layer. A token is a
+        subject token when at least 50% of its 28x28 px cell is mask. Measure (``calibration.MEASURE``): per
+        image, with K its number of subject tokens, the share of each layer's K highest-scoring tokens that are
+        subject tokens (R-precision, = recall at K), averaged over images.
+
+        Two rules choose at most ``max_layers`` layers (default: a quarter of the decoder): the paper's (the best
+        single layers) and greedy forward selection on the combined scores; the better one on these images is
+        kept, both are recorded, with the middle-half default's and chance's figures (see calibration.py).
+
+        A sample whose mask is empty, not boolean, or not the image's size is refused (``InvalidCalibration``,
+        naming its index). One whose subject covers no visual token (too small) or every token (measures
+        nothing) is skipped and counted in ``num_skipped``; if every sample is skipped, that is an error.
+
+        ``source``: where the images come from, in words, for the record. ``on_sample(done, total)`` after each
+        sample (``total`` is None for an iterable without a length). ``save``: write the result (see
+        :meth:`save_calibration`) and use its layers from now on.
+        """
+        max_layers = calib.default_max_layers(self.num_layers) if max_layers is None else max_layers
+        if not isinstance(max_layers, int) or isinstance(max_layers, bool) or max_layers < 1:
+            raise ValueError(f"max_layers must be a positive integer, got {max_layers!r}")
+        total = len(samples) if hasattr(samples, "__len__") else None
+        per_image, subjects, skipped = [], [], 0
+        for index, (image, mask) in enumerate(samples):
+            rgb = to_rgb(image, self.config.max_image_pixels)
+            mask = calib.as_mask(mask, index, calib.input_size(image))
+            (encoded,) = self.backend.encode([rgb])
+            subject = calib.subject_tokens(mask, encoded.grid_thw)
+            if 0 < subject.sum() < subject.size:
+                per_image.append(self._scores_on_every_layer(encoded).numpy())
+                subjects.append(subject)
+            else:
+                skipped += 1
+            if on_sample is not None:
+                on_sample(index + 1, total)
+        if not per_image:
+            raise calib.InvalidCalibration(
+                f"no usable calibration sample: the masks of all {skipped} samples cover no visual token (subject "
+                "under half of every 28x28 px cell) or every one" if skipped else "no calibration samples given")
+        result = calib.summarise(per_image, subjects, max_layers=max_layers, model=self.model_name,
+                                 fingerprint=self.fingerprint, source=source, num_skipped=skipped)
+        if save:
+            self.save_calibration(result)
+        return result
+
+    def _scores_on_every_layer(self, image: EncodedImage) -> torch.Tensor:
+        """Eq. 3 per decoder layer for ``image``'s keyword description, as in register: (num_layers, N)."""
+        keyword_ids, _ = self._describe(image, ask_area=False)
+        keyword_ids, word_rows, _ = self._keyword_rows(keyword_ids)
+        batch, keyword_positions, visual_positions = self._teacher_forced(image, keyword_ids, word_rows)
+        return score_visual_tokens_per_layer(self.model, self.backend, batch, keyword_positions, visual_positions,
+                                             list(range(self.num_layers)))
+
+    def save_calibration(self, calibration: "calib.Calibration") -> Path:
+        """Write ``calibration`` as ``<calibration_dir>/<fingerprint>.json`` (atomically) and use its layers now.
+
+        Later loads of this model use them too, unless they are given layers explicitly.
+        """
+        if calibration.fingerprint != self.fingerprint or calibration.num_layers != self.num_layers:
+            raise ValueError(f"this calibration is of the model {calibration.fingerprint} "
+                             f"({calibration.model}), not of this one ({self.fingerprint})")
+        path = calib.save_calibration(calibration, self.calibration_dir)
+        self.layers, self.layers_source, self.calibration = list(calibration.layers), calibration.summary(), calibration
+        return path
+
     # --- questions --------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -317,13 +408,23 @@ class Ego:
         if not names:
             return {}
         (encoded,) = self.backend.encode([to_rgb(image, self.config.max_image_pixels)])
+        return self.yes_probabilities(encoded, {name: [self.store.get(name).vectors] for name in names})
+
+    @torch.no_grad()
+    def yes_probabilities(self, image: EncodedImage, introductions: dict[str, list]) -> dict[str, float]:
+        """P(yes) to "Is NAME in this image?" for each name, its concept introduced by ``introductions[name]``.
+
+        An introduction is a list of prompt parts after "NAME is ": a memory (soft tokens) as in
+        :meth:`recognize`, or text, or encoded images; an empty one leaves the name alone, with no introduction.
+        This is the recognition prompt with the concept given in other ways (the evaluation's baselines).
+        """
         yes, no = sorted(self._yes_ids), sorted(self._no_ids)
-        result = {}
+        names, result = list(introductions), {}
         for start in range(0, len(names), self.config.recognition_batch_size):
             chunk = names[start : start + self.config.recognition_batch_size]
             batch = self.backend.build([
-                [prompts.CONCEPT_INTRO.format(name=n), self.store.get(n).vectors, ".\n", encoded,
-                 prompts.RECOGNIZE.format(name=n)]
+                ([prompts.CONCEPT_INTRO.format(name=n), *introductions[n], ".\n"] if introductions[n] else [])
+                + [image, prompts.RECOGNIZE.format(name=n)]
                 for n in chunk
             ])
             with injected_rows(self.model, self.backend.injected_token_ids, batch.injected):
