@@ -16,7 +16,12 @@ Examples::
     # Which concepts are in an image: one line per concept, most likely first
     ego-ros recognize kitchen.jpg
 
-    # The memory itself; these three never load the model
+    # Which decoder layers' attention finds a subject best (paper §3.4): measured on images with subject masks,
+    # saved for this model and used from then on (unless --layers is given); --out draws the per-layer figures
+    ego-ros calibrate photos/                        # photos/NAME.png + photos/NAME.mask.png (white = subject)
+    ego-ros calibrate --coco instances_val2017.json --images val2017/ --count 200 --out layers.png
+
+    # The memory itself; these three never load the model (list --model also says which layers that model uses)
     ego-ros list
     ego-ros show "my mug" --out mug.png              # each view with its kept tokens outlined (the paper's Fig. 3)
     ego-ros forget "my mug"
@@ -37,7 +42,7 @@ mode:
     register, ask, recognize, list and forget work OFFLINE (this machine's model and memory folder, no ROS) when a
     model is given (--model or $EGO_ROS_MODEL), or --memory-dir, or --offline; otherwise they are clients of the
     running node --node (default $EGO_ROS_NODE, else /ego). An explicit --node asks the node even when
-    $EGO_ROS_MODEL is set. show is always offline; node and watch always use ROS.
+    $EGO_ROS_MODEL is set. show and calibrate are always offline; node and watch always use ROS.
 
 Errors a user can fix (a missing file, an unknown concept, a taken name, a model that does not load) print one
 line, ``ego-ros: error: ...``, and exit with 1 (2 for a wrong command line), never a traceback.
@@ -93,6 +98,14 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_calibration_option(group) -> None:
+    group.add_argument(
+        "--calibration-dir", type=Path, default=None, metavar="DIR",
+        help="where layer calibrations are kept, one per model "
+             "(default: $EGO_ROS_CALIBRATION_DIR, else ~/.local/share/ego_ros/calibration)",
+    )
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     add_store_options(parser)
     group = parser.add_argument_group("model")
@@ -102,11 +115,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="weights' dtype (default: bfloat16 on a GPU that has it, else float32)")
     group.add_argument("--layers", type=_layer_list, default=None, metavar="I,J,...",
-                       help="decoder layers whose attention scores the tokens (default: the middle half)")
+                       help="decoder layers whose attention scores the tokens (default: the model's "
+                            "calibration, see 'ego-ros calibrate'; else the middle half)")
     group.add_argument("--max-tokens-per-view", type=_positive_int, default=None, metavar="K",
                        help="K: at most this many visual tokens kept per reference view (default: 64)")
     group.add_argument("--max-image-pixels", type=_positive_int, default=None, metavar="PIXELS",
                        help="images are downscaled to at most this many pixels (default: 307200 = 640x480)")
+    add_calibration_option(group)
 
 
 def _positive_int(text: str) -> int:
@@ -178,7 +193,8 @@ def load_engine(args: argparse.Namespace):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     info(f"loading {model} on {device} ({str(dtype).removeprefix('torch.')})...")
-    ego = Ego.load(model, device=str(device), dtype=dtype, memory_dir=memory_dir(args), **settings)
+    ego = Ego.load(model, device=str(device), dtype=dtype, memory_dir=memory_dir(args),
+                   calibration_dir=getattr(args, "calibration_dir", None), **settings)
     report_skipped(ego.store.skipped)
     return ego
 
@@ -218,6 +234,11 @@ class StreamPrinter:
         rest = final[len(self.shown):] if final.startswith(self.shown) else ("\n" + final if self.shown else final)
         sys.stdout.write(rest + "\n")
         sys.stdout.flush()
+
+
+def layers_line(layers, source: str) -> str:
+    """'layers 5,6,7; calibrated on 200 images (toy world) 2026-11-26': which layers score tokens, and why."""
+    return f"layers {_join(layers)}; {source}"
 
 
 def _when(seconds: float) -> str:
@@ -352,8 +373,21 @@ def cmd_recognize(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_list_model_options(p: argparse.ArgumentParser) -> None:
+    """``list --model M``: also say which layers that model uses and why (this loads the model; $EGO_ROS_MODEL
+    alone does not, so that a plain ``list`` stays instant)."""
+    group = p.add_argument_group("model (optional)")
+    group.add_argument("--model", default=None,
+                       help="also load this model and print the decoder layers it uses, and where they come from")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: auto)")
+    group.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"))
+    add_calibration_option(group)
+    p.set_defaults(layers=None, max_tokens_per_view=None, max_image_pixels=None)
+
+
 def _list_arguments(p: argparse.ArgumentParser) -> None:
     add_store_options(p)
+    add_list_model_options(p)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -361,8 +395,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     stored = stored_concepts(root)
     report_skipped(stored.skipped)
     names = stored.names()
+    layers = None
+    if getattr(args, "model", None):
+        args.device, args.dtype = args.device or "auto", args.dtype or "auto"
+        ego = load_engine(args)
+        layers = layers_line(ego.layers, ego.layers_source)
     if not names:
         info(f"no concepts in {root}")
+        if layers:
+            print(layers)
         return 0
     header = ("NAME", "VIEWS", "TOKENS", "AREA", "KEYWORDS", "UPDATED", "MODEL")
     rows = []
@@ -375,6 +416,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for row in (header, *rows):
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         print("  ".join(cells).rstrip())
+    if layers:
+        print(f"\n{layers}")
     return 0
 
 
@@ -422,6 +465,108 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="?", metavar="DATA",
+                   help="a folder of NAME.png (or .jpg) images with NAME.mask.png subject masks (white = subject), "
+                        "or 'toy' for the toy world's scenes; leave out with --coco")
+    p.add_argument("--coco", type=Path, default=None, metavar="ANNOTATIONS_JSON",
+                   help="COCO instances file (e.g. instances_val2017.json): its images showing exactly one instance "
+                        "of one category, with --images")
+    p.add_argument("--images", type=Path, default=None, metavar="DIR", help="the folder of the COCO images")
+    p.add_argument("--count", type=_positive_int, default=None, metavar="N",
+                   help="use at most N images (default: all; 200 scenes for the toy world)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="the toy world's scenes (default: 0)")
+    p.add_argument("--max-layers", type=_positive_int, default=None, metavar="L",
+                   help="choose at most L layers (default: a quarter of the decoder, at least 1)")
+    p.add_argument("--out", type=Path, default=None, metavar="PLOT.png",
+                   help="also draw each layer's overlap, the chosen layers and the baselines")
+    p.add_argument("--no-save", action="store_true",
+                   help="only measure: keep the layers this model uses now")
+    add_model_options(p)
+
+
+def calibration_samples(args: argparse.Namespace):
+    """The calibration data named on the command line, checked (layout, masks) before any model is loaded."""
+    from ego_ros.engine import calibration_data
+
+    if args.coco is not None or args.images is not None:
+        if args.coco is None or args.images is None:
+            raise UsageError("COCO data needs both --coco ANNOTATIONS_JSON and --images DIR")
+        if args.data is not None:
+            raise UsageError(f"give either DATA ({args.data}) or --coco, not both")
+    elif args.data is None:
+        raise UsageError("no calibration data: give a folder of image/mask pairs, 'toy', or --coco ANN --images DIR")
+    if args.seed is not None and args.data != "toy":
+        raise UsageError("--seed chooses the toy world's scenes; it only goes with DATA 'toy'")
+    if args.coco is not None:
+        return calibration_data.coco_samples(args.coco, args.images, args.count)
+    if args.data == "toy":  # a folder called toy: ./toy
+        return calibration_data.toy_samples(args.count, args.seed or 0)
+    return calibration_data.folder_samples(args.data, args.count)
+
+
+def _check_plot_path(path: Path | None) -> None:
+    """Refuse an unwritable plot name now rather than after the whole run."""
+    if path is None:
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"cannot write the plot {path}: use a .png file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write the plot {path}: no folder {path.parent}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    require_model(args)
+    if args.layers is not None:
+        raise UsageError("calibrate measures every layer and chooses; --layers sets them by hand for other commands")
+    engine_settings(args)
+    samples = calibration_samples(args)
+    _check_plot_path(args.out)
+    from tqdm import tqdm
+
+    ego = load_engine(args)
+    with tqdm(total=len(samples), desc="calibrating", unit="image", file=sys.stderr) as bar:
+        calibration = ego.calibrate(samples, max_layers=args.max_layers, source=samples.description,
+                                    on_sample=lambda done, total: bar.update(1))
+    print_calibration(calibration)
+    if args.no_save:
+        print(f"not saved (--no-save): this model keeps {layers_line(ego.layers, ego.layers_source)}")
+    else:
+        path = ego.save_calibration(calibration)
+        print(f"saved {path}: this model now uses layers {_join(calibration.layers)} (unless --layers is given)")
+    if args.out is not None:
+        from ego_ros.engine.calibration_plot import plot_calibration
+
+        plot_calibration(calibration, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def print_calibration(c) -> None:
+    """The per-layer table, the choice, both rules' figures and the baselines."""
+    from ego_ros.engine.calibration import MEASURE, RULES
+
+    skipped = f"; {c.num_skipped} skipped (mask over no visual token, or every one)" if c.num_skipped else ""
+    print(f"{c.num_images} image{'s' * (c.num_images != 1)} ({c.source}){skipped}")
+    print("LAYER  OVERLAP    STD")
+    for layer, (mean, std) in enumerate(zip(c.per_layer_overlap, c.per_layer_std)):
+        print(f"{layer:>5}  {mean:>7.3f}  {std:>5.3f}" + ("  *" if layer in c.layers else ""))
+    print(f"* chosen: layers {_join(c.layers)} ({c.rule} rule), overlap together {c.overlap:.3f}")
+    print(f"  top rule ({RULES['top']}): {_join(c.top_layers)} -> {c.top_overlap:.3f}")
+    print(f"  greedy rule ({RULES['greedy']}): {_join(c.greedy_layers)} -> {c.greedy_overlap:.3f}")
+    print(f"  middle half (the default without calibration): {_join(c.default_layers)} -> {c.default_overlap:.3f}")
+    print(f"  random tokens (K/N): {c.chance_overlap:.3f}")
+    print(f"at most {c.max_layers} layer{'s' * (c.max_layers != 1)}; {MEASURE}")
+
+
+def _join(layers) -> str:
+    return ",".join(str(layer) for layer in layers)
+
+
 COMMANDS: dict[str, Command] = {
     "register": Command("introduce a concept from reference views (or --append views)", _register_arguments,
                         cmd_register),
@@ -432,6 +577,8 @@ COMMANDS: dict[str, Command] = {
     "forget": Command("delete a concept (no model needed)", _forget_arguments, cmd_forget),
     "show": Command("draw a concept's kept tokens on its reference views (no model needed)", _show_arguments,
                     cmd_show),
+    "calibrate": Command("choose the decoder layers that score tokens, from images with subject masks (§3.4)",
+                         _calibrate_arguments, cmd_calibrate),
 }
 
 

@@ -50,8 +50,8 @@ MEASURE = (
     "K highest-scoring tokens that are subject tokens (equal to recall at K); averaged over images"
 )
 RULES = {
-    "top": "the paper's: the layers with the best overlap of their own",
-    "greedy": "greedy: from the best layer, add the layer that most improves the combined overlap",
+    "top": "the paper's: the best layers on their own",
+    "greedy": "forward selection on the combined scores",
 }
 SUBJECT_SHARE = 0.5  # a token is a subject token when at least this share of its cell is mask
 FORMAT = "ego_ros.calibration"
