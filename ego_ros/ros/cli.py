@@ -85,7 +85,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def is_offline(args: argparse.Namespace) -> bool:
     """The mode rule (module docstring): OFFLINE with a model, --memory-dir or --offline; else the node."""
     env_model = os.environ.get(cli.MODEL_ENV) or None
-    model = getattr(args, "model", None)  # its default is $EGO_ROS_MODEL; list and forget have no --model
+    model = getattr(args, "model", None)  # $EGO_ROS_MODEL by default (list: none); forget has no --model
     given = [flag for flag, on in (("--model", model is not None and model != env_model),
                                    ("--memory-dir", args.memory_dir is not None),
                                    ("--offline", args.offline)) if on]
@@ -103,7 +103,7 @@ def _refuse_offline_only(args: argparse.Namespace, names: Iterable[str]) -> None
                              f"--offline); the node at {node_name(args.node)} uses its own settings")
 
 
-_MODEL_ONLY = ("layers", "max_tokens_per_view", "max_image_pixels", "device", "dtype")
+_MODEL_ONLY = ("layers", "max_tokens_per_view", "max_image_pixels", "device", "dtype", "calibration_dir")
 
 
 def _refuse_node_only(args: argparse.Namespace, names: Iterable[str]) -> None:
@@ -308,6 +308,7 @@ def cmd_recognize(args: argparse.Namespace) -> int:
 
 def _list_arguments(p: argparse.ArgumentParser) -> None:
     cli.add_store_options(p)
+    cli.add_list_model_options(p)  # list --model: offline, and says which layers that model uses
     _add_node_options(p, offline=True)
 
 
@@ -318,11 +319,16 @@ def _time(stamp) -> float:
 def cmd_list(args: argparse.Namespace) -> int:
     if is_offline(args):
         return _offline(cli.cmd_list, args)
+    _refuse_offline_only(args, ("device", "dtype", "calibration_dir"))
 
     def run(args, ego: EgoClient) -> int:
-        concepts = sorted(ego.list(), key=lambda c: c.name)
+        concepts, layers, layers_source = ego.concepts_and_layers()
+        concepts = sorted(concepts, key=lambda c: c.name)
+        layers = cli.layers_line(layers, layers_source) if layers else ""
         if not concepts:
             info(f"no concepts on the node {ego.node}")
+            if layers:
+                print(layers)
             return 0
         header = ("NAME", "VIEWS", "TOKENS", "AREA", "KEYWORDS", "UPDATED", "MODEL")
         rows = [(c.name, str(c.num_views), str(c.num_tokens), f"{c.area_percent:.0f}%",
@@ -332,6 +338,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for row in (header, *rows):
             cells = [c.rjust(w) if i in (1, 2, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
             print("  ".join(cells).rstrip())
+        if layers:
+            print(f"\n{layers}")
         return 0
 
     return _live(run, args, _WITH_STORE)

@@ -170,9 +170,15 @@ class EgoClient:
 
     def list(self) -> list:
         """``ListConcepts``: the node's ``ConceptInfo`` messages, sorted by name."""
+        return self.concepts_and_layers()[0]
+
+    def concepts_and_layers(self) -> tuple[list, list[int], str]:
+        """``ListConcepts`` in full: the concepts, the decoder layers the node's model scores tokens with (empty
+        while none is loaded) and where those layers come from."""
         from ego_ros.srv import ListConcepts
 
-        return list(self._call(ListConcepts, "list_concepts", ListConcepts.Request()).concepts)
+        response = self._call(ListConcepts, "list_concepts", ListConcepts.Request())
+        return list(response.concepts), [int(layer) for layer in response.layers], response.layers_source
 
     def forget(self, name: str) -> str:
         """``ForgetConcept``; returns the node's message."""

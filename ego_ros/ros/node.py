@@ -142,8 +142,8 @@ class EgoNode(LifecycleNode):
         for path, reason in self.ego.store.skipped:
             self.get_logger().warning(f"skipped concept file {path}: {reason}")
         self.get_logger().info(
-            f"loaded {s.model} on {self.ego.device} in {time.perf_counter() - started:.1f} s; layers {self.ego.layers}; "
-            f"{len(self.ego.store)} concepts")
+            f"loaded {s.model} on {self.ego.device} in {time.perf_counter() - started:.1f} s; layers {self.ego.layers} "
+            f"({self.ego.layers_source}); {len(self.ego.store)} concepts")
         self.worker = InferenceWorker()
         self._open_interfaces()
         return super().on_activate(state)
@@ -266,6 +266,8 @@ class EgoNode(LifecycleNode):
     def _list_concepts(self, request, response):
         ego = self.ego
         response.concepts = [_concept_msg(info) for info in ego.concepts()] if ego is not None else []
+        if ego is not None:
+            response.layers, response.layers_source = [int(layer) for layer in ego.layers], ego.layers_source
         return response
 
     def _forget_concept(self, request, response):
@@ -488,7 +490,7 @@ class EgoNode(LifecycleNode):
         if ego is not None:
             model.level, model.message = DiagnosticStatus.OK, f"loaded on {ego.device}"
             model.values = _values(device=ego.device, concepts=len(ego.store), layers=ego.layers,
-                                   fingerprint=ego.fingerprint)
+                                   layers_source=ego.layers_source, fingerprint=ego.fingerprint)
         else:
             model.level = DiagnosticStatus.ERROR if self._load_error else DiagnosticStatus.WARN
             model.message = f"not loaded: {self._load_error}" if self._load_error else "not loaded (node inactive)"
