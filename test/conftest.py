@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -9,6 +13,17 @@ from ego_ros.testing.tiny_model import build
 
 # Small images keep the suite fast: 224x224 gives 64 visual tokens on the tiny model.
 TEST_MAX_PIXELS = 224 * 224
+_CALIBRATION_DIR = tempfile.mkdtemp(prefix="ego-ros-test-calibration-")
+
+
+def pytest_configure(config):
+    # A layer calibration saved in the user's data folder for the tiny model (seeded weights: the same fingerprint
+    # on every machine) would change the layers the tests expect. Before collection, so child processes inherit it.
+    os.environ["EGO_ROS_CALIBRATION_DIR"] = _CALIBRATION_DIR
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CALIBRATION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
