@@ -159,7 +159,7 @@ def coco_samples(annotations: Path | str, images: Path | str, count: int | None 
         return image, mask
 
     missing = len(single) - len(present)
-    note = f", {missing} missing files skipped" if missing else ""
+    note = f", {_count(missing, 'missing file')} skipped" if missing else ""
     return SampleSet(f"COCO {annotations.name}, single-instance images{note}", len(chosen), load)
 
 
