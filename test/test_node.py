@@ -360,3 +360,22 @@ def test_a_request_naming_no_camera_uses_the_first(graph):
     assert response.success, response.message
     scored = client.call(Recognize, "/ego/recognize", Recognize.Request())
     assert scored.success, scored.message
+
+
+def test_list_and_diagnostics_say_which_layers_score_tokens(graph):
+    _, client, _ = graph
+    listed = client.call(ListConcepts, "/ego/list_concepts", ListConcepts.Request())
+    # The suite's calibration folder is empty (conftest), so the tiny model's 4 layers give the middle half.
+    assert list(listed.layers) == [1, 2]
+    assert listed.layers_source == "default: middle half of the decoder (this model has no calibration)"
+    diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
+
+    def model_values():
+        for array_msg in reversed(diagnostics):
+            for status in array_msg.status:
+                if status.name.endswith(": model") and status.values:
+                    return {kv.key: kv.value for kv in status.values}
+        return None
+
+    values = wait_for(model_values, 10, "a model status on /diagnostics")
+    assert values["layers"] == "[1, 2]" and values["layers_source"] == listed.layers_source

@@ -100,6 +100,7 @@ class ProtocolServer:
     def list_concepts(self, request, response):
         self.requests.append(("list_concepts", request))
         response.concepts = [concept(name, views) for name, views in sorted(self.CONCEPTS.items())]
+        response.layers, response.layers_source = [1, 2], "calibrated on 3 images (folder pairs) 2026-11-26"
         return response
 
     def forget_concept(self, request, response):
@@ -278,6 +279,9 @@ def runs(server, photo, tmp_path_factory):
 
 def test_list_prints_the_nodes_concepts_as_a_table(runs):
     lines = ok(runs["list"]).stdout.splitlines()
+    # Then the layers the node's model scores tokens with, and where they come from.
+    assert lines[-2:] == ["", "layers 1,2; calibrated on 3 images (folder pairs) 2026-11-26"]
+    lines = lines[:-2]
     assert lines[0].split() == ["NAME", "VIEWS", "TOKENS", "AREA", "KEYWORDS", "UPDATED", "MODEL"]
     rows = {line.split("  ")[0].strip(): line.split() for line in lines[1:]}
     assert set(rows) == {"Rex", "my mug"}
