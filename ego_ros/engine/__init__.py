@@ -3,11 +3,12 @@
 This package imports torch and transformers, never rclpy: the ROS node and the CLI are thin layers over it.
 """
 
+from .calibration import Calibration, InvalidCalibration
 from .config import EgoConfig
 from .ego import Answer, ConceptInfo, Ego, ViewTrace
 from .images import InvalidImage
 from .loading import ModelLoadError
 from .memory import ConceptExists, InvalidName, UnknownConcept
 
-__all__ = ["Answer", "ConceptExists", "ConceptInfo", "Ego", "EgoConfig", "InvalidImage", "InvalidName",
-           "ModelLoadError", "UnknownConcept", "ViewTrace"]
+__all__ = ["Answer", "Calibration", "ConceptExists", "ConceptInfo", "Ego", "EgoConfig", "InvalidCalibration",
+           "InvalidImage", "InvalidName", "ModelLoadError", "UnknownConcept", "ViewTrace"]
