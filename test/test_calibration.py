@@ -489,7 +489,7 @@ def test_calibrate_command_end_to_end(tiny_model_dir, tmp_path):
     assert [int(row[0]) for row in table if row[-1] == "*"] == saved.layers
     layers = ",".join(map(str, saved.layers))
     assert f"* chosen: layers {layers} ({saved.rule} rule), overlap together {saved.overlap:.3f}" in run.stdout
-    for figure in (f"top rule", f"-> {saved.top_overlap:.3f}", f"greedy rule", f"-> {saved.greedy_overlap:.3f}",
+    for figure in ("top rule", f"-> {saved.top_overlap:.3f}", "greedy rule", f"-> {saved.greedy_overlap:.3f}",
                    f"middle half (the default without calibration): 1,2 -> {saved.default_overlap:.3f}",
                    f"random tokens (K/N): {saved.chance_overlap:.3f}", "R-precision"):
         assert figure in run.stdout, figure

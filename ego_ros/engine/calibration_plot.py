@@ -38,7 +38,8 @@ def plot_calibration(calibration: Calibration, path: Path | str) -> Path:
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("overlap (R-precision), mean ± std")
     axes.set_xticks(layers if len(layers) <= 32 else layers[::2])
-    axes.set_ylim(0.0, 1.0)
+    axes.set_ylim(0.0, 1.3)  # room above the bars for the legend
+    axes.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     handles, _ = axes.get_legend_handles_labels()
     handles.insert(0, Patch(color=CHOSEN, label=f"chosen, {calibration.rule} rule: {_layers(calibration.layers)}"))
     axes.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
