@@ -75,7 +75,7 @@ def test_per_layer_scores_match_eager_attention_and_average_to_eq3(engine, tiny_
         scores = score_visual_tokens(engine.model, engine.backend, batch, rows, cols, subset)
         assert torch.equal(scores, per_layer[subset].mean(dim=0)), subset
     # And calibration scores an image exactly so.
-    assert torch.equal(engine._scores_on_every_layer(image), per_layer)
+    assert torch.equal(engine.layer_scores(image), per_layer)
 
 
 # --- ground truth and the measure, by hand ----------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_calibrate_measures_every_layer_on_each_image(engine):
     per_image, subjects = [], []
     for image, mask in samples:
         (encoded,) = engine.backend.encode([to_rgb(image, TEST_MAX_PIXELS)])
-        per_image.append(engine._scores_on_every_layer(encoded).numpy())
+        per_image.append(engine.layer_scores(encoded).numpy())
         subjects.append(calib.subject_tokens(mask, encoded.grid_thw))
     means, stds = calib.layer_overlaps(per_image, subjects)
     assert result.per_layer_overlap == pytest.approx(means.tolist())

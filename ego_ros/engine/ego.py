@@ -307,7 +307,7 @@ class Ego:
             (encoded,) = self.backend.encode([rgb])
             subject = calib.subject_tokens(mask, encoded.grid_thw)
             if 0 < subject.sum() < subject.size:
-                per_image.append(self._scores_on_every_layer(encoded).numpy())
+                per_image.append(self.layer_scores(encoded).numpy())
                 subjects.append(subject)
             else:
                 skipped += 1
@@ -323,8 +323,12 @@ class Ego:
             self.save_calibration(result)
         return result
 
-    def _scores_on_every_layer(self, image: EncodedImage) -> torch.Tensor:
-        """Eq. 3 per decoder layer for ``image``'s keyword description, as in register: (num_layers, N)."""
+    @torch.no_grad()
+    def layer_scores(self, image: EncodedImage) -> torch.Tensor:
+        """Eq. 3 per decoder layer for ``image``'s keyword description, as in register: (num_layers, N).
+
+        The scores of any layer set are the mean of its rows (calibration, and comparing layer sets).
+        """
         keyword_ids, _ = self._describe(image, ask_area=False)
         keyword_ids, word_rows, _ = self._keyword_rows(keyword_ids)
         batch, keyword_positions, visual_positions = self._teacher_forced(image, keyword_ids, word_rows)
@@ -373,7 +377,7 @@ class Ego:
             raise ValueError(f"{len(times)} times given for {len(frames)} images")
         encoded = self.backend.encode([to_rgb(f, self.config.max_image_pixels) for f in frames])
         encoded_at = time.perf_counter()
-        names = self._concepts_for(question, encoded, concepts)
+        names = self.concepts_for(question, encoded, concepts)
 
         parts: list = []
         if names:
@@ -454,7 +458,7 @@ class Ego:
             rows.append(new[:end])
         return rows
 
-    def _concepts_for(self, question: str, encoded: list[EncodedImage], requested) -> list[str]:
+    def concepts_for(self, question: str, encoded: list[EncodedImage], requested=None) -> list[str]:
         """The concepts to put in context: the requested ones (or all), at most ``max_concepts_in_context``.
 
         Paper §3.5: when they do not all fit, keep those whose memory is most similar to the test image's visual
