@@ -28,3 +28,8 @@ NO_WORDS = ("No", "no")
 
 # Scored instead of the keywords when the model's answer holds no word at all (a degenerate generation).
 FALLBACK_KEYWORDS = "main subject"
+
+# Questions beyond concept introduction and recognition: a caption (the evaluation's captioning recall) and where a
+# concept is. The toy model is trained on them too, in the same format as at inference.
+CAPTION = "Describe this image in one short sentence."
+LOCATE = "Where is {name} in this image?"

@@ -105,17 +105,20 @@ def _merges_of(bpe_model) -> list[tuple[str, str]]:
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state]
 
 
-def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 112 * 4, placeholder: str,
-                     text_overrides: dict | None = None) -> Path:
-    """Write a tiny Qwen2_5_VLForConditionalGeneration (4 decoder layers, hidden 64) and its processor.
+def make_qwen2_5_vl(*, seed: int = 0, max_pixels: int = 112 * 112 * 4, placeholder: str,
+                    text_overrides: dict | None = None, vision_overrides: dict | None = None,
+                    corpus: list[str] = _CORPUS):
+    """A seeded, untrained Qwen2_5_VLForConditionalGeneration (4 decoder layers, hidden 64 unless overridden), its
+    tokenizer (trained on ``corpus``) and image processor, in memory: ``(model, tokenizer, image_processor)``.
 
-    ``text_overrides`` changes decoder sizes (e.g. a real model's layer and head counts, for benchmarks).
+    ``text_overrides``/``vision_overrides`` change the decoder's and the vision tower's sizes (a real model's layer
+    and head counts for benchmarks, a larger model for the toy world's trainer).
     """
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS, placeholder)
+    tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS, placeholder, corpus)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     vocab_size = len(tokenizer) + 8  # spare rows, as the real checkpoints have
     text_config = dict(
@@ -154,6 +157,7 @@ def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 11
         fullatt_block_indexes=[1],
         tokens_per_second=2,
     )
+    vision_config.update(vision_overrides or {})
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -169,17 +173,15 @@ def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 11
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    # Random init gives near-uniform attention; a larger spread makes token scores (and so tests) discriminative.
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.do_sample = False
-
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": max_pixels})
+    return model, tokenizer, image_processor
 
+
+def save_checkpoint(out_dir: Path, model, tokenizer, image_processor) -> Path:
+    """Write the hub-style folder that ``from_pretrained`` (and so ``Ego.load``) reads."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -187,6 +189,21 @@ def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 11
     image_processor.save_pretrained(out_dir)
     (out_dir / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
     return out_dir
+
+
+def build_qwen2_5_vl(out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 112 * 4, placeholder: str,
+                     text_overrides: dict | None = None) -> Path:
+    """Write a tiny random Qwen2_5_VLForConditionalGeneration (4 decoder layers, hidden 64) and its processor."""
+    import torch
+
+    model, tokenizer, image_processor = make_qwen2_5_vl(
+        seed=seed, max_pixels=max_pixels, placeholder=placeholder, text_overrides=text_overrides)
+    # Random init gives near-uniform attention; a larger spread makes token scores (and so tests) discriminative.
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return save_checkpoint(out_dir, model, tokenizer, image_processor)
 
 
 def build(arch: str, out_dir: Path, *, seed: int = 0, max_pixels: int = 112 * 112 * 4,

@@ -32,16 +32,19 @@ class Qwen2_5_VLBackend:
 
     # --- images -------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode(self, images) -> list[EncodedImage]:
-        """Vision encoder + projector for PIL RGB images, in one batched call."""
+    def encode(self, images, *, grad: bool = False) -> list[EncodedImage]:
+        """Vision encoder + projector for PIL RGB images, in one batched call.
+
+        ``grad`` keeps the autograd graph of the features: only for training (the toy world's trainer).
+        """
         processed = self.image_processor(images=list(images), size=self.image_size, return_tensors="pt")
         grids = processed["image_grid_thw"]  # (n, 3)
         pixel_values = processed["pixel_values"]  # (sum of t*h*w, C*T*P*P)
-        output = self.model.get_image_features(
-            pixel_values=pixel_values.to(self.model.device, self.model.dtype),
-            image_grid_thw=grids.to(self.model.device),
-        )
+        with torch.set_grad_enabled(grad):
+            output = self.model.get_image_features(
+                pixel_values=pixel_values.to(self.model.device, self.model.dtype),
+                image_grid_thw=grids.to(self.model.device),
+            )
         # transformers >= 5.20 returns a model output whose pooler_output holds the per-image projector outputs.
         features = output.pooler_output if hasattr(output, "pooler_output") else output
         per_image_pixels = torch.split(pixel_values, grids.prod(-1).tolist())
