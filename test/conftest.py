@@ -57,3 +57,16 @@ def random_view(seed: int, height: int = 224, width: int = 224) -> np.ndarray:
 @pytest.fixture(scope="session")
 def make_view():
     return random_view
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir():
+    """The trained toy model: $EGO_ROS_TOY_MODEL or build/toy-model, trained first if missing or stale
+    (scripts/test.sh does that before the suite, so its progress shows)."""
+    import os
+    from pathlib import Path
+
+    from ego_ros.testing.toy_world import model_dir
+
+    default = Path(__file__).resolve().parents[1] / "build" / "toy-model"
+    return model_dir(Path(os.environ.get("EGO_ROS_TOY_MODEL") or default))

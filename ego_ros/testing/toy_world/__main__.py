@@ -1,0 +1,50 @@
+"""The toy world's command: write scenes with ground truth, or produce the trained toy model.
+
+Examples::
+
+    python -m ego_ros.testing.toy_world scenes build/scenes --count 20 --seed 0
+    python -m ego_ros.testing.toy_world model build/toy-model          # trains only if not there yet
+    python -m ego_ros.testing.toy_world train build/toy-model --seed 1  # always trains
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import model_dir, write_scenes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ego_ros.testing.toy_world", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    scenes = commands.add_parser("scenes", help="write NAME.png, NAME.mask.png (main subject) and scenes.json")
+    scenes.add_argument("out_dir", type=Path)
+    scenes.add_argument("--count", type=int, default=20)
+    scenes.add_argument("--seed", type=int, default=0)
+    for name, text in (("model", "the trained toy model in OUT_DIR, trained first if missing or stale"),
+                       ("train", "train the toy model into OUT_DIR, even if it is there")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("out_dir", type=Path)
+        sub.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "scenes":
+        if args.count < 1:
+            parser.error(f"--count must be at least 1, got {args.count}")
+        write_scenes(args.out_dir, args.count, args.seed)
+        print(f"wrote {args.count} scenes to {args.out_dir} (NAME.png, NAME.mask.png, scenes.json)")
+    elif args.command == "model":
+        path = model_dir(args.out_dir, seed=args.seed)
+        print(f"toy model ready in {path}")
+    else:
+        from .train import train
+
+        path = train(args.out_dir, seed=args.seed)
+        print(f"trained the toy model into {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

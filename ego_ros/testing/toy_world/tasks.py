@@ -1,0 +1,240 @@
+"""What the toy model is taught: questions about toy scenes in exactly the engine's prompt format, with answers.
+
+Every question is one of the engine's own prompts (``ego_ros.engine.prompts``), built into the chat template by
+the engine's backend, so the model meets at inference the very token sequences it was trained on:
+
+    keywords   KEYWORDS                                  -> "red, mug, stripes"     (the main subject)
+    area       AREA                                      -> "14"                    (its mask, % of the image)
+    presence   RECOGNIZE with "a red mug with stripes"   -> "Yes" / "No"
+    caption    CAPTION                                   -> "A red mug with stripes and a blue ball."
+    concept    "NAME is <memory>.\\n" <image> RECOGNIZE(NAME)            -> "Yes" / "No"
+               CONCEPTS_HEADER + several such intros + <image> RECOGNIZE(NAME) or LOCATE(NAME)
+
+A concept's memory in training is made *without* Ego: the reference view's visual tokens that the instance's mask
+covers, or a random share of all of the view's tokens, or (rarely) its keywords as text. So the model learns to use
+a memory, never Ego's particular choice of tokens, and comparing Ego with other choices on it stays fair.
+
+Positives show the instance in a new scene (as the main subject, or small among others); negatives show a look-alike
+(same kind and colour, another pattern or accent colour) or other objects: recognising *my* mug, not *a* mug.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from ego_ros.engine import prompts
+
+from .scenes import Instance, Scene, look_alike, random_instance, render_scene
+
+TOKEN_PX = 28  # one Qwen2.5-VL visual token covers a 28 x 28 px block (2 x 2 patches of 14 px)
+# Two phases: first the model learns to see (describing scenes, one image a question, cheap), then to use memories.
+# Without the first, the concept task alone gives the vision tower too weak a signal to learn colours from.
+DESCRIBE_WEIGHTS = {"keywords": 0.35, "area": 0.15, "presence": 0.35, "caption": 0.15}
+TASK_WEIGHTS = {"keywords": 0.15, "area": 0.07, "presence": 0.15, "caption": 0.08, "concept": 0.55}
+MASK_COVERAGE = 0.25
+LOOK_ALIKE_SHARE = 0.35  # of the negatives of a concept question: a look-alike rather than other objects  # a token belongs to an object's memory when the object covers this share of its block
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Stands for image ``index`` of the sample, until the trainer has encoded it."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class MemoryRef:
+    """Stands for the visual tokens ``tokens`` (raster indices) of image ``index``: soft tokens of a concept."""
+
+    index: int
+    tokens: tuple[int, ...]
+
+
+@dataclass
+class Sample:
+    task: str
+    parts: list  # str | ImageRef | MemoryRef, in prompt order
+    answer: str
+    images: list[Image.Image] = field(default_factory=list)
+    # Dense supervision at the prompt's image: per visual token, the word the model should predict there (the
+    # colour of the object on it; for yes/no questions, whether the thing asked about is on it), None for none.
+    token_words: list[str | None] | None = None
+
+
+def colour_words(scene: Scene) -> list[str | None]:
+    """Per visual token, the body colour of the object covering most of it (at least half), else None."""
+    words: list[str | None] = [None] * token_coverage(scene.subject.mask).size
+    for placed in scene.objects:
+        for i in np.flatnonzero(token_coverage(placed.mask) >= 0.5):
+            words[int(i)] = placed.instance.colour
+    return words
+
+
+def answer_words(scene: Scene, matches) -> list[str]:
+    """Per visual token, "Yes" where an object for which ``matches(instance)`` holds covers half of it, else "No"."""
+    on = np.zeros(token_coverage(scene.subject.mask).size, dtype=bool)
+    for placed in scene.objects:
+        if matches(placed.instance):
+            on |= token_coverage(placed.mask) >= 0.5
+    return ["Yes" if x else "No" for x in on]
+
+
+def token_coverage(mask: np.ndarray) -> np.ndarray:
+    """Share of each visual token's 28 x 28 block covered by ``mask`` (H, W), in raster order, (N,)."""
+    h, w = mask.shape
+    if h % TOKEN_PX or w % TOKEN_PX:
+        raise ValueError(f"a {w}x{h} mask is not a whole number of {TOKEN_PX} px token blocks")
+    return mask.reshape(h // TOKEN_PX, TOKEN_PX, w // TOKEN_PX, TOKEN_PX).mean(axis=(1, 3)).reshape(-1)
+
+
+def object_tokens(mask: np.ndarray) -> tuple[int, ...]:
+    """The tokens an object covers enough of (at least its best-covered one), in raster order."""
+    coverage = token_coverage(mask)
+    chosen = np.flatnonzero(coverage >= MASK_COVERAGE)
+    return tuple(int(i) for i in (chosen if chosen.size else [int(coverage.argmax())]))
+
+
+def make_sample(rng: np.random.Generator, weights: dict[str, float] = TASK_WEIGHTS) -> Sample:
+    """One training sample of a task drawn with ``weights``."""
+    names = list(weights)
+    p = np.array([weights[n] for n in names], dtype=float)
+    return _MAKERS[names[int(rng.choice(len(names), p=p / p.sum()))]](rng)
+
+
+# --- the tasks ----------------------------------------------------------------------------------------------------
+
+
+def _keywords(rng) -> Sample:
+    scene = render_scene(rng)
+    return Sample("keywords", [ImageRef(0), prompts.KEYWORDS], ", ".join(scene.subject.instance.keywords),
+                  [scene.image], colour_words(scene))
+
+
+def _area(rng) -> Sample:
+    scene = render_scene(rng)
+    return Sample("area", [ImageRef(0), prompts.AREA], str(round(scene.subject.area_percent)), [scene.image],
+                  colour_words(scene))
+
+
+def _presence(rng) -> Sample:
+    scene = render_scene(rng)
+    phrases = {o.instance.phrase for o in scene.objects}
+    if rng.random() < 0.5:
+        asked, answer = scene.objects[int(rng.integers(len(scene.objects)))].instance.phrase, "Yes"
+    else:
+        anchor = scene.objects[int(rng.integers(len(scene.objects)))].instance
+        while True:  # absent, and often close to something present: same kind, another colour or pattern
+            other = random_instance(rng, kind=anchor.kind if rng.random() < 0.6 else None)
+            if other.phrase not in phrases:
+                break
+        asked, answer = other.phrase, "No"
+    return Sample("presence", [ImageRef(0), prompts.RECOGNIZE.format(name=_article(asked))], answer, [scene.image],
+                  answer_words(scene, lambda instance: instance.phrase == asked))
+
+
+def _caption(rng) -> Sample:
+    scene = render_scene(rng)
+    return Sample("caption", [ImageRef(0), prompts.CAPTION], caption(scene), [scene.image], colour_words(scene))
+
+
+def _concept(rng) -> Sample:
+    """In-context recognition of a personal instance from its memory, alone or among other concepts."""
+    instance = random_instance(rng, patterned=True)
+    positive = rng.random() < 0.5
+    test = _test_scene(rng, instance, positive)
+    name = random_name(rng)
+    images = [test.image]
+    others = []
+    if rng.random() < 0.3:  # several concepts in context, in the ask format
+        names = {name}
+        for _ in range(int(rng.integers(1, 3))):
+            other_name = random_name(rng)
+            if other_name not in names:
+                names.add(other_name)
+                others.append((other_name, random_instance(rng, patterned=True)))
+    concepts = [(name, instance)] + others
+    order = rng.permutation(len(concepts))
+    intro: list = [prompts.CONCEPTS_HEADER] if others else []
+    for i in order:
+        concept_name, concept = concepts[int(i)]
+        intro += [prompts.CONCEPT_INTRO.format(name=concept_name), *_memory(rng, concept, images), ".\n"]
+    if others and rng.random() < 0.35:
+        question, answer = prompts.LOCATE.format(name=name), where(test, instance)
+    else:
+        question, answer = prompts.RECOGNIZE.format(name=name), "Yes" if positive else "No"
+    return Sample("concept", intro + [ImageRef(0), question], answer, images,
+                  answer_words(test, lambda other: other == instance))
+
+
+_MAKERS = {"keywords": _keywords, "area": _area, "presence": _presence, "caption": _caption, "concept": _concept}
+
+
+def _memory(rng, instance: Instance, images: list[Image.Image]) -> list:
+    """A concept's memory made without Ego: from a fresh reference view, or (rarely) its keywords as text."""
+    if rng.random() < 0.1:
+        return [", ".join(instance.keywords)]
+    reference = render_scene(rng, instance)
+    images.append(reference.image)
+    if rng.random() < 0.7:
+        tokens = object_tokens(reference.subject.mask)
+    else:  # a random share of the whole view, background included
+        count = token_coverage(reference.subject.mask).size
+        share = rng.uniform(0.1, 1.0)
+        tokens = tuple(sorted(int(i) for i in rng.choice(count, max(4, round(share * count)), replace=False)))
+    return [MemoryRef(len(images) - 1, tokens)]
+
+
+def _test_scene(rng, instance: Instance, positive: bool) -> Scene:
+    if positive:
+        if rng.random() < 0.7:
+            return render_scene(rng, instance)
+        others = [random_instance(rng) for _ in range(int(rng.integers(0, 2)))]
+        return render_scene(rng, None, distractors=[instance, *others])
+    if rng.random() < LOOK_ALIKE_SHARE:
+        other = look_alike(instance, rng)
+        if rng.random() < 0.6:
+            return render_scene(rng, other)
+        return render_scene(rng, None, distractors=[other])
+    while True:
+        scene = render_scene(rng)
+        if not scene.contains(instance):
+            return scene
+
+
+# --- answers ------------------------------------------------------------------------------------------------------
+
+
+def caption(scene: Scene) -> str:
+    """"A red mug with stripes, a blue ball and a green box.": the subject first, then left to right."""
+    rest = sorted(scene.objects[1:], key=lambda o: o.box[0])
+    phrases = [_article(o.instance.phrase) for o in [scene.subject] + rest]
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def where(scene: Scene, instance: Instance) -> str:
+    """Where the instance's centre is, in thirds of the image ("top left", "centre"), or that it is absent."""
+    placed = next((o for o in scene.objects if o.instance == instance), None)
+    if placed is None:
+        return "It is not in this image."
+    size = scene.image.width
+    x, y = (placed.box[0] + placed.box[2]) / 2, (placed.box[1] + placed.box[3]) / 2
+    row = ("top", "", "bottom")[min(2, int(3 * y / size))]
+    column = ("left", "", "right")[min(2, int(3 * x / size))]
+    return (" ".join(p for p in (row, column) if p) or "centre").capitalize() + "."
+
+
+_SYLLABLES = ("ka", "lo", "mi", "ru", "te", "no", "sa", "vi", "do", "re", "xa", "po", "li", "zu", "be", "fa", "go",
+              "ni", "to", "ma")
+
+
+def random_name(rng) -> str:
+    """A made-up name ("Kalo", "Mirute"): names carry no meaning, so only the memory can say what they are."""
+    return "".join(_SYLLABLES[int(i)] for i in rng.integers(0, len(_SYLLABLES), int(rng.integers(2, 4)))).capitalize()
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase

@@ -1,0 +1,210 @@
+"""The toy world's scenes and ground truth, its command, its training tasks and the trainer's determinism."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ego_ros.engine import prompts
+from ego_ros.testing import toy_world
+from ego_ros.testing.toy_world import scenes as world
+from ego_ros.testing.toy_world import tasks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_seed_gives_the_same_scene_and_another_seed_another():
+    a, b, c = toy_world.scene(5), toy_world.scene(5), toy_world.scene(6)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.to_json() == b.to_json()
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ground_truth_is_exact(seed):
+    scene = toy_world.scene(seed)
+    pixels = np.asarray(scene.image).astype(int)
+    assert scene.objects[0].role == "subject" and all(o.role == "distractor" for o in scene.objects[1:])
+    union = np.zeros(pixels.shape[:2], dtype=int)
+    for placed in scene.objects:
+        ys, xs = np.nonzero(placed.mask)
+        assert placed.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        union += placed.mask
+        # Inside the mask every pixel is the body colour, the accent colour or a blend of the two (rotated edges),
+        # up to the noise.
+        body = np.array(world.COLOURS[placed.instance.colour])
+        accent = np.array(world.COLOURS[placed.instance.accent or placed.instance.colour])
+        inside = pixels[placed.mask] - body
+        span = accent - body
+        t = np.clip(inside @ span / max(1, span @ span), 0, 1)[:, None]
+        distance = np.abs(inside - t * span).max(axis=1)
+        assert np.mean(distance < 45) > 0.95, placed.instance
+    assert union.max() == 1, "objects overlap"
+    assert scene.subject.area_percent == max(o.area_percent for o in scene.objects)
+
+
+def test_personal_instances_differ_from_their_look_alikes_only_by_a_detail():
+    mine = toy_world.personal_instances(12, seed=0)
+    assert len(set(mine)) == 12 and all(i.pattern != "plain" for i in mine)
+    rng = np.random.default_rng(0)
+    for instance in mine:
+        other = toy_world.look_alike(instance, rng)
+        assert other != instance
+        assert (other.kind, other.colour) == (instance.kind, instance.colour)
+    assert toy_world.personal_instances(12, seed=0) == mine
+
+
+def test_views_of_an_instance_vary():
+    mug = toy_world.Instance("mug", "red", "striped", "white")
+    views = [toy_world.view_of(mug, seed=s) for s in range(4)]
+    assert all(v.subject.instance == mug for v in views)
+    assert len({v.subject.box for v in views}) == 4
+    assert len({round(v.subject.area_percent) for v in views}) > 1
+
+
+def test_instances_refuse_impossible_descriptions():
+    with pytest.raises(ValueError, match="accent"):
+        toy_world.Instance("mug", "red", "striped")
+    with pytest.raises(ValueError, match="accent"):
+        toy_world.Instance("mug", "red", "striped", "red")
+    with pytest.raises(ValueError, match="unknown"):
+        toy_world.Instance("teapot", "red")
+
+
+def test_scenes_command_writes_images_masks_and_ground_truth(tmp_path):
+    out = tmp_path / "scenes"
+    subprocess.run([sys.executable, "-m", "ego_ros.testing.toy_world", "scenes", str(out), "--count", "3",
+                    "--seed", "7"], check=True, cwd=REPO, capture_output=True)
+    record = json.loads((out / "scenes.json").read_text())
+    assert record["seed"] == 7 and len(record["scenes"]) == 3
+    samples = toy_world.calibration_samples(3, seed=7)
+    for (name, truth), (image, mask) in zip(sorted(record["scenes"].items()), samples):
+        assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), np.asarray(image))
+        written = np.asarray(Image.open(out / f"{name}.mask.png"))
+        assert written.dtype == np.uint8 and set(np.unique(written)) <= {0, 255}
+        assert np.array_equal(written == 255, mask)
+        subject = truth["objects"][0]
+        assert subject["role"] == "subject" and subject["kind"] in world.KINDS
+        ys, xs = np.nonzero(mask)
+        assert subject["box"] == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def test_scenes_command_refuses_a_bad_count(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "ego_ros.testing.toy_world", "scenes", str(tmp_path / "x"),
+                          "--count", "0"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 2 and "--count must be at least 1" in run.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_token_coverage_counts_each_28px_block():
+    mask = np.zeros((56, 84), dtype=bool)
+    mask[:28, :28] = True  # token 0 fully
+    mask[28:42, 28:56] = True  # token 4 half
+    coverage = tasks.token_coverage(mask)
+    assert coverage.tolist() == [1.0, 0, 0, 0, 0.5, 0]
+    assert tasks.object_tokens(mask) == (0, 4)
+    with pytest.raises(ValueError, match="token blocks"):
+        tasks.token_coverage(np.zeros((30, 28), dtype=bool))
+
+
+def test_answers_name_what_the_scene_holds():
+    rng = np.random.default_rng(1)
+    mug = toy_world.Instance("mug", "red", "striped", "white")
+    scene = world.render_scene(rng, mug, distractors=[toy_world.Instance("ball", "blue")])
+    assert mug.keywords == ["red", "mug", "stripes"]
+    assert tasks.caption(scene) == "A red mug with stripes and a blue ball."
+    assert tasks.where(scene, toy_world.Instance("box", "green")) == "It is not in this image."
+    x0, y0, x1, y1 = scene.subject.box
+    row = ("Top", "", "Bottom")[min(2, int(3 * (y0 + y1) / 2 / 224))]
+    assert tasks.where(scene, mug).startswith(row or ("Left", "Centre", "Right")[min(2, int(3 * (x0 + x1) / 2 / 224))])
+
+
+def test_dense_words_say_what_is_on_each_token():
+    mug, ball = toy_world.Instance("mug", "red", "striped", "white"), toy_world.Instance("ball", "blue")
+    scene = world.render_scene(np.random.default_rng(2), mug, distractors=[ball])
+    colours = tasks.colour_words(scene)
+    answers = tasks.answer_words(scene, lambda instance: instance == mug)
+    assert len(colours) == len(answers) == 64
+    on_mug = tasks.token_coverage(scene.subject.mask) >= 0.5
+    on_ball = tasks.token_coverage(scene.objects[1].mask) >= 0.5
+    assert on_mug.any() and on_ball.any()
+    assert [colours[i] for i in np.flatnonzero(on_mug)] == ["red"] * on_mug.sum()
+    assert [colours[i] for i in np.flatnonzero(on_ball)] == ["blue"] * on_ball.sum()
+    assert all(colours[i] is None for i in np.flatnonzero(~(on_mug | on_ball)))
+    assert [a == "Yes" for a in answers] == on_mug.tolist()
+
+
+def test_calibration_from_the_toy_world(tmp_path, tiny_model_dir):
+    """`ego-ros calibrate toy` reads the same scenes as toy_world.calibration_samples, and calibrates on them."""
+    from ego_ros.engine.calibration_data import toy_samples
+
+    samples = toy_samples(3, seed=7)
+    assert len(samples) == 3
+    for (got_image, got_mask), (image, mask) in zip(samples, toy_world.calibration_samples(3, seed=7)):
+        assert np.array_equal(np.asarray(got_image), np.asarray(image)) and np.array_equal(got_mask, mask)
+    run = subprocess.run([sys.executable, "-m", "ego_ros.cli", "calibrate", "toy", "--count", "3", "--seed", "7",
+                          "--model", str(tiny_model_dir), "--calibration-dir", str(tmp_path), "--no-save"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "3 images (toy world, seed 7)" in run.stdout and "chosen: layers" in run.stdout
+
+
+def test_training_samples_use_the_engine_prompts(ego):
+    """Every sample builds, with the engine's own backend, into a prompt whose question is an engine prompt."""
+    rng = np.random.default_rng(3)
+    samples = [tasks.make_sample(rng) for _ in range(40)]
+    assert {s.task for s in samples} == set(tasks.TASK_WEIGHTS)
+    questions = {prompts.KEYWORDS, prompts.AREA, prompts.CAPTION}
+    for sample in samples:
+        question = sample.parts[-1]
+        assert question in questions or question.startswith(("Is ", "Where is ")), question
+        if sample.task == "concept":
+            name = question.split(" ")[2] if question.startswith("Where") else question.split(" ")[1]
+            assert prompts.CONCEPT_INTRO.format(name=name) in sample.parts
+    assert all(len(s.token_words) == 64 for s in samples)  # one word (or None) per visual token of the image
+    encoded = ego.backend.encode(samples[0].images)
+    built = ego.backend.build([[p if isinstance(p, str) else encoded[p.index] if isinstance(p, tasks.ImageRef)
+                                else encoded[p.index].features[list(p.tokens)] for p in samples[0].parts]])
+    assert built.injected.shape[0] == sum(
+        encoded[p.index].num_tokens if isinstance(p, tasks.ImageRef) else len(p.tokens)
+        for p in samples[0].parts if not isinstance(p, str))
+
+
+SMALL = dict(steps=2, describe_steps=1, batch_size=3, warmup_steps=1,
+             text=(("hidden_size", 32), ("intermediate_size", 64), ("num_hidden_layers", 2),
+                   ("num_attention_heads", 2), ("num_key_value_heads", 1),
+                   ("rope_scaling", (("type", "mrope"), ("mrope_section", (2, 3, 3))))),
+             vision=(("hidden_size", 32), ("intermediate_size", 32), ("num_heads", 2)))
+
+
+def test_training_is_deterministic_for_a_seed_and_loads_as_a_checkpoint(tmp_path):
+    from ego_ros.engine import Ego
+    from ego_ros.testing.toy_world.train import RECIPE_FILE, Recipe, model_dir, train
+
+    recipe = Recipe(**SMALL)
+    runs = [train(tmp_path / name, seed=seed, recipe=recipe, progress=False)
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    weights = [Path(run, "model.safetensors").read_bytes() for run in runs]
+    assert weights[0] == weights[1] and weights[0] != weights[2]
+    record = json.loads((runs[0] / RECIPE_FILE).read_text())
+    assert record["seed"] == 0 and record["recipe"]["steps"] == 2
+
+    ego = Ego.load(str(runs[0]), memory_dir=tmp_path / "memory", calibration_dir=tmp_path / "calibration")
+    assert ego.backend.decoder_layers[0].self_attn.q_proj.weight.shape == (32, 32)
+    assert ego.recognize(toy_world.scene(0).image) == {}
+
+    # model_dir keeps a checkpoint made by this recipe, and retrains one made by another.
+    stamp = (runs[0] / "model.safetensors").stat().st_mtime_ns
+    assert model_dir(runs[0], seed=0, recipe=recipe, progress=False) == runs[0]
+    assert (runs[0] / "model.safetensors").stat().st_mtime_ns == stamp
+    record["recipe_hash"] = "stale"
+    (runs[0] / RECIPE_FILE).write_text(json.dumps(record))
+    model_dir(runs[0], seed=0, recipe=recipe, progress=False)
+    assert json.loads((runs[0] / RECIPE_FILE).read_text())["recipe_hash"] != "stale"
+    assert (runs[0] / "model.safetensors").read_bytes() == weights[0]
