@@ -1,0 +1,176 @@
+"""The method's quality on the trained toy model: layer calibration, localisation, recognition, the §3.5 filter.
+
+Trains the toy model first if ``--model`` is not there yet (about 10 minutes on 2 cores). Prints Markdown tables
+(the README's "Quality on the trained toy model") and writes them with every figure to ``OUT/quality.json``; with
+``--figures DIR``, the pictures too: ``toy_world.png`` (scenes, main subject outlined), ``calibration.png`` (the
+per-layer plot) and ``show_my_mug.png`` (Fig. 3: what one concept's memory kept).
+
+Examples::
+
+    python bench/quality.py
+    python bench/quality.py --model build/toy-model --concepts 10 --out bench/out
+    python bench/quality.py --figures docs      # also regenerate the README's pictures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ego_ros.engine import Ego  # noqa: E402
+from ego_ros.engine.calibration import MEASURE, RULES  # noqa: E402
+from ego_ros.engine.calibration_plot import plot_calibration  # noqa: E402
+from ego_ros.engine.config import default_layers  # noqa: E402
+from ego_ros.evaluation import toy  # noqa: E402
+from ego_ros.evaluation.methods import METHODS  # noqa: E402
+from ego_ros.testing import toy_world  # noqa: E402
+
+RUNS = [("none", 1), ("keywords", 1), ("random", 1), ("full", 1), ("ego", 1), ("ego", 5)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=Path("build/toy-model"), help="toy model folder")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--calibration-images", type=int, default=100)
+    parser.add_argument("--localisation-images", type=int, default=100)
+    parser.add_argument("--concepts", type=int, default=10, help="personal instances in the recognition test")
+    parser.add_argument("--filter-concepts", type=int, default=24, help="concepts registered for the §3.5 filter")
+    parser.add_argument("--figures", type=Path, help="write the pictures into this folder (e.g. docs)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = toy_world.model_dir(args.model)
+    work = Path(tempfile.mkdtemp(prefix="ego-quality-"))
+    results: dict = {"model": str(model), "recipe": json.loads((model / "toy_world.json").read_text())}
+    try:
+        ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
+        if args.figures:
+            args.figures.mkdir(parents=True, exist_ok=True)
+            draw_scenes(args.figures / "toy_world.png")
+        results["calibration"] = calibrate(ego, args)
+        results["localisation"] = localise(ego, args)
+        results["recognition"] = recognise(ego, args, work)
+        results["filter"] = filter_check(ego, args, work)
+        if args.figures:
+            draw_figure(ego, args.figures / "show_my_mug.png")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (args.out / "quality.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(f"\nwrote {args.out / 'quality.json'}")
+    return 0
+
+
+def calibrate(ego: Ego, args) -> dict:
+    samples = toy_world.calibration_samples(args.calibration_images, seed=1)
+    with tqdm(total=len(samples), desc="calibrating") as bar:
+        result = ego.calibrate(samples, source=f"toy world, seed 1, {len(samples)} scenes", save=True,
+                               on_sample=lambda done, total: bar.update(1))
+    plot_calibration(result, (args.figures or args.out) / "calibration.png")
+    print(f"\n### Layer calibration ({len(samples)} toy scenes)\n")
+    print("| layer | overlap | std |\n|---|---|---|")
+    for layer, (mean, std) in enumerate(zip(result.per_layer_overlap, result.per_layer_std)):
+        print(f"| {layer}{' (chosen)' if layer in result.layers else ''} | {mean:.3f} | {std:.3f} |")
+    print(f"\nChosen: layers {result.layers} by the {result.rule} rule, together {result.overlap:.3f}. "
+          f"Top rule ({RULES['top']}): {result.top_layers} -> {result.top_overlap:.3f}; "
+          f"greedy rule ({RULES['greedy']}): {result.greedy_layers} -> {result.greedy_overlap:.3f}; "
+          f"middle half {result.default_layers} -> {result.default_overlap:.3f}; "
+          f"random tokens {result.chance_overlap:.3f}. Measure: {MEASURE}")
+    return result.to_json()
+
+
+def localise(ego: Ego, args) -> dict:
+    """Kept tokens inside the subject, for random choice, the middle-half default and the calibrated layers."""
+    samples = toy.localisation_samples(args.localisation_images, seed=2)
+    layer_sets = {"middle half (default)": list(default_layers(ego.num_layers)), "calibrated": list(ego.layers)}
+    layer_sets.update({f"layer {i}": [i] for i in range(ego.num_layers)})
+    with tqdm(total=len(samples), desc="localisation") as bar:
+        shares = toy.localisation(ego, samples, layer_sets, on_sample=lambda done: bar.update(1))
+    print(f"\n### Localisation ({len(samples)} held-out toy scenes; K_c from the true area)\n")
+    print("| selection | layers | kept tokens on the subject | x random |\n|---|---|---|---|")
+    for name, share in shares.items():
+        layers = "" if name == "random" else ", ".join(map(str, layer_sets[name]))
+        print(f"| {name} | {layers} | {100 * share:.1f}% | {share / shares['random']:.1f}x |")
+    return {"shares": shares, "layers": layer_sets}
+
+
+def recognise(ego: Ego, args, work: Path) -> dict:
+    data = toy.recognition_set(args.concepts, seed=3, views=5)
+    started = time.perf_counter()
+    with tqdm(total=len(data.concepts), desc="introducing concepts") as bar:
+        introduced = toy.introduce(ego, data, on_concept=lambda done: bar.update(1))
+    seconds_per_concept = (time.perf_counter() - started) / len(data.concepts)
+    with tqdm(total=len(data.tests), desc="recognition") as bar:
+        scores = toy.recognition(ego, data, introduced, RUNS, on_image=lambda done: bar.update(1))
+    for name in data.concepts:
+        ego.forget(name)
+    positives = sum(data.present(s, n) for s in data.tests for n in data.concepts)
+    print(f"\n### Recognition of personal instances ({len(data.concepts)} concepts, {len(data.tests)} test images, "
+          f"{positives} positive of {len(data.tests) * len(data.concepts)} questions)\n")
+    print("| method | views | precision | recall | F1 | accuracy |\n|---|---|---|---|---|---|")
+    table = {}
+    for (method, views), score in scores.items():
+        print(f"| {METHODS[method]} | {views} | {100 * score.precision:.1f} | {100 * score.recall:.1f} | "
+              f"{100 * score.f1:.1f} | {100 * score.accuracy:.1f} |")
+        table[f"{method}/{views}"] = {"precision": score.precision, "recall": score.recall, "f1": score.f1,
+                                      "accuracy": score.accuracy}
+    print(f"\n(introducing a concept from 5 views: {seconds_per_concept:.2f} s on this CPU)")
+    return {"runs": table, "seconds_per_concept": seconds_per_concept}
+
+
+def filter_check(ego: Ego, args, work: Path) -> dict:
+    data = toy.recognition_set(args.filter_concepts, seed=4, views=1, positives=2, look_alikes=0)
+    with tqdm(total=len(data.concepts), desc="introducing concepts (filter)") as bar:
+        toy.introduce(ego, data, on_concept=lambda done: bar.update(1))
+    rate = toy.filter_recall(ego, data)
+    limit = ego.config.max_concepts_in_context
+    chance = limit / len(data.concepts)
+    for name in data.concepts:
+        ego.forget(name)
+    print(f"\n### Many concepts (§3.5): {len(data.concepts)} concepts, {limit} fit in context\n")
+    print(f"The concept in the image stays in context for {100 * rate:.1f}% of {len(data.tests)} test images "
+          f"(a random choice of {limit}: {100 * chance:.1f}%).")
+    return {"concepts": len(data.concepts), "in_context": limit, "recall": rate, "chance": chance}
+
+
+def draw_scenes(path: Path, count: int = 6) -> None:
+    """A strip of toy scenes with the main subject's mask outlined: what calibration and training see."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    scenes = [toy_world.scene(i) for i in range(count)]
+    size = scenes[0].image.width
+    strip = Image.new("RGB", (count * (size + 8) - 8, size), "white")
+    for i, scene in enumerate(scenes):
+        image = scene.image.copy()
+        outline = Image.fromarray(scene.subject.mask).filter(ImageFilter.FIND_EDGES)  # the mask's border
+        image.paste((255, 255, 255), mask=outline)
+        ImageDraw.Draw(image).text((4, size - 14), scene.subject.instance.phrase, fill="white")
+        strip.paste(image, (i * (size + 8), 0))
+    strip.save(path)
+    print(f"wrote {path}")
+
+
+def draw_figure(ego: Ego, path: Path) -> None:
+    """Fig. 3 on the trained toy model: one personal instance's memory from two views."""
+    from ego_ros.engine.figure import concept_figure, load_views
+
+    mug = toy_world.Instance("mug", "blue", "striped", "yellow")
+    views = [toy_world.view_of(mug, seed=s, distractors=2).image for s in (11, 12)]
+    ego.register("my mug", views)
+    memory = ego.store.get("my mug")
+    figure = concept_figure(memory, load_views(ego.store.root, "my mug"))
+    figure.save(path)
+    ego.forget("my mug")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

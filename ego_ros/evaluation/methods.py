@@ -1,0 +1,56 @@
+"""Ways of giving a concept to the model, side by side: Ego and the baselines of the paper's Table 3.
+
+Every method starts from the same introduction of the concept's reference views by :meth:`Ego.register` (the
+views encoded once, the keywords the model said, Ego's selection) and differs only in what goes after "NAME is "
+in the prompt:
+
+    ego        the tokens Ego kept of each view (keyword attention, top K_c): the product's memory
+    none       nothing: the name alone, no introduction
+    keywords   the model's keywords for the views, as text
+    full       every visual token of each view, as soft tokens (the full reference views; no selection)
+    random     a uniform random 20% of each view's visual tokens (the paper's Table 3 ablation)
+
+Note: "full" puts the views' visual tokens where Ego puts its memory (soft tokens after the name), rather than
+whole images with their vision delimiters, so that it differs from Ego only by the selection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ego_ros.engine.ego import ConceptInfo
+
+METHODS = {
+    "ego": "Ego: the tokens its keyword attention kept",
+    "none": "no memory: the name alone",
+    "keywords": "keywords only, as text",
+    "full": "full reference views: every visual token",
+    "random": "uniform random 20% of the tokens",
+}
+RANDOM_SHARE = 0.2
+
+
+def introduction(method: str, concept: ConceptInfo, views: int, seed: int = 0) -> list:
+    """The prompt parts that introduce ``concept`` by ``method``, from its first ``views`` reference views."""
+    traces = concept.traces[:views]
+    if len(traces) < views:
+        raise ValueError(f"{concept.name!r} has {len(concept.traces)} introduced views, {views} asked for")
+    if method == "ego":
+        return [torch.cat([t.image.features[t.selected] for t in traces])]
+    if method == "none":
+        return []
+    if method == "keywords":
+        words = list(dict.fromkeys(word for t in traces for word in t.keywords))
+        return [", ".join(words)] if words else []
+    if method == "full":
+        return [torch.cat([t.image.features for t in traces])]
+    if method == "random":
+        rng = np.random.default_rng([seed, views])
+        picks = []
+        for t in traces:
+            n = t.image.num_tokens
+            chosen = np.sort(rng.choice(n, max(1, round(RANDOM_SHARE * n)), replace=False))
+            picks.append(t.image.features[torch.from_numpy(chosen)])
+        return [torch.cat(picks)]
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

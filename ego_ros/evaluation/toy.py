@@ -1,0 +1,146 @@
+"""The method measured on the toy world: localisation, recognition of personal instances, and the §3.5 filter.
+
+All three need a model that has learned to see (the trained toy model, ``ego_ros.testing.toy_world``); on a random
+model they measure position bias. ``bench/quality.py`` prints them; ``test/test_quality.py`` holds their orderings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ego_ros.engine.calibration import subject_tokens
+from ego_ros.engine.images import to_rgb
+from ego_ros.engine.scoring import select_tokens, tokens_to_keep
+from ego_ros.testing.toy_world import Instance, Scene, look_alike, personal_instances, render_scene, view_of
+
+from .methods import introduction
+from .metrics import RecognitionScore, recognition_score
+
+# Concept names: ordinary names, none of which the toy model was trained on (it saw made-up syllable names).
+NAMES = ("Rex", "Anna", "Milo", "Kiki", "Otto", "Luna", "Bruno", "Nala", "Pepe", "Zora", "Tito", "Maya", "Coco",
+         "Finn", "Ivy", "Juno", "Leo", "Mira", "Nico", "Oscar", "Pia", "Quinn", "Rosa", "Sami", "Tess", "Umar",
+         "Vera", "Wes", "Yara", "Zeno")
+
+
+# --- localisation -------------------------------------------------------------------------------------------------
+
+
+def localisation(ego, samples, layer_sets: dict[str, list[int]], on_sample=None) -> dict[str, float]:
+    """Share of the kept tokens that are subject tokens (cell >= 50% mask), averaged over ``samples``.
+
+    Each sample is (image, mask, area percent); K_c comes from the true area (``tokens_to_keep``, as register
+    with ``area_percent``), so the figure measures where attention points, not how well the area is guessed.
+    One pass per image scores every layer; each entry of ``layer_sets`` is eq. 3 over its layers. "random" is
+    the expected share of a random choice (subject tokens / all tokens).
+    """
+    shares: dict[str, list[float]] = {name: [] for name in [*layer_sets, "random"]}
+    for done, (image, mask, area) in enumerate(samples, 1):
+        (encoded,) = ego.backend.encode([to_rgb(image, ego.config.max_image_pixels)])
+        subject = subject_tokens(np.asarray(mask, dtype=bool), encoded.grid_thw)
+        per_layer = ego.layer_scores(encoded)  # (num_layers, N)
+        k = tokens_to_keep(ego.config.max_tokens_per_view, area, encoded.num_tokens, ego.config.min_tokens_per_view)
+        for name, layers in layer_sets.items():
+            kept = select_tokens(per_layer[list(layers)].mean(dim=0), k).numpy()
+            shares[name].append(float(subject[kept].mean()))
+        shares["random"].append(float(subject.mean()))
+        if on_sample is not None:
+            on_sample(done)
+    return {name: float(np.mean(values)) for name, values in shares.items()}
+
+
+def localisation_samples(count: int, seed: int) -> list[tuple[Image.Image, np.ndarray, float]]:
+    """Scenes for localisation: (image, main subject's mask, its area in percent)."""
+    rng = np.random.default_rng([seed, 0x10C])
+    scenes = [render_scene(rng) for _ in range(count)]
+    return [(s.image, s.subject.mask, s.subject.area_percent) for s in scenes]
+
+
+# --- recognition of personal instances ----------------------------------------------------------------------------
+
+
+@dataclass
+class RecognitionSet:
+    concepts: dict[str, Instance]  # name -> the personal instance
+    references: dict[str, list[Image.Image]]  # name -> its reference views
+    tests: list[Scene]  # test images; a concept is present where scene.contains(its instance)
+
+    def present(self, scene: Scene, name: str) -> bool:
+        return scene.contains(self.concepts[name])
+
+
+def recognition_set(num_concepts: int = 10, *, seed: int = 0, views: int = 5, positives: int = 4,
+                    look_alikes: int = 2) -> RecognitionSet:
+    """Personal instances with ``views`` reference views each, and per concept ``positives`` test images showing it
+    (half as the main subject, half small among others) and ``look_alikes`` showing a look-alike instead."""
+    if num_concepts > len(NAMES):
+        raise ValueError(f"at most {len(NAMES)} concepts")
+    instances = personal_instances(num_concepts, seed)
+    rng = np.random.default_rng([seed, 0x7E57])
+    concepts = dict(zip(NAMES, instances))
+    references = {name: [view_of(inst, seed=seed * 7919 + 100 * i + v).image for v in range(views)]
+                  for i, (name, inst) in enumerate(concepts.items())}
+    tests = []
+    for inst in instances:
+        for j in range(positives):
+            if j % 2 == 0:
+                tests.append(render_scene(rng, inst))
+            else:
+                tests.append(render_scene(rng, None, distractors=[inst, *_others(rng, 1)]))
+        for _ in range(look_alikes):
+            tests.append(render_scene(rng, look_alike(inst, rng)))
+    return RecognitionSet(concepts, references, tests)
+
+
+def _others(rng, count: int):
+    from ego_ros.testing.toy_world import random_instance
+
+    return [random_instance(rng) for _ in range(count)]
+
+
+def introduce(ego, data: RecognitionSet, on_concept=None) -> dict:
+    """Register every concept from all its views (the one introduction every method starts from)."""
+    introduced = {}
+    for done, (name, views) in enumerate(data.references.items(), 1):
+        introduced[name] = ego.register(name, views)
+        if on_concept is not None:
+            on_concept(done)
+    return introduced
+
+
+def recognition(ego, data: RecognitionSet, introduced: dict, runs: list[tuple[str, int]], *, threshold: float = 0.5,
+                on_image=None) -> dict[tuple[str, int], RecognitionScore]:
+    """The paper's protocol for each (method, views) in ``runs``: every test image asked about every concept."""
+    decisions: dict[tuple[str, int], list] = {run: [] for run in runs}
+    intros = {run: {name: introduction(run[0], info, run[1], seed=i) for i, (name, info) in enumerate(introduced.items())}
+              for run in runs}
+    for done, scene in enumerate(data.tests, 1):
+        (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
+        for run in runs:
+            for name, p_yes in ego.yes_probabilities(encoded, intros[run]).items():
+                decisions[run].append((name, p_yes > threshold, data.present(scene, name)))
+        if on_image is not None:
+            on_image(done)
+    return {run: recognition_score(d) for run, d in decisions.items()}
+
+
+# --- the many-concepts filter (§3.5) ------------------------------------------------------------------------------
+
+
+def filter_recall(ego, data: RecognitionSet, question: str = "What is in this image?") -> float:
+    """How often a concept present in a test image is among those put in context, when not all of them fit.
+
+    ``ego`` must hold every concept of ``data`` (more than ``max_concepts_in_context``); the question names none,
+    so the choice is by similarity alone.
+    """
+    hits = []
+    for scene in data.tests:
+        present = [name for name in data.concepts if data.present(scene, name)]
+        if not present:
+            continue
+        (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
+        chosen = set(ego.concepts_for(question, [encoded]))
+        hits += [name in chosen for name in present]
+    return float(np.mean(hits))
