@@ -11,8 +11,8 @@ Three levels, each saying what it proves:
    named ego in a namespace, and the launch file's pure helpers (argument -> parameter conversion) run.
 3. Real launch, only where ``launch_ros`` is importable: ``generate_launch_description()`` visited with a
    ``launch.LaunchContext`` and the node action's resolved name, namespace and parameter files checked. launch and
-   launch_ros are not on any package registry this project can reach (DESIGN.md: no ``ros2 launch`` in the
-   PyPI-wheel venv), so in that venv these tests are SKIPPED, not passed: they run on a ROS 2 distro.
+   launch_ros are not on any package registry this project can reach (no ``ros2 launch`` in the PyPI-wheel
+   venv), so in that venv these tests are SKIPPED, not passed: they run on a ROS 2 distro.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ ARGUMENTS = {"model", "camera_topics", "memory_dir", "params_file", "namespace",
 DEPLOYMENT_SETTINGS = {"model", "camera_topics"}
 
 LAUNCH_SKIP = ("launch_ros is not installed: launch and launch_ros are not on any registry reachable here "
-               "(DESIGN.md), so the launch file is not executed in this venv; these tests run on a ROS 2 distro")
+               "(PyPI has no ROS 2 launch wheels), so the launch file is not executed in this venv; these tests run on "
+               "a ROS 2 distro")
 
 
 def node_parameters() -> dict:

@@ -1,6 +1,6 @@
 """``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` <-> (H, W, 3) uint8 RGB arrays, without cv_bridge.
 
-cv_bridge is not installable beside the ROS wheels (see DESIGN.md), and a message is untrusted input anyway: a
+cv_bridge is not installable beside the ROS wheels (the PyPI package of that name is ROS 1's), and a message is untrusted input anyway: a
 request can claim 100000 x 100000 pixels with ten bytes of data. So every field is checked against the others
 *before* anything is allocated, and each error says what is wrong and what would be accepted (the node returns it
 as ``success=false``). All errors are :class:`ego_ros.engine.images.InvalidImage` (a ValueError).
