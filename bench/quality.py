@@ -58,8 +58,8 @@ def main(argv=None) -> int:
             draw_scenes(args.figures / "toy_world.png")
         results["calibration"] = calibrate(ego, args)
         results["localisation"] = localise(ego, args)
-        results["recognition"] = recognise(ego, args, work)
-        results["filter"] = filter_check(ego, args, work)
+        results["recognition"] = recognise(ego, args)
+        results["filter"] = filter_check(ego, args)
         if args.figures:
             draw_figure(ego, args.figures / "show_my_mug.png")
     finally:
@@ -102,7 +102,7 @@ def localise(ego: Ego, args) -> dict:
     return {"shares": shares, "layers": layer_sets}
 
 
-def recognise(ego: Ego, args, work: Path) -> dict:
+def recognise(ego: Ego, args) -> dict:
     data = toy.recognition_set(args.concepts, seed=3, views=5)
     started = time.perf_counter()
     with tqdm(total=len(data.concepts), desc="introducing concepts") as bar:
@@ -126,7 +126,7 @@ def recognise(ego: Ego, args, work: Path) -> dict:
     return {"runs": table, "seconds_per_concept": seconds_per_concept}
 
 
-def filter_check(ego: Ego, args, work: Path) -> dict:
+def filter_check(ego: Ego, args) -> dict:
     data = toy.recognition_set(args.filter_concepts, seed=4, views=1, positives=2, look_alikes=0)
     with tqdm(total=len(data.concepts), desc="introducing concepts (filter)") as bar:
         toy.introduce(ego, data, on_concept=lambda done: bar.update(1))

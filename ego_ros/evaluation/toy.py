@@ -14,7 +14,8 @@ from PIL import Image
 from ego_ros.engine.calibration import subject_tokens
 from ego_ros.engine.images import to_rgb
 from ego_ros.engine.scoring import select_tokens, tokens_to_keep
-from ego_ros.testing.toy_world import Instance, Scene, look_alike, personal_instances, render_scene, view_of
+from ego_ros.testing.toy_world import (Instance, Scene, look_alike, personal_instances, random_instance, render_scene,
+                                       view_of)
 
 from .methods import introduction
 from .metrics import RecognitionScore, recognition_score
@@ -88,16 +89,10 @@ def recognition_set(num_concepts: int = 10, *, seed: int = 0, views: int = 5, po
             if j % 2 == 0:
                 tests.append(render_scene(rng, inst))
             else:
-                tests.append(render_scene(rng, None, distractors=[inst, *_others(rng, 1)]))
+                tests.append(render_scene(rng, None, distractors=[inst, random_instance(rng)]))
         for _ in range(look_alikes):
             tests.append(render_scene(rng, look_alike(inst, rng)))
     return RecognitionSet(concepts, references, tests)
-
-
-def _others(rng, count: int):
-    from ego_ros.testing.toy_world import random_instance
-
-    return [random_instance(rng) for _ in range(count)]
 
 
 def introduce(ego, data: RecognitionSet, on_concept=None) -> dict:
@@ -114,8 +109,9 @@ def recognition(ego, data: RecognitionSet, introduced: dict, runs: list[tuple[st
                 on_image=None) -> dict[tuple[str, int], RecognitionScore]:
     """The paper's protocol for each (method, views) in ``runs``: every test image asked about every concept."""
     decisions: dict[tuple[str, int], list] = {run: [] for run in runs}
-    intros = {run: {name: introduction(run[0], info, run[1], seed=i) for i, (name, info) in enumerate(introduced.items())}
-              for run in runs}
+    intros = {  # the random method draws other tokens for each concept (seed i)
+        run: {name: introduction(run[0], info, run[1], seed=i) for i, (name, info) in enumerate(introduced.items())}
+        for run in runs}
     for done, scene in enumerate(data.tests, 1):
         (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
         for run in runs:

@@ -34,8 +34,8 @@ TOKEN_PX = 28  # one Qwen2.5-VL visual token covers a 28 x 28 px block (2 x 2 pa
 # Without the first, the concept task alone gives the vision tower too weak a signal to learn colours from.
 DESCRIBE_WEIGHTS = {"keywords": 0.35, "area": 0.15, "presence": 0.35, "caption": 0.15}
 TASK_WEIGHTS = {"keywords": 0.15, "area": 0.07, "presence": 0.15, "caption": 0.08, "concept": 0.55}
-MASK_COVERAGE = 0.25
-LOOK_ALIKE_SHARE = 0.35  # of the negatives of a concept question: a look-alike rather than other objects  # a token belongs to an object's memory when the object covers this share of its block
+MASK_COVERAGE = 0.25  # a token belongs to an object's memory when the object covers this share of its block
+LOOK_ALIKE_SHARE = 0.35  # of the negatives of a concept question: a look-alike rather than other objects
 
 
 @dataclass(frozen=True)
