@@ -21,12 +21,12 @@ Command line (``python -m ego_ros.testing.toy_world --help``)::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ego_ros.engine.memory import _atomic_write  # the store's: temp file, fsync, os.replace
 
 from .scenes import (COLOURS, KINDS, PATTERNS, Instance, PlacedObject, Scene, look_alike, personal_instances,
                      random_instance, render_scene)
@@ -64,7 +64,7 @@ def write_scenes(out_dir: Path, count: int, seed: int = 0) -> Path:
         made.image.save(out_dir / f"{name}.png")
         Image.fromarray(made.subject.mask.astype(np.uint8) * 255, "L").save(out_dir / f"{name}.mask.png")
         records[name] = made.to_json()
-    _write_atomically(out_dir / "scenes.json", json.dumps({"seed": seed, "scenes": records}, indent=1) + "\n")
+    _atomic_write(out_dir / "scenes.json", (json.dumps({"seed": seed, "scenes": records}, indent=1) + "\n").encode())
     return out_dir
 
 
@@ -73,10 +73,3 @@ def model_dir(out_dir: Path, *, seed: int = 0, progress: bool = True) -> Path:
     from .train import model_dir as trained
 
     return trained(Path(out_dir), seed=seed, progress=progress)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
-    os.replace(temporary, path)
