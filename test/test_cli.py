@@ -97,6 +97,9 @@ def runs(files, registered, tmp_path_factory):
     """Every command that only reads the memory, and forget on a copy of it, started together."""
     copy = tmp_path_factory.mktemp("forget") / "memory"
     shutil.copytree(files["memory"], copy)
+    copy_with_model = tmp_path_factory.mktemp("forget-model") / "memory"
+    shutil.copytree(files["memory"], copy_with_model)
+    shown_with_model = tmp_path_factory.mktemp("show-model") / "mug.png"
     figure_path = tmp_path_factory.mktemp("show") / "mug.png"
     processes = {
         "list": start("list", "--memory-dir", files["memory"]),
@@ -105,13 +108,20 @@ def runs(files, registered, tmp_path_factory):
         "recognize": start("recognize", files["rex"], *model_args(files)),
         "show": start("show", "my mug", "--out", figure_path, "--memory-dir", files["memory"]),
         "forget": start("forget", "Rex", "--memory-dir", copy),
+        # The same flags as register and ask: --model is accepted by the memory commands (show and forget never
+        # load it, so a model that does not exist shows it is not loaded; list --model loads it for its layers).
+        "forget --model": start("forget", "my mug", "--model", "/no/such/model", "--memory-dir", copy_with_model),
+        "show --model": start("show", "my mug", "--out", shown_with_model, "--model", "/no/such/model",
+                              "--memory-dir", files["memory"]),
+        "list --model": start("list", *model_args(files), "--layers", "1,2"),
         **{case: start(*[a.format(**files) for a in args], *(model_args(files) if with_model else []))
            for case, (args, with_model, _) in ERRORS.items()},
     }
     results = {"forget": finish(processes.pop("forget"))}
     processes["list after forget"] = start("list", "--memory-dir", copy)
     results.update((name, finish(process)) for name, process in processes.items())
-    return dict(results, figure=figure_path, forgotten=copy)
+    return dict(results, figure=figure_path, forgotten=copy, forgotten_with_model=copy_with_model,
+                figure_with_model=shown_with_model)
 
 
 def test_list_shows_both_concepts(runs):
@@ -177,6 +187,18 @@ def test_forget_removes_the_concept_and_its_views(runs):
     assert len(figure.load_views(runs["forgotten"], "my mug")) == 2
 
 
+def test_memory_commands_accept_model_like_the_others(files, runs):
+    assert "forgot 'my mug'" in ok(runs["forget --model"]).stdout
+    assert "loading" not in runs["forget --model"].stderr
+    assert "my mug" not in MemoryStore(runs["forgotten_with_model"], fingerprint=None).names()
+    assert ok(runs["show --model"]).stdout.startswith(f"wrote {runs['figure_with_model']} (")
+    assert Image.open(runs["figure_with_model"]).size == Image.open(runs["figure"]).size
+    listed = ok(runs["list --model"])
+    assert "loading " in listed.stderr  # list --model loads the model, to say which layers it uses
+    assert listed.stdout.splitlines()[-1] == "layers 1,2; set explicitly"
+    assert {line.split("  ")[0] for line in listed.stdout.splitlines()[1:3]} == {"my mug", "Rex"}
+
+
 @pytest.mark.parametrize("case", ERRORS)
 def test_user_errors_are_one_line(runs, case):
     result = runs[case]
@@ -215,3 +237,63 @@ def test_a_view_without_image_is_drawn_as_its_grid_on_grey():
     # The note under the title is drawn in its own colour.
     note = drawn.crop((0, figure.MARGIN + 32 + figure.LINE_HEIGHT, drawn.width, top))
     assert figure.NOTE in {colour for _, colour in note.getcolors(1 << 16)}
+
+
+# --- where the command lives --------------------------------------------------------------------------------------
+
+
+def _imports(path: Path, module: str) -> set:
+    """The ego_ros modules ``path`` imports anywhere (module level or inside functions, or by importlib)."""
+    import ast
+
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # from package import module
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args \
+                and isinstance(node.args[0], ast.Constant):
+            found.add(node.args[0].value)
+    return {name for name in found if name.split(".")[0] == "ego_ros"}
+
+
+def test_the_command_has_one_home_without_an_import_circle():
+    """ego_ros.cli is the command's one package, its offline and live halves side by side; no module of ego_ros
+    imports one that (directly or not) imports it back."""
+    root = REPO / "ego_ros"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    # An edge to one's own package is not counted: Python imports a package before any of its modules, by design.
+    graph = {name: {m for m in _imports(path, name) if m in modules and not (name + ".").startswith(m + ".")}
+             for name, path in modules.items()}
+    assert "ego_ros.ros.cli" not in modules, "the command lives in ego_ros.cli only"
+    assert {"ego_ros.cli.offline", "ego_ros.cli.live", "ego_ros.cli.commands"} <= set(modules)
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                if nxt == goal:
+                    return True
+                seen.add(nxt)
+                todo.append(nxt)
+        return False
+
+    circles = sorted(f"{a} -> {b}" for a in graph if a.startswith(("ego_ros.cli", "ego_ros.ros"))
+                     for b in graph[a] if reaches(b, a))
+    assert not circles, f"import circles: {circles}"
+    # The halves do not lean on each other: each only on what they share.
+    assert not {m for m in graph["ego_ros.cli.offline"] if m.startswith("ego_ros.cli.live")}
+    assert not {m for m in graph["ego_ros.cli.live"] if m.startswith("ego_ros.cli.offline")}
+    assert not any(m.startswith("ego_ros.cli") for name in graph if name.startswith("ego_ros.ros")
+                   for m in graph[name]), "the ROS side does not import the command"

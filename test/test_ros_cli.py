@@ -1,4 +1,4 @@
-"""The live ``ego-ros`` commands (ego_ros.ros.cli) against a real ROS 2 server of the node's protocol.
+"""The live ``ego-ros`` commands (ego_ros.cli.live) against a real ROS 2 server of the node's protocol.
 
 The server here is not the ego node and runs no model (the node has its own tests): it is a plain rclpy node named
 ``ego`` that offers the node's services, its ``~/answer`` action (three feedback messages, cancellable) and its
@@ -418,7 +418,7 @@ def test_ctrl_c_cancels_the_question_on_the_node(server):
 
 def node_argv(*args: str) -> list[str]:
     from ego_ros import cli
-    from ego_ros.ros.cli import node_arguments
+    from ego_ros.cli.live import node_arguments
 
     return node_arguments(cli.build_parser().parse_args(["node", *args]))
 

@@ -1,0 +1,273 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The subcommands of ``ego-ros``: each one's command line, and which half runs it.
+
+``register``, ``ask``, ``recognize``, ``list`` and ``forget`` have an offline half (:mod:`ego_ros.cli.offline`) and
+a live half (:mod:`ego_ros.cli.live`) side by side, with one command line that holds the options of both. One rule
+(:func:`is_offline`) picks, before anything is loaded or contacted: OFFLINE (the model and the memory folder of this
+machine, no ROS) when a model is given (``--model`` or ``$EGO_ROS_MODEL``), or ``--memory-dir``, or ``--offline``;
+otherwise a client of the running node ``--node`` (default ``$EGO_ROS_NODE``, else ``/ego``). An explicit ``--node``
+asks the node even when ``$EGO_ROS_MODEL`` is set, and is refused next to ``--model``, ``--memory-dir`` or
+``--offline``. ``show`` and ``calibrate`` are always offline; ``node`` and ``watch`` always use ROS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Iterable
+
+from ego_ros.cli import live, offline
+from ego_ros.cli.common import (
+    MODEL_ENV, Command, UsageError, add_model_options, add_store_options, percent,
+    positive_float, positive_int,
+)
+from ego_ros.ros.client import DEFAULT_NODE, DEFAULT_TIMEOUT, NODE_ENV, node_name
+
+# The engine settings: meaningful offline only (a node uses its own parameters).
+MODEL_ONLY = ("layers", "max_tokens_per_view", "max_image_pixels", "device", "dtype", "calibration_dir")
+
+
+# --- the mode rule ----------------------------------------------------------------------------------------------
+
+
+def add_node_options(p: argparse.ArgumentParser, *, offline: bool) -> None:
+    title = "running node (the default mode: no --model, $EGO_ROS_MODEL, --memory-dir or --offline)" if offline \
+        else "running node"
+    group = p.add_argument_group(title)
+    group.add_argument("--node", default=None, metavar="NAME",
+                       help=f"the ego node to talk to (default: ${NODE_ENV}, else {DEFAULT_NODE})")
+    group.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="SEC",
+                       help=f"how long to wait for the node to appear (default: {DEFAULT_TIMEOUT:g}); "
+                            "an answer itself may take as long as the model needs")
+    if offline:
+        group.add_argument("--offline", action="store_true",
+                           help="work without a node, on this machine's model and memory folder")
+
+
+def is_offline(args: argparse.Namespace) -> bool:
+    """The mode rule (module docstring): OFFLINE with a model, --memory-dir or --offline; else the node."""
+    env_model = os.environ.get(MODEL_ENV) or None
+    model = getattr(args, "model", None)  # $EGO_ROS_MODEL by default (list, show, forget: none)
+    given = [flag for flag, on in (("--model", model is not None and model != env_model),
+                                   ("--memory-dir", args.memory_dir is not None),
+                                   ("--offline", args.offline)) if on]
+    if args.node is not None:  # an explicit --node beats $EGO_ROS_MODEL, and contradicts the offline flags
+        if given:
+            raise UsageError(f"--node talks to a running node and {given[0]} works offline: pass one of them")
+        return False
+    return bool(given or env_model)
+
+
+def refuse_offline_only(args: argparse.Namespace, names: Iterable[str]) -> None:
+    for name in names:
+        if getattr(args, name, None) not in (None, False, []):
+            raise UsageError(f"--{name.replace('_', '-')} only works offline (with --model, --memory-dir or "
+                             f"--offline); the node at {node_name(args.node)} uses its own settings")
+
+
+def refuse_node_only(args: argparse.Namespace, names: Iterable[str]) -> None:
+    for name in names:
+        if getattr(args, name, None) not in (None, False, []):
+            raise UsageError(f"--{name.replace('_', '-')} needs a running node; it cannot be used with --model, "
+                             f"--memory-dir, --offline or ${MODEL_ENV}")
+
+
+# --- register ---------------------------------------------------------------------------------------------------
+
+
+def register_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help="the concept's name, as you will use it in questions")
+    p.add_argument("images", metavar="IMG", nargs="*", type=Path,
+                   help="reference views (photos of the concept); with a node, or --camera instead")
+    p.add_argument("--append", action="store_true", help="add these views to an existing concept")
+    p.add_argument("--camera", nargs="?", const="", default=None, metavar="TOPIC",
+                   help="take the views from the node's buffer of this camera (no TOPIC: the node's default camera)")
+    p.add_argument("--views", type=positive_int, default=None, metavar="N",
+                   help="with --camera: how many frames to take (default: the node's)")
+    p.add_argument("--window", type=positive_float, default=None, metavar="SEC",
+                   help="with --camera: spread them over the last SEC seconds (default: the node's)")
+    p.add_argument("--area", type=percent, default=None, metavar="PCT",
+                   help="offline: how much of each view the concept covers, in percent (default: the model estimates)")
+    add_store_options(p)
+    add_model_options(p)
+    add_node_options(p, offline=True)
+
+
+def register(args: argparse.Namespace) -> int:
+    if is_offline(args):
+        refuse_node_only(args, ("camera", "views", "window"))
+        if not args.images:
+            raise UsageError("register needs reference views offline: NAME IMG [IMG ...]")
+        return offline.cmd_register(args)
+    refuse_offline_only(args, ("area", *MODEL_ONLY))
+    return live.cmd_register(args)
+
+
+# --- ask --------------------------------------------------------------------------------------------------------
+
+
+def ask_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--image", dest="images", metavar="IMG", type=Path, action="append", default=None,
+                   help="the image (offline: repeat for the frames of a clip, oldest first); "
+                        "with a node, default: the camera's latest frame")
+    p.add_argument("--video", type=positive_float, default=None, metavar="SEC",
+                   help="with a node: about the last SEC seconds of the camera")
+    p.add_argument("--camera", default=None, metavar="TOPIC",
+                   help="with a node: the camera to look through (default: the node's default camera)")
+    p.add_argument("--concept", dest="concepts", metavar="NAME", action="append", default=None,
+                   help="put only this concept in context (repeatable; default: all, the most similar if many)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
+                   help="answer length limit in tokens (default: 128, or the node's)")
+    add_store_options(p)
+    add_model_options(p)
+    add_node_options(p, offline=True)
+
+
+def ask(args: argparse.Namespace) -> int:
+    if is_offline(args):
+        refuse_node_only(args, ("video", "camera"))
+        if not args.images:
+            raise UsageError("ask needs --image IMG offline (repeat it for the frames of a clip)")
+        return offline.cmd_ask(args)
+    refuse_offline_only(args, MODEL_ONLY)
+    return live.cmd_ask(args)
+
+
+# --- recognize --------------------------------------------------------------------------------------------------
+
+
+def recognize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMG", type=Path, nargs="?", default=None,
+                   help="the image (required offline); with a node, default: the camera's latest frame")
+    p.add_argument("--camera", default=None, metavar="TOPIC",
+                   help="with a node: the camera whose latest frame to analyse (default: the node's default camera)")
+    p.add_argument("--concept", dest="concepts", metavar="NAME", action="append", default=None,
+                   help="score only this concept (repeatable; default: all)")
+    add_store_options(p)
+    add_model_options(p)
+    add_node_options(p, offline=True)
+
+
+def recognize(args: argparse.Namespace) -> int:
+    if is_offline(args):
+        refuse_node_only(args, ("camera",))
+        if args.image is None:
+            raise UsageError("recognize needs an image file offline: recognize IMG")
+        return offline.cmd_recognize(args)
+    refuse_offline_only(args, MODEL_ONLY)
+    return live.cmd_recognize(args)
+
+
+# --- list, forget, show: the memory ---------------------------------------------------------------------------
+
+
+def list_arguments(p: argparse.ArgumentParser) -> None:
+    add_store_options(p)
+    # list --model M: offline, and also loads M to say which layers it uses. Not $EGO_ROS_MODEL by default, so that
+    # a plain `list` stays instant.
+    add_model_options(p, title="model (optional; offline)", model_default=None,
+                      model_help="also load this model and print the decoder layers it uses, and where they come "
+                                 "from")
+    add_node_options(p, offline=True)
+
+
+def list_concepts(args: argparse.Namespace) -> int:
+    if is_offline(args):
+        return offline.cmd_list(args)
+    refuse_offline_only(args, MODEL_ONLY)
+    return live.cmd_list(args)
+
+
+def _memory_model_option(p: argparse.ArgumentParser) -> None:
+    """``--model`` on the commands that read the memory without a model: accepted so that the same flags work for
+    every command, and (like everywhere) it means offline; the model is not loaded."""
+    p.add_argument("--model", default=None,
+                   help="accepted like everywhere: works offline on the memory folder (the model is not loaded)")
+
+
+def forget_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME")
+    add_store_options(p)
+    _memory_model_option(p)
+    add_node_options(p, offline=True)
+
+
+def forget(args: argparse.Namespace) -> int:
+    if is_offline(args):
+        return offline.cmd_forget(args)
+    return live.cmd_forget(args)
+
+
+def show_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.png", help="image file to write")
+    add_store_options(p)
+    _memory_model_option(p)
+
+
+# --- calibrate --------------------------------------------------------------------------------------------------
+
+
+def calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="?", metavar="DATA",
+                   help="a folder of NAME.png (or .jpg) images with NAME.mask.png subject masks (white = subject), "
+                        "or 'toy' for the toy world's scenes; leave out with --coco")
+    p.add_argument("--coco", type=Path, default=None, metavar="ANNOTATIONS_JSON",
+                   help="COCO instances file (e.g. instances_val2017.json): its images showing exactly one instance "
+                        "of one category, with --images")
+    p.add_argument("--images", type=Path, default=None, metavar="DIR", help="the folder of the COCO images")
+    p.add_argument("--count", type=positive_int, default=None, metavar="N",
+                   help="use at most N images (default: all; 200 scenes for the toy world)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="the toy world's scenes (default: 0)")
+    p.add_argument("--max-layers", type=positive_int, default=None, metavar="L",
+                   help="choose at most L layers (default: a quarter of the decoder, at least 1)")
+    p.add_argument("--out", type=Path, default=None, metavar="PLOT.png",
+                   help="also draw each layer's overlap, the chosen layers and the baselines")
+    p.add_argument("--no-save", action="store_true",
+                   help="only measure: keep the layers this model uses now")
+    add_store_options(p)
+    add_model_options(p)
+
+
+# --- watch, node: ROS only --------------------------------------------------------------------------------------
+
+
+def watch_arguments(p: argparse.ArgumentParser) -> None:
+    add_node_options(p, offline=False)
+
+
+def node_options(p: argparse.ArgumentParser) -> None:
+    default = live.default_params_file()
+    p.add_argument("--params-file", type=Path, default=default, metavar="FILE",
+                   help=f"the node's parameters (default: {default or 'none found; the node defaults'})")
+    p.add_argument("--model", default=os.environ.get(MODEL_ENV) or None,
+                   help=f"sets the parameter model (default: ${MODEL_ENV}, else the params file's)")
+    p.add_argument("--memory-dir", type=Path, default=None, metavar="DIR",
+                   help="sets the parameter memory_dir (default: the params file's)")
+    p.add_argument("--autostart", action=argparse.BooleanOptionalAction, default=True,
+                   help="configure and activate at once, loading the model (default: on)")
+    p.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[], metavar="ARG",
+                   help="the rest goes to the node as ROS arguments, e.g. --ros-args -p recognition_rate_hz:=1.0 "
+                        "-r __ns:=/robot1")
+
+
+COMMANDS: dict[str, Command] = {
+    "register": Command("introduce a concept: from image files, or from the node's camera (--camera)",
+                        register_arguments, register),
+    "ask": Command("ask a question about the camera (latest frame or --video), or an image, with your concepts "
+                   "in context", ask_arguments, ask),
+    "recognize": Command("which concepts are in the camera's latest frame or an image, with scores",
+                         recognize_arguments, recognize),
+    "list": Command("list the concepts (the node's, or offline the memory folder's)", list_arguments, list_concepts),
+    "forget": Command("delete a concept (on the node, or offline in the memory folder)", forget_arguments, forget),
+    "show": Command("draw a concept's kept tokens on its reference views (offline; no model needed)", show_arguments,
+                    offline.cmd_show),
+    "calibrate": Command("choose the decoder layers that score tokens, from images with subject masks (§3.4)",
+                         calibrate_arguments, offline.cmd_calibrate),
+    "node": Command("run the ego node in this process (what ros2 launch ego_ros ego.launch.py runs)",
+                    node_options, live.cmd_node),
+    "watch": Command("print the node's recognition events as they come, until Ctrl-C", watch_arguments,
+                     live.cmd_watch),
+}
