@@ -21,6 +21,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["ego_ros", "ego_ros.*"]),
+    package_data={"ego_ros.ros": ["tools.json"]},  # the services as LLM tools (ego_ros/ros/tools.py)
     install_requires=requirements,
     entry_points={"console_scripts": ["ego-ros = ego_ros.cli:main"]},
 )

@@ -1,7 +1,10 @@
-"""``EgoClient``: plain Python calls to a running ``ego`` node, in the spirit of nav2_simple_commander.
+# SPDX-License-Identifier: Apache-2.0
+"""``EgoClient``: plain, blocking Python calls to a running ``ego`` node (what ``ego-ros`` uses).
 
 Each call waits for the node (up to ``timeout`` seconds), then for its answer, and returns it or raises
-:class:`NodeError` with the node's message::
+:class:`NodeError` with the node's message. Its ROS clients are made on first use and reused by later calls. A task
+planner that must not block wants :class:`ego_ros.ros.commander.EgoCommander` instead (start, poll or await,
+cancel)::
 
     with EgoClient("/ego", timeout=10.0) as ego:
         info = ego.register("my mug", camera="", num_views=3)
@@ -80,11 +83,15 @@ class EgoClient:
                                           start_parameter_services=False, enable_rosout=False)
             self._executor = SingleThreadedExecutor(context=self._context)
             self._executor.add_node(self._ros)
+            self._clients: dict = {}  # service name -> its client, made on first use
+            self._answer_client = None
         except BaseException:
             self._context.try_shutdown()
             raise
 
     def close(self) -> None:
+        if self._answer_client is not None:
+            self._answer_client.destroy()
         self._executor.shutdown(timeout_sec=1.0)
         self._ros.destroy_node()
         self._context.try_shutdown()
@@ -105,7 +112,7 @@ class EgoClient:
 
         request = RegisterConcept.Request(name=name, camera=camera, num_views=num_views,
                                           window_sec=float(window_sec), append=append)
-        request.views = [_image_msg(view) for view in views]
+        request.views = [image_msg(view) for view in views]
         return self._succeeded(self._call(RegisterConcept, "register_concept", request)).concept
 
     def ask(self, question: str, *, image=None, camera: str = "", video_sec: float | None = None,
@@ -121,14 +128,16 @@ class EgoClient:
         goal = Answer.Goal(question=question, camera=camera, concepts=list(concepts),
                            max_new_tokens=int(max_new_tokens))
         if image is not None:
-            goal.source, goal.image = Answer.Goal.SOURCE_IMAGE, _image_msg(image)
+            goal.source, goal.image = Answer.Goal.SOURCE_IMAGE, image_msg(image)
         elif video_sec is not None:
             goal.source, goal.window_sec = Answer.Goal.SOURCE_VIDEO, float(video_sec)
         else:
             goal.source = Answer.Goal.SOURCE_LATEST
 
         endpoint = f"{self.node}/answer"
-        client = ActionClient(self._ros, Answer, endpoint)
+        if self._answer_client is None:
+            self._answer_client = ActionClient(self._ros, Answer, endpoint)
+        client = self._answer_client
         tokens = None
 
         def feedback(message) -> None:
@@ -151,8 +160,6 @@ class EgoClient:
         except KeyboardInterrupt:
             self._cancel(goal_handle, accepted)
             raise
-        finally:
-            client.destroy()
         result, status = response.result().result, response.result().status
         if status != GoalStatus.STATUS_SUCCEEDED or not result.success:
             raise NodeError(result.message or f"the question ended with goal status {status}")
@@ -164,7 +171,7 @@ class EgoClient:
 
         request = Recognize.Request(camera=camera, concepts=list(concepts))
         if image is not None:
-            request.camera, request.image = "", _image_msg(image)
+            request.camera, request.image = "", image_msg(image)
         response = self._succeeded(self._call(Recognize, "recognize", request))
         return {d.name: float(d.score) for d in response.detections}
 
@@ -222,25 +229,22 @@ class EgoClient:
     # -- plumbing
 
     def _not_found(self, endpoint: str) -> NodeError:
-        """NodeNotFound, or NodeInactive when a node of that name is there (its services exist only when active)."""
-        namespace, _, name = self.node.rpartition("/")
-        if (name, namespace or "/") in self._ros.get_node_names_and_namespaces():
-            return NodeInactive(f"the node {self.node} is running but not active, so it offers no {endpoint}: it "
-                                f"may still be loading its model (retry, or raise --timeout), be waiting for a "
-                                f"lifecycle activate, or have failed to activate (see its log)")
-        return NodeNotFound(endpoint, self.timeout)
+        return absent_error(self._ros, self.node, endpoint, self.timeout)
 
     def _call(self, srv_type, service: str, request):
         endpoint = f"{self.node}/{service}"
-        client = self._ros.create_client(srv_type, endpoint)
+        client = self._clients.get(service)
+        if client is None:
+            client = self._clients[service] = self._ros.create_client(srv_type, endpoint)
+        if not client.wait_for_service(timeout_sec=self.timeout):
+            raise self._not_found(endpoint)
+        future = client.call_async(request)
         try:
-            if not client.wait_for_service(timeout_sec=self.timeout):
-                raise self._not_found(endpoint)
-            future = client.call_async(request)
             self._wait(future, client.service_is_ready, endpoint)
-            return future.result()
-        finally:
-            self._ros.destroy_client(client)
+        except BaseException:
+            client.remove_pending_request(future)
+            raise
+        return future.result()
 
     def _wait(self, future, alive: Callable[[], bool], endpoint: str) -> None:
         """Spin until ``future`` is done (a model may take minutes: no deadline), failing if the node goes away."""
@@ -270,7 +274,19 @@ class EgoClient:
         return response
 
 
-def _image_msg(image):
+def absent_error(ros_node, node: str, endpoint: str, timeout: float) -> NodeError:
+    """Why ``endpoint`` of the ego node ``node`` is not there, seen from ``ros_node``: NodeNotFound, or NodeInactive
+    when a node of that name is in the graph (a lifecycle node offers its services only while active)."""
+    namespace, _, name = node.rpartition("/")
+    if (name, namespace or "/") in ros_node.get_node_names_and_namespaces():
+        return NodeInactive(f"the node {node} is running but not active, so it offers no {endpoint}: it "
+                            f"may still be loading its model (retry, or raise --timeout), be waiting for a "
+                            f"lifecycle activate, or have failed to activate (see its log)")
+    return NodeNotFound(endpoint, timeout)
+
+
+def image_msg(image):
+    """An RGB uint8 array (H, W, 3) as a ``sensor_msgs/Image`` (rgb8)."""
     from sensor_msgs.msg import Image
 
     from ego_ros.ros.image_msgs import image_to_msg
