@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """pip metadata for the plain-venv path (``pip install -e .``); on a ROS 2 distro, colcon builds CMakeLists.txt.
 
 The pip dependencies are pinned in requirements.txt and read from there, so there is one list to maintain.

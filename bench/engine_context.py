@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Prompt tokens Ego puts in context versus the full reference views, and register/ask wall time.
 
 Runs the real engine on a tiny random Qwen2.5-VL (built offline into a temporary folder unless --model is given),

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the node costs per camera frame, and how fast its executor answers while the model is generating.
 
 1. Per 1280x720 frame: rclpy deserialisation, then the image callback's work (decode, downscale to

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The method's quality on the trained toy model: layer calibration, localisation, recognition, the §3.5 filter.
 
 Trains the toy model first if ``--model`` is not there yet (about 10 minutes on 2 cores). Prints Markdown tables

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Eq. 3 the way the engine computes it versus from ``output_attentions=True``: time and memory, one run.
 
 The engine recomputes only the keyword rows' attention on the selected layers (pre-hooks) and stops the pass after

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """ego_ros: a personal visual memory for robots (Ego, training-free VLM personalisation) as a ROS 2 node."""
 
 # The generated interfaces (ego_ros.msg, .srv, .action) are installed by CMake into the environment's

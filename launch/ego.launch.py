@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Start the ego node (a managed lifecycle node) with the shipped parameters and a few overrides.
 
 Examples::

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Build the ego_ros package (msg/srv/action + the Python package) with plain CMake against the
 # PyPI ROS 2 Kilted wheels of a venv, and install it into that venv.
 #

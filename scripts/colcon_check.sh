@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Check that the package builds with colcon the way it would on a ROS 2 distro, using the PyPI ROS 2
 # wheels of a venv as the underlay in place of /opt/ros/<distro>, and that the generated
 # ego_ros.msg / .srv / .action import from colcon's install folder.

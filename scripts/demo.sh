@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # The ego-ros command end to end, offline, on a tiny random Qwen2.5-VL (real plumbing, gibberish answers):
 # build the model folder, draw two pictures, register a concept, list it, ask about it, recognise it, and draw
 # what its memory kept. Everything goes to build/demo/.

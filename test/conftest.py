@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Shared fixtures: one tiny Qwen2.5-VL per test session, built offline and loaded with from_pretrained."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Layer calibration (paper §3.4): per-layer eq. 3, the overlap measure, both rules, persistence, data sources and
 ``ego-ros calibrate``, on the tiny random Qwen2.5-VL and real files.
 

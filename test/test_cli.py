@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ``ego-ros`` command, run for real (``python -m ego_ros.cli`` in a child process) on a tiny random Qwen2.5-VL
 and real PNG files. Commands that do not depend on each other run at the same time, to keep the file fast."""
 

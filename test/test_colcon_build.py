@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The distro way: ``colcon build`` of this package against the ROS 2 underlay (here: the venv's wheels), then
 the interfaces imported from colcon's install folder, not from the venv. Keeps the colcon path from rotting."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The evaluation's pieces: the paper's recognition metric by hand, and the ways of giving a concept to the model."""
 
 from __future__ import annotations

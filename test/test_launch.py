@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """launch/ego.launch.py, config/ego.yaml and the installed executables: well formed here, exercised where launch is.
 
 Three levels, each saying what it proves:

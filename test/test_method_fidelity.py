@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The method, checked by computation against the model's own code paths.
 
 Tolerances: everything runs in float32 on the CPU. Scores are compared with atol 1e-6 (attention probabilities of

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The method on a model that has learned to see: figures on the trained toy model, held as orderings with margins.
 
 Sizes are smaller than bench/quality.py's (which prints the README's tables) to keep the suite quick; each

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The live ``ego-ros`` commands (ego_ros.cli.live) against a real ROS 2 server of the node's protocol.
 
 The server here is not the ego node and runs no model (the node has its own tests): it is a plain rclpy node named

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tests of the node's pure helpers (no ROS graph): frame buffer, inference worker, presence hysteresis, image messages.
 
 Messages are ``types.SimpleNamespace`` stand-ins carrying the fields of sensor_msgs/Image and CompressedImage: the

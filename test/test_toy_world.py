@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The toy world's scenes and ground truth, its command, its training tasks and the trainer's determinism."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Measuring the method: the paper's recognition metric, Ego beside its baselines, and the toy-world protocol.
 
     metrics.py   precision and recall per concept, averaged; F1 from the averages (the paper's protocol)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Ways of giving a concept to the model, side by side: Ego and the baselines of the paper's Table 3.
 
 Every method starts from the same introduction of the concept's reference views by :meth:`Ego.register` (the

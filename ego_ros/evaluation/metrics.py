@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The paper's recognition metric: every test image is asked about every concept; precision and recall are computed
 per concept, averaged over concepts, and F1 is computed from the two averages (not averaged itself)."""
 

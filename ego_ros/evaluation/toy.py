@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The method measured on the toy world: localisation, recognition of personal instances, and the §3.5 filter.
 
 All three need a model that has learned to see (the trained toy model, ``ego_ros.testing.toy_world``); on a random

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ROS 2 side of ego_ros: the ``ego`` lifecycle node and the pieces it is built from.
 
 The pure helpers here never import rclpy, so they are tested without a ROS graph and reused by the CLI and benches:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The real node as its own process, and a real rclpy client beside it: for tests, benchmarks and smoke runs.
 
 Each node process and its client share a ROS domain of their own, with discovery limited to this machine, so
