@@ -7,10 +7,14 @@ Examples::
     ros2 launch ego_ros ego.launch.py camera_topics:=/front/image_raw,/arm/image_raw/compressed namespace:=robot1
     ros2 launch ego_ros ego.launch.py camera_topics:="['/front/image_raw']" params_file:=/etc/robot/ego.yaml
     ros2 launch ego_ros ego.launch.py autostart:=false     # stays unconfigured, for a lifecycle manager
+    ros2 launch ego_ros ego.launch.py use_sim_time:=true log_level:=debug
 
 Every argument left empty keeps the params file's value (share/ego_ros/config/ego.yaml unless params_file says
-otherwise); ``autostart`` is always passed, true by default, so the node configures and activates itself. Where
-``ros2 launch`` is not installed (the PyPI-wheel venv), ``ego-ros node`` runs the same node with the same file.
+otherwise); ``autostart`` and ``use_sim_time`` are always passed (true and false by default), so the node
+configures and activates itself on wall-clock time unless told otherwise. Relative camera topics (the shipped
+file's ``camera/image_raw``) resolve in the node's namespace: ``namespace:=robot1`` makes it
+``/robot1/camera/image_raw``. Where ``ros2 launch`` is not installed (the PyPI-wheel venv), ``ego-ros node`` runs the
+same node with the same file.
 """
 
 from launch import LaunchDescription
@@ -27,8 +31,9 @@ def generate_launch_description() -> LaunchDescription:
             description="the VLM: a local model folder, or a hub id already in the cache (empty: the params file's)"),
         DeclareLaunchArgument(
             "camera_topics", default_value="",
-            description="image topics to buffer, comma-separated or a YAML list like ['/a', '/b/compressed'] "
-                        "(a name ending in /compressed is a CompressedImage; empty: the params file's)"),
+            description="image topics to buffer, comma-separated or a YAML list like ['/a', 'b/compressed'] "
+                        "(relative names resolve in the node's namespace; a name ending in /compressed is a "
+                        "CompressedImage; empty: the params file's)"),
         DeclareLaunchArgument(
             "memory_dir", default_value="",
             description="folder of the concept memories (empty: the params file's)"),
@@ -42,6 +47,12 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument(
             "autostart", default_value="true", choices=["true", "false"],
             description="configure and activate the node at start, loading the model"),
+        DeclareLaunchArgument(
+            "use_sim_time", default_value="false", choices=["true", "false"],
+            description="take time from /clock (a simulator or a bag) instead of the wall clock"),
+        DeclareLaunchArgument(
+            "log_level", default_value="info",
+            description="the node's log level: debug, info, warn, error or fatal"),
         OpaqueFunction(function=_ego_node),
     ])
 
@@ -49,14 +60,17 @@ def generate_launch_description() -> LaunchDescription:
 def _ego_node(context):
     """The node action, built once the arguments are known, so that empty ones can be left out."""
     value = {name: LaunchConfiguration(name).perform(context)
-             for name in ("model", "camera_topics", "memory_dir", "params_file", "namespace", "autostart")}
-    overrides = parameter_overrides(value["model"], value["camera_topics"], value["memory_dir"], value["autostart"])
+             for name in ("model", "camera_topics", "memory_dir", "params_file", "namespace", "autostart",
+                          "use_sim_time", "log_level")}
+    overrides = parameter_overrides(value["model"], value["camera_topics"], value["memory_dir"], value["autostart"],
+                                    value["use_sim_time"])
     return [LifecycleNode(
         package="ego_ros",
         executable="ego_node",
         name="ego",
         namespace=value["namespace"],
         parameters=[value["params_file"], overrides],  # the file first: the later source wins
+        ros_arguments=log_arguments(value["log_level"]),
         output="screen",
     )]
 
@@ -64,9 +78,11 @@ def _ego_node(context):
 # --- pure helpers (no launch objects; test/test_launch.py runs them even where launch is not installed) ---------
 
 
-def parameter_overrides(model: str, camera_topics: str, memory_dir: str, autostart: str) -> dict:
+def parameter_overrides(model: str, camera_topics: str, memory_dir: str, autostart: str,
+                        use_sim_time: str = "false") -> dict:
     """The parameters given as launch arguments, typed; empty arguments are left to the params file."""
-    overrides = {"autostart": parse_bool(autostart)}
+    overrides = {"autostart": parse_bool(autostart, "autostart"),
+                 "use_sim_time": parse_bool(use_sim_time, "use_sim_time")}
     if model.strip():
         overrides["model"] = model.strip()
     topics = topic_list(camera_topics)
@@ -90,8 +106,19 @@ def topic_list(text: str) -> list:
     return [topic for topic in topics if topic]
 
 
-def parse_bool(text: str) -> bool:
+def parse_bool(text: str, name: str = "autostart") -> bool:
     value = text.strip().lower()
     if value not in ("true", "false"):
-        raise ValueError(f"autostart must be true or false, not {text!r}")
+        raise ValueError(f"{name} must be true or false, not {text!r}")
     return value == "true"
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
+
+
+def log_arguments(level: str) -> list:
+    """``--log-level LEVEL`` for the node's ROS arguments; an unknown level is refused here, not by the node."""
+    value = level.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    return ["--log-level", value]

@@ -5,7 +5,7 @@ Three levels, each saying what it proves:
 
 1. Static, everywhere: the launch file read with ``ast`` (imports only launch/launch_ros and the standard library;
    starts package ego_ros's executable ego_node as a lifecycle node named ego; refers to the shipped ego.yaml;
-   declares exactly the six arguments), scripts/ego_node exists and is executable, and config/ego.yaml holds
+   declares exactly its eight arguments), scripts/ego_node exists and is executable, and config/ego.yaml holds
    every parameter the node declares (``ego_ros.ros.node.PARAMETERS``) with a comment, the right type and the
    node's default.
 2. Real, everywhere: config/ego.yaml read by rcl's own YAML parser through rclpy (``--params-file``) into a node
@@ -32,7 +32,8 @@ yaml = pytest.importorskip("yaml", reason="PyYAML (a dependency of rclpy) is nee
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "ego.launch.py"
 CONFIG = ROOT / "config" / "ego.yaml"
-ARGUMENTS = {"model", "camera_topics", "memory_dir", "params_file", "namespace", "autostart"}
+ARGUMENTS = {"model", "camera_topics", "memory_dir", "params_file", "namespace", "autostart", "use_sim_time",
+             "log_level"}
 # Values a deployment sets, so the shipped file may differ from the node's defaults there.
 DEPLOYMENT_SETTINGS = {"model", "camera_topics"}
 
@@ -114,6 +115,8 @@ def test_launch_file_declares_exactly_its_arguments(tree):
     assert set(declared) == ARGUMENTS
     assert all("description" in given for given in declared.values())
     assert declared["autostart"]["default_value"].value == "true"
+    assert declared["use_sim_time"]["default_value"].value == "false"
+    assert declared["log_level"]["default_value"].value == "info"
     for name in ("model", "camera_topics", "memory_dir", "namespace"):
         assert declared[name]["default_value"].value == "", f"{name}: empty by default (keeps the file's value)"
 
@@ -185,11 +188,47 @@ def test_rcl_reads_the_config_into_a_namespaced_ego_node(monkeypatch):
         rclpy.shutdown(context=context)
 
 
+def test_relative_camera_topics_move_with_the_namespace(tiny_model_dir, tmp_path):
+    """The real node, started as the launch file starts it (the shipped file, then use_sim_time as an override) in
+    the namespace robot1, subscribes to /robot1/camera/image_raw: namespace:=robot1 moves the camera with it."""
+    pytest.importorskip("rclpy")
+    from rcl_interfaces.srv import GetParameters
+
+    from ego_ros.testing.rosgraph import Client, NodeProcess, free_domain, wait_for
+
+    assert shipped_parameters()["camera_topics"] == ["camera/image_raw"], "relative, so that a namespace moves it"
+    domain = free_domain()
+    node = NodeProcess(domain, tmp_path / "node.log", namespace="/robot1", params_file=CONFIG,
+                       model=str(tiny_model_dir), memory_dir=str(tmp_path / "memory"), max_image_pixels=224 * 224,
+                       autostart=True, use_sim_time=True).start()
+    client = Client(domain, name="namespace_probe")
+    try:
+        def subscribed():
+            try:
+                topics = dict(client.node.get_subscriber_names_and_types_by_node("ego", "/robot1"))
+            except Exception:  # noqa: BLE001 - the node is not discovered yet
+                return None
+            return topics if "/robot1/camera/image_raw" in topics else None
+
+        topics = wait_for(subscribed, 90, "the ego node's camera subscription in /robot1")
+        assert topics["/robot1/camera/image_raw"] == ["sensor_msgs/msg/Image"]
+        assert "/camera/image_raw" not in topics
+        values = client.call(GetParameters, "/robot1/ego/get_parameters",
+                             GetParameters.Request(names=["use_sim_time", "camera_topics"])).values
+        assert values[0].bool_value is True
+        assert list(values[1].string_array_value) == ["camera/image_raw"]
+    finally:
+        client.close()
+        node.stop()
+    assert "Traceback" not in node.output(), node.output()[-2000:]
+
+
 @pytest.fixture(scope="module")
 def helpers(tree) -> dict:
     """The launch file's pure functions, compiled from its source without its launch imports."""
     functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)
-                 and n.name in ("parameter_overrides", "topic_list", "parse_bool")]
+                 and n.name in ("parameter_overrides", "topic_list", "parse_bool", "log_arguments")
+                 or isinstance(n, ast.Assign) and [t.id for t in n.targets] == ["LOG_LEVELS"]]
     namespace: dict = {}
     exec(compile(ast.Module(body=functions, type_ignores=[]), str(LAUNCH_FILE), "exec"), namespace)
     return namespace
@@ -216,11 +255,21 @@ def test_bad_camera_topics_argument_is_refused(helpers):
 
 def test_only_given_arguments_override_the_params_file(helpers):
     overrides = helpers["parameter_overrides"]
-    assert overrides("", "", "", "true") == {"autostart": True}
-    assert overrides("/models/qwen", "/a,/b", "/data/mem", "false") == {
-        "autostart": False, "model": "/models/qwen", "camera_topics": ["/a", "/b"], "memory_dir": "/data/mem"}
+    assert overrides("", "", "", "true") == {"autostart": True, "use_sim_time": False}
+    assert overrides("/models/qwen", "/a,b", "/data/mem", "false", "true") == {
+        "autostart": False, "use_sim_time": True, "model": "/models/qwen", "camera_topics": ["/a", "b"],
+        "memory_dir": "/data/mem"}
     with pytest.raises(ValueError, match="autostart"):
         overrides("", "", "", "yes")
+    with pytest.raises(ValueError, match="use_sim_time"):
+        overrides("", "", "", "true", "1")
+
+
+def test_log_level_argument_becomes_the_nodes_log_level(helpers):
+    assert helpers["log_arguments"]("info") == ["--log-level", "info"]
+    assert helpers["log_arguments"](" DEBUG ") == ["--log-level", "debug"]
+    with pytest.raises(ValueError, match="log_level must be one of debug, info, warn, error, fatal"):
+        helpers["log_arguments"]("verbose")
 
 
 # --- 3. real launch, where launch_ros is installed -------------------------------------------------------------
@@ -273,13 +322,22 @@ def test_launch_resolves_the_node_with_overrides(launch_module):
     assert (node.node_package, node.node_executable, node.node_name) == ("ego_ros", "ego_node", "/robot1/ego")
     assert files[0][0] == str(CONFIG), "the params file comes first, so the arguments override it"
     expected = dict(shipped_parameters(), model="/models/qwen", camera_topics=["/a", "/b/compressed"],
-                    autostart=True)
+                    autostart=True, use_sim_time=False)
     assert parameters == expected
 
 
 def test_launch_without_arguments_keeps_the_files_values(launch_module):
     _, _, parameters = resolved_node(launch_module, params_file=str(CONFIG))
-    assert parameters == dict(shipped_parameters(), autostart=True)
+    assert parameters == dict(shipped_parameters(), autostart=True, use_sim_time=False)
+
+
+def test_launch_passes_use_sim_time_and_the_log_level(launch_module):
+    node, _, parameters = resolved_node(launch_module, params_file=str(CONFIG), use_sim_time="true",
+                                        log_level="debug")
+    assert parameters["use_sim_time"] is True
+    # The command line's literal parts (the executable's path is looked up only when it starts).
+    command = ["".join(getattr(s, "text", "?") for s in part) for part in node.cmd]
+    assert "--log-level" in command and command[command.index("--log-level") + 1] == "debug", command
 
 
 def test_launch_default_params_file_is_the_installed_one(launch_module):

@@ -458,7 +458,7 @@ def test_node_command_runs_the_real_node_with_the_params_file_and_overrides(serv
         process.send_signal(signal.SIGINT)
         result = finish(process, timeout=15.0)
     assert values[0].string_value == "/models/m"  # --model beats the file's
-    assert list(values[1].string_array_value) == [CAMERA]  # from config/ego.yaml
+    assert list(values[1].string_array_value) == ["camera/image_raw"]  # from config/ego.yaml (relative)
     assert values[2].bool_value is False  # --no-autostart
     assert values[3].double_value == pytest.approx(0.7)  # --ros-args -p
     assert values[4].double_value == pytest.approx(2.0)  # the file's

@@ -36,7 +36,7 @@ Examples::
     ego-ros node --params-file config/ego.yaml       # the node, here (on a distro: ros2 launch ego_ros ego.launch.py)
     ego-ros register "my mug" --camera               # views from the node's camera buffer (--views N --window SEC)
     ego-ros ask "Where is my mug?"                   # the latest frame; or --video SEC, --image FILE; Ctrl-C cancels
-    ego-ros recognize --camera /camera/image_raw
+    ego-ros recognize --camera camera/image_raw      # a camera as named in the node's camera_topics
     ego-ros list
     ego-ros watch                                    # recognition events, one line each, until Ctrl-C
 
