@@ -248,8 +248,8 @@ def made_up(engine, **changes) -> calib.Calibration:
     return result
 
 
-def test_saved_calibration_is_used_by_later_loads_of_the_same_model_only(engine, tiny_model_dir, other_model_dir,
-                                                                          tmp_path):
+def test_saved_calibration_is_used_by_later_loads_of_the_same_model_only(
+        engine, tiny_model_dir, other_model_dir, tmp_path):
     result = made_up(engine)
     path = engine.save_calibration(result)
     assert path == tmp_path / "calibration" / f"{engine.fingerprint}.json"

@@ -83,7 +83,7 @@ def test_the_pip_requirements_allow_a_distro_numpy_1():
 
 @pytest.fixture(scope="module")
 def distro_numpy(tmp_path_factory):
-    """numpy 1.26.4 (Ubuntu 24.04's python3-numpy) installed into a folder, for Python 3.11 and 3.12."""
+    """Install numpy 1.26.4 (Ubuntu 24.04's python3-numpy) into a folder, for a given Python (3.11 or 3.12)."""
     def install(python: str, folder: Path) -> Path:
         done = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                                "--target", str(folder), "numpy==1.26.4"], capture_output=True, text=True,

@@ -28,7 +28,7 @@ NOT_YET = {
 
 
 def sources() -> list[Path]:
-    patterns = ["ego_ros/**/*.py", "test/*.py", "bench/*.py", "launch/*.py", "scripts/*", "config/*.yaml",
+    patterns = ["ego_ros/**/*.py", "test/**/*.py", "bench/*.py", "launch/*.py", "scripts/*", "config/*.yaml",
                 "setup.py", "CMakeLists.txt", ".ci/run"]
     return sorted({path for pattern in patterns for path in REPO.glob(pattern) if path.is_file()
                    and "__pycache__" not in path.parts})

@@ -185,6 +185,7 @@ def test_batched_recognition_equals_one_prompt_at_a_time(tiny_model_dir, tmp_pat
 def test_generation_never_emits_the_placeholder(ego, make_view):
     ego.register("mug", [make_view(13)])
     placeholder = ego.backend.placeholder_id
+
     # Make the placeholder the model's favourite next token: only the suppression keeps it out of the answer.
     def favour_placeholder(module, args, logits):
         logits[..., placeholder] += 1000.0
