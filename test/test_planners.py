@@ -44,7 +44,7 @@ def graph(tiny_model_dir, tmp_path_factory):
         commander.list_concepts().result(180.0)  # the node is up and active
         registered = wait_for(lambda: _try_register(commander), 60, "a registration from the camera buffer")
         assert registered.name == "Rex"
-        yield node, commander
+        yield node, commander, domain
     finally:
         commander.close()
         camera.stop()
@@ -66,7 +66,7 @@ def _try_register(commander):
 
 
 def test_requests_start_at_once_run_side_by_side_and_reuse_the_clients(graph):
-    _, commander = graph
+    _, commander, _ = graph
     clients = len(list(commander.ros_node.clients))
     assert clients == 5, "one client per service, made once"
     for _ in range(2):
@@ -87,7 +87,7 @@ def test_requests_start_at_once_run_side_by_side_and_reuse_the_clients(graph):
 
 
 def test_ask_streams_feedback_and_is_cancelled_on_the_node(graph):
-    _, commander = graph
+    _, commander, _ = graph
     seen = []
     task = commander.ask("Tell a long story.", camera=CAMERA, max_new_tokens=2000, on_feedback=seen.append)
     wait_for(lambda: task.feedback is not None, 60, "the first feedback")
@@ -103,7 +103,7 @@ def test_ask_streams_feedback_and_is_cancelled_on_the_node(graph):
 
 
 def test_tasks_can_be_awaited_from_asyncio(graph):
-    _, commander = graph
+    _, commander, _ = graph
 
     async def plan():
         concepts, scores = await asyncio.gather(commander.list_concepts(), commander.recognize(camera=CAMERA))
@@ -114,7 +114,7 @@ def test_tasks_can_be_awaited_from_asyncio(graph):
 
 
 def test_wait_for_concept_completes_on_a_recognition_event_or_times_out(graph):
-    _, commander = graph
+    _, commander, _ = graph
     score, event = commander.wait_for_concept("Rex", camera=CAMERA, timeout=60.0).result(70.0)
     assert event.camera == CAMERA and 0.0 <= score <= 1.0 and "Rex" in {d.name for d in event.detections}
     started = time.monotonic()
@@ -140,11 +140,23 @@ def test_no_node_fails_the_task_after_the_timeout_without_blocking_the_caller(gr
         assert 0.9 < time.monotonic() - started < 5.0
 
 
+def test_the_blocking_client_reuses_its_clients_too(graph, monkeypatch):
+    from ego_ros.ros.client import EgoClient
+
+    _, _, domain = graph
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    with EgoClient("/ego", timeout=30.0) as client:
+        for _ in range(3):
+            assert [c.name for c in client.list()] == ["Rex"]
+            assert set(client.recognize(camera=CAMERA)) == {"Rex"}
+        assert len(list(client._ros.clients)) == 2, "one client per service used, not one per call"
+
+
 # --- py_trees behaviours ----------------------------------------------------------------------------------------
 
 
 def test_example_tree_waits_for_the_concept_then_asks(graph):
-    _, commander = graph
+    _, commander, _ = graph
     py_trees.blackboard.Blackboard.clear()
     root = example_tree(commander, "Rex", timeout=60.0, camera=CAMERA)
     assert [type(child) for child in root.children] == [WaitForConcept, AskQuestion]
@@ -154,7 +166,7 @@ def test_example_tree_waits_for_the_concept_then_asks(graph):
 
 
 def test_behaviours_fail_with_the_reason_and_cancel_when_interrupted(graph):
-    _, commander = graph
+    _, commander, _ = graph
     waiting = WaitForConcept("see nobody", commander, "nobody", timeout=1.0)
     assert run(waiting, period=0.05, limit=30.0) == Status.FAILURE
     assert "was not recognised" in waiting.feedback_message
@@ -206,7 +218,7 @@ def test_tools_match_the_generated_message_classes():
 
 
 def test_tool_calls_run_on_the_node(graph):
-    _, commander = graph
+    _, commander, _ = graph
     listed = tools.call_tool(commander, "list_concepts", "{}", timeout=30.0)
     assert [c["name"] for c in listed["concepts"]] == ["Rex"] and listed["concepts"][0]["num_views"] >= 1
     recognized = tools.call_tool(commander, "recognize", {"camera": CAMERA, "concepts": ["Rex"]}, timeout=60.0)

@@ -204,12 +204,8 @@ class EgoClient:
         from ego_ros.srv import ListConcepts
 
         # The node's presence, as for every other command: its list_concepts service.
-        probe = self._ros.create_client(ListConcepts, f"{self.node}/list_concepts")
-        try:
-            if not probe.wait_for_service(timeout_sec=self.timeout):
-                raise self._not_found(f"{self.node}/list_concepts")
-        finally:
-            self._ros.destroy_client(probe)
+        if not self._client(ListConcepts, "list_concepts").wait_for_service(timeout_sec=self.timeout):
+            raise self._not_found(f"{self.node}/list_concepts")
         topic = f"{self.node}/recognitions"
         # Match the publisher's reliability (a reliable subscription gets nothing from a best-effort publisher).
         publishers = self._ros.get_publishers_info_by_topic(topic)
@@ -231,11 +227,16 @@ class EgoClient:
     def _not_found(self, endpoint: str) -> NodeError:
         return absent_error(self._ros, self.node, endpoint, self.timeout)
 
-    def _call(self, srv_type, service: str, request):
-        endpoint = f"{self.node}/{service}"
+    def _client(self, srv_type, service: str):
+        """The client of the node's ``service``, made on first use and kept."""
         client = self._clients.get(service)
         if client is None:
-            client = self._clients[service] = self._ros.create_client(srv_type, endpoint)
+            client = self._clients[service] = self._ros.create_client(srv_type, f"{self.node}/{service}")
+        return client
+
+    def _call(self, srv_type, service: str, request):
+        endpoint = f"{self.node}/{service}"
+        client = self._client(srv_type, service)
         if not client.wait_for_service(timeout_sec=self.timeout):
             raise self._not_found(endpoint)
         future = client.call_async(request)
