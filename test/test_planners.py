@@ -165,6 +165,21 @@ def test_example_tree_waits_for_the_concept_then_asks(graph):
     assert 0.0 <= py_trees.blackboard.Blackboard.get("/score") <= 1.0
 
 
+def test_the_example_tree_runs_from_the_command_line(graph):
+    import os
+    import subprocess
+    import sys
+
+    _, _, domain = graph
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+               PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "ego_ros.ros.behaviours", "--concept", "Rex", "--camera", CAMERA,
+                           "--timeout", "60"], capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "see Rex" in done.stdout and "ask: Where is Rex?" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].strip(), "the answer, last"
+
+
 def test_behaviours_fail_with_the_reason_and_cancel_when_interrupted(graph):
     _, commander, _ = graph
     waiting = WaitForConcept("see nobody", commander, "nobody", timeout=1.0)

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if status != Status.SUCCESS:
             print(f"the tree ended {status.value}", file=sys.stderr)
             return 1
-        print(py_trees.blackboard.Blackboard.get("answer"))
+        print(py_trees.blackboard.Blackboard.get("/answer"))
     return 0
 
 
