@@ -65,6 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ego_ros.evaluation import cli as _evaluation_cli  # `ego-ros eval` (light: its handler imports the rest)
+
 PROG = "ego-ros"
 MODEL_ENV = "EGO_ROS_MODEL"
 RESERVED = ("node", "watch")  # for the ROS side (ego_ros.ros.cli)
@@ -579,6 +581,7 @@ COMMANDS: dict[str, Command] = {
                     cmd_show),
     "calibrate": Command("choose the decoder layers that score tokens, from images with subject masks (§3.4)",
                          _calibrate_arguments, cmd_calibrate),
+    "eval": Command(_evaluation_cli.HELP, _evaluation_cli.arguments, _evaluation_cli.run),
 }
 
 
