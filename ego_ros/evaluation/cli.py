@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from .datasets import load_dataset
     from .report import table
     from .runner import run as run_eval
-    from .runner import runs_for
+    from .runner import check_resumable, runs_for
 
     kind, directory = args.dataset
     if kind not in KINDS:
@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("no model given: pass --model MODEL (a hub id or a model folder) or set EGO_ROS_MODEL")
     data = load_dataset(kind, directory, seed=args.seed)  # a layout error before minutes of loading
     runs_for(args.methods, args.views)
+    check_resumable(args.out, {"seed": args.seed, "threshold": args.threshold, "max_new_tokens": args.max_new_tokens,
+                               "judge": "keyword_judge", "split": data.split()})  # before the model loads
     for file, reason in data.skipped:
         print(f"ego-ros: warning: skipped {file}: {reason}", file=sys.stderr)
 

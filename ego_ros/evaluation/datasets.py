@@ -53,6 +53,7 @@ class Concept:
     name: str
     references: list[Path]  # fixed order: a run with V views uses the first V
     group: str = "single"  # "single", or "multi" for This-Is-My-Img's multi-concept set
+    folder: Path | None = None  # where its reference views are
 
 
 @dataclass
@@ -132,8 +133,8 @@ def load_dataset(kind: str, root, *, seed: int = 0) -> Dataset:
     {"myvlm": _myvlm, "yollava": _yollava, "thisismy": _thisismy, "toy": _toy}[kind](data)
     for name, concept in list(data.concepts.items()):
         if not concept.references:
-            data.skipped.append((data.relative(data.root / name), f"concept {name!r} has no reference views "
-                                 "that decode; left out"))
+            data.skipped.append((data.relative(concept.folder or data.root / name), f"concept {name!r} has no "
+                                 "reference views that decode; left out"))
             del data.concepts[name]
     known = set(data.concepts)
     for test in data.recognition + data.multi:
@@ -164,7 +165,7 @@ def _myvlm(data: Dataset) -> None:
         order = np.random.default_rng([data.seed, zlib.crc32(folder.name.encode())]).permutation(len(images))
         shuffled = [images[i] for i in order]
         references, tests = shuffled[:MAX_REFERENCES], shuffled[MAX_REFERENCES:]
-        data.concepts[folder.name] = Concept(folder.name, references)
+        data.concepts[folder.name] = Concept(folder.name, references, folder=folder)
         data.recognition += [TestImage(p, (folder.name,), folder.name) for p in tests]
         for captions in sorted(folder.glob("*.json")):  # read only to report a broken one: recall needs the name
             try:
@@ -178,7 +179,7 @@ def _yollava(data: Dataset) -> None:
     if not train.is_dir() or not test.is_dir():
         _mismatch(data, "no train/ and test/ folders")
     for folder in _subfolders(train):
-        data.concepts[folder.name] = Concept(folder.name, _images(folder, data))
+        data.concepts[folder.name] = Concept(folder.name, _images(folder, data), folder=folder)
     for folder in _subfolders(test):
         if folder.name not in data.concepts:
             data.skipped.append((data.relative(folder), f"test concept {folder.name!r} has no train/ folder"))
@@ -192,7 +193,7 @@ def _thisismy(data: Dataset) -> None:
     if not (single / "train").is_dir() or not (single / "test").is_dir():
         _mismatch(data, "no Single-concept/train and Single-concept/test folders")
     for folder in _subfolders(single / "train"):
-        data.concepts[folder.name] = Concept(folder.name, _images(folder, data))
+        data.concepts[folder.name] = Concept(folder.name, _images(folder, data), folder=folder)
     for folder in _subfolders(single / "test"):
         if folder.name not in data.concepts:
             data.skipped.append((data.relative(folder), f"test concept {folder.name!r} has no train/ folder"))
@@ -210,7 +211,7 @@ def _thisismy(data: Dataset) -> None:
             data.skipped.append((data.relative(folder), f"multi-concept {folder.name!r} has the name of a "
                                  "single concept; left out"))
             continue
-        data.concepts[folder.name] = Concept(folder.name, _images(folder, data), group="multi")
+        data.concepts[folder.name] = Concept(folder.name, _images(folder, data), "multi", folder)
     for folder in _subfolders(multi / "test"):
         names = tuple(folder.name.split("_and_"))
         unknown = [n for n in names if n not in data.concepts]
@@ -228,7 +229,7 @@ def _toy(data: Dataset) -> None:
     if not references.is_dir() or not test.is_dir() or not truth.is_file():
         _mismatch(data, "no references/, test/ and test.json")
     for folder in _subfolders(references):
-        data.concepts[folder.name] = Concept(folder.name, _images(folder, data))
+        data.concepts[folder.name] = Concept(folder.name, _images(folder, data), folder=folder)
     try:
         present = json.loads(truth.read_text())
         if not isinstance(present, dict):

@@ -66,6 +66,8 @@ def evaluate(model: str, kind: str, directory, out, *, views: Sequence[int] = (1
     data = load_dataset(kind, directory, seed=seed)  # a layout error before minutes of loading
     runs_for(methods, views)
     out = Path(out)
+    check_resumable(out, {"seed": seed, "threshold": threshold, "max_new_tokens": max_new_tokens,
+                          "split": data.split()})
     ego = Ego.load(model, device=device, dtype=dtype, memory_dir=out / "memory", **settings)
     return run(ego, data, out, views=views, methods=methods, tasks=tasks, seed=seed, threshold=threshold,
                max_new_tokens=max_new_tokens, judge=judge, progress=progress)
@@ -92,7 +94,7 @@ def run(ego, data: Dataset, out, *, views: Sequence[int] = (1, 5), methods: Sequ
               "max_new_tokens": max_new_tokens, "views": sorted(set(views)), "methods": list(dict.fromkeys(methods)),
               "runs": [list(r) for r in runs], "tasks": tasks, "judge": getattr(judge, "__name__", "keyword_judge")
               if judge else "keyword_judge", "device": str(ego.device), "split": data.split()}
-    _check_resumable(out, config)
+    check_resumable(out, config)
     (out / "run.json").write_text(json.dumps(config, indent=1) + "\n")
     if ego.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ego.device)
@@ -111,7 +113,10 @@ def run(ego, data: Dataset, out, *, views: Sequence[int] = (1, 5), methods: Sequ
     return report.write(out, config, runs, tasks, intro_seconds, skipped, peak_cuda_bytes=peak)
 
 
-def _check_resumable(out: Path, config: dict) -> None:
+def check_resumable(out, config: dict) -> None:
+    """Refuse to continue a run in ``out`` whose samples were made otherwise (another model, split, seed...).
+    Only the keys ``config`` has are compared: the CLI calls it before loading the model without the model's."""
+    out = Path(out)
     previous = out / "run.json"
     if not previous.is_file() or not (out / SAMPLES).is_file():
         return
@@ -120,15 +125,20 @@ def _check_resumable(out: Path, config: dict) -> None:
     except ValueError as error:
         raise RunMismatch(f"{previous} does not parse ({error}); use another --out or delete it") from None
     differ = [key for key in ("fingerprint", "layers", "max_tokens_per_view", "seed", "threshold",
-                              "max_new_tokens", "judge", "split") if old.get(key) != config[key]]
+                              "max_new_tokens", "judge", "split") if key in config and old.get(key) != config[key]]
     if differ:
         raise RunMismatch(f"{out} holds a run with another {', '.join(differ)}: its samples would not be "
                           "comparable; use another --out (or delete that folder)")
 
 
 def _done(path: Path) -> set:
+    """The keys of the queries already answered. A last line cut short when a run was stopped is removed."""
     keys = set()
     if path.is_file():
+        raw = path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            with open(path, "r+b") as file:
+                file.truncate(raw.rfind(b"\n") + 1)
         for line in path.read_text().splitlines():
             try:
                 keys.add(json.loads(line)["key"])
