@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .methods import METHODS
 from .metrics import recognition_score
 from .tasks import TASKS, VIDEO_NOTE
 
 LABELS = {"ego": "Ego", "none": "no memory (name only)", "keywords": "keywords as text",
           "full": "full reference views", "random": "random 20% of tokens"}
-JUDGE_NOTE = ("open-ended answers (captions) are scored by {judge}: a caption counts when it names every concept "
-              "shown (whole words, any case); no judge model is used. A/B answers count by the option chosen "
-              "(the leading letter, else the one option text named).")
+JUDGE_NOTE = ("open-ended answers (captions) are scored by keyword_judge: a caption counts when it names every "
+              "concept shown (whole words, any case); no judge model is used. A/B answers count by the option "
+              "chosen (the leading letter, else the one option text named).")
+OTHER_JUDGE_NOTE = ("captions are scored by the judge {judge} given to the run (a caption counts when it says True). A/B "
+                    "answers count by the option chosen (the leading letter, else the one option text named).")
+TIMING_NOTE = ("s/sample is the model's time per query (a recognition batch's time shared among its concepts), "
+               "the test image's encoding excluded; introduction time is the whole registration of a concept.")
 
 
 def run_name(run) -> str:
@@ -73,7 +76,8 @@ def write(out: Path, config: dict, runs, tasks, intro_seconds: dict, skipped, *,
             "peak_cuda_memory_bytes": peak_cuda_bytes, "device": config["device"],
         },
         "skipped": [{"file": f, "reason": r} for f, r in skipped],
-        "notes": [JUDGE_NOTE.format(judge=config["judge"]), VIDEO_NOTE],
+        "notes": [JUDGE_NOTE if config["judge"] == "keyword_judge" else OTHER_JUDGE_NOTE.format(judge=config["judge"]),
+                  VIDEO_NOTE, TIMING_NOTE],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     (out / "summary.md").write_text(markdown(summary))
@@ -163,5 +167,3 @@ def chart(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-__all__ = ["summarise", "write", "table", "markdown", "chart", "METHODS"]

@@ -20,7 +20,6 @@ number of views and runs once. The random method's tokens are drawn from (seed, 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -35,7 +34,6 @@ from .datasets import Dataset, load_dataset
 from .methods import METHODS, introduction, stored_concept
 from .tasks import TASKS, chosen_option, context, keyword_judge, vqa_prompt
 
-log = logging.getLogger("ego_ros.evaluation")
 SAMPLES = "samples.jsonl"
 
 

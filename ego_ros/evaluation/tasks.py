@@ -9,6 +9,10 @@
     multi        recognition of each concept an image shows, with its own introduction; the image counts only if
                  every one of them gets a yes
 
+The "none" method gives the name alone: in recognition no introduction at all (the question names the concept), in
+A/B VQA the question alone (it names the concept), in captioning the name in the list of concepts, with nothing
+after it.
+
 Open-ended answers (captions) have no judge model here: a keyword match decides. A judge is any function
 ``judge(answer, names) -> bool`` (True when the answer names them all, correctly); pass it to the runner.
 """
