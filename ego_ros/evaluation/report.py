@@ -17,8 +17,9 @@ LABELS = {"ego": "Ego", "none": "no memory (name only)", "keywords": "keywords a
 JUDGE_NOTE = ("open-ended answers (captions) are scored by keyword_judge: a caption counts when it names every "
               "concept shown (whole words, any case); no judge model is used. A/B answers count by the option "
               "chosen (the leading letter, else the one option text named).")
-OTHER_JUDGE_NOTE = ("captions are scored by the judge {judge} given to the run (a caption counts when it says True). A/B "
-                    "answers count by the option chosen (the leading letter, else the one option text named).")
+OTHER_JUDGE_NOTE = ("captions are scored by the judge {judge} given to the run (a caption counts when it says "
+                    "True). A/B answers count by the option chosen (the leading letter, else the one option text "
+                    "named).")
 TIMING_NOTE = ("s/sample is the model's time per query (a recognition batch's time shared among its concepts), "
                "the test image's encoding excluded; introduction time is the whole registration of a concept.")
 
