@@ -85,6 +85,15 @@ def test_answers_are_matched_to_options_and_names():
                                                             ("random", 5)]
 
 
+def test_the_command_offers_what_the_harness_has():
+    from ego_ros.evaluation import cli
+    from ego_ros.evaluation.methods import METHODS
+    from ego_ros.evaluation.tasks import TASKS
+
+    # kept apart so that `ego-ros --help` does not import torch; they must not drift
+    assert (cli.KINDS, cli.METHOD_NAMES, cli.TASK_NAMES) == (datasets.KINDS, tuple(METHODS), tuple(TASKS))
+
+
 # --- the layouts ------------------------------------------------------------------------------------------------
 
 
@@ -148,15 +157,16 @@ def test_bad_files_are_named_and_left_out(layouts, tmp_path):
 # --- whole runs on the trained toy model ------------------------------------------------------------------------
 
 
-def test_eval_runs_every_method_and_continues_where_it_stopped(toy_model_dir, layouts, tmp_path):
+def test_eval_runs_the_methods_and_continues_where_it_stopped(toy_model_dir, layouts, tmp_path, capsys):
     out = tmp_path / "results"
     command = ["eval", "--model", toy_model_dir, "--dataset", "thisismy", layouts / "thisismy", "--views", "1", "2",
-               "--methods", "ego", "none", "random", "--out", out, "--quiet"]
+               "--methods", "ego", "none", "--out", out, "--quiet"]
     first = ego_ros(*command)
     assert first.returncode == 0, first.stderr
-    assert "| Ego | 1 |" in first.stdout and "| random 20% of tokens | 2 |" in first.stdout
+    assert "| Ego | 1 |" in first.stdout and "| Ego | 2 |" in first.stdout and "| no memory (name only) | – |" \
+        in first.stdout and "random" not in first.stdout
     samples = lines(out / "samples.jsonl")
-    runs = 5  # ego and random at 1 and 2 views, and none once
+    runs = 3  # ego at 1 and 2 views, and none once
     # recognition: 10 test images x 2 concepts; vqa: 1; captioning: 4 positives + 1 pair; multi: 1 pair
     assert len(samples) == runs * (10 * 2 + 1 + 5 + 1)
     assert {s["task"] for s in samples} == {"recognition", "vqa", "captioning", "multi"}
@@ -190,8 +200,11 @@ def test_eval_runs_every_method_and_continues_where_it_stopped(toy_model_dir, la
     assert {p: p.stat().st_mtime_ns for p in (out / "memory").iterdir()} == memory_files
     assert figures(json.loads((out / "summary.json").read_text())) == figures(summary)
 
-    other = ego_ros(*command, "--seed", "7")
-    assert other.returncode == 1 and other.stderr.count("error:") == 1 and "another seed" in other.stderr
+    from ego_ros.cli import main  # refused before the model loads: in this process
+
+    assert main([*map(str, command), "--seed", "7"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "another seed" in error
 
 
 def test_the_harness_asks_what_the_engine_asks(toy_model_dir, layouts, tmp_path):
