@@ -88,7 +88,8 @@ def run(ego, data: Dataset, out, *, views: Sequence[int] = (1, 5), methods: Sequ
         skipped.append((task, f"the {data.kind} data in {data.root} has nothing for this task"))
     tasks = [t for t in tasks if t in supported]
     config = {"model": ego.model_name, "fingerprint": ego.fingerprint, "layers": list(ego.layers),
-              "max_tokens_per_view": ego.config.max_tokens_per_view, "seed": seed, "threshold": threshold,
+              "max_tokens_per_view": ego.config.max_tokens_per_view, "max_image_pixels": ego.config.max_image_pixels,
+              "dtype": str(ego.model.dtype).removeprefix("torch."), "seed": seed, "threshold": threshold,
               "max_new_tokens": max_new_tokens, "views": sorted(set(views)), "methods": list(dict.fromkeys(methods)),
               "runs": [list(r) for r in runs], "tasks": tasks, "judge": getattr(judge, "__name__", "keyword_judge")
               if judge else "keyword_judge", "device": str(ego.device), "split": data.split()}
@@ -122,8 +123,9 @@ def check_resumable(out, config: dict) -> None:
         old = json.loads(previous.read_text())
     except ValueError as error:
         raise RunMismatch(f"{previous} does not parse ({error}); use another --out or delete it") from None
-    differ = [key for key in ("fingerprint", "layers", "max_tokens_per_view", "seed", "threshold",
-                              "max_new_tokens", "judge", "split") if key in config and old.get(key) != config[key]]
+    differ = [key for key in ("fingerprint", "dtype", "layers", "max_tokens_per_view", "max_image_pixels", "seed",
+                              "threshold", "max_new_tokens", "judge", "split")
+              if key in config and old.get(key) != config[key]]
     if differ:
         raise RunMismatch(f"{out} holds a run with another {', '.join(differ)}: its samples would not be "
                           "comparable; use another --out (or delete that folder)")
