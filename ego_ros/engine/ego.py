@@ -438,6 +438,13 @@ class Ego:
                 result[name] = p_yes
         return result
 
+    @torch.no_grad()
+    def complete(self, parts: list, max_new_tokens: int | None = None) -> str:
+        """The greedy answer to one prompt given as parts (text, encoded images, soft tokens), as :meth:`ask`
+        builds it: for the evaluation, which introduces concepts in other ways than by their stored memory."""
+        (answer_ids,) = self._generate(self.backend.build([parts]), max_new_tokens or self.config.max_new_tokens)
+        return self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+
     # --- helpers ----------------------------------------------------------------------------------------------
 
     def _generate(self, batch: Batch, max_new_tokens: int, on_text=None, cancel=None) -> list[list[int]]:

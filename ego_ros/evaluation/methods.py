@@ -11,16 +11,23 @@ in the prompt:
     full       every visual token of each view, as soft tokens (the full reference views; no selection)
     random     a uniform random 20% of each view's visual tokens (the paper's Table 3 ablation)
 
+A concept registered earlier (a resumed evaluation) has no traces; :func:`stored_concept` rebuilds what the
+methods need from its stored memory (each view's kept indices and keywords) and its views encoded again.
+
 Note: "full" puts the views' visual tokens where Ego puts its memory (soft tokens after the name), rather than
 whole images with their vision delimiters, so that it differs from Ego only by the selection.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from ego_ros.engine.backends import EncodedImage
 from ego_ros.engine.ego import ConceptInfo
+from ego_ros.engine.memory import ConceptMemory
 
 METHODS = {
     "ego": "Ego: the tokens its keyword attention kept",
@@ -55,3 +62,26 @@ def introduction(method: str, concept: ConceptInfo, views: int, seed: int = 0) -
             picks.append(t.image.features[torch.from_numpy(chosen)])
         return [torch.cat(picks)]
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+@dataclass
+class StoredView:
+    """What :func:`introduction` reads of a view: the encoded view, the indices Ego kept of it, its keywords."""
+
+    image: EncodedImage
+    selected: torch.Tensor
+    keywords: list[str]
+
+
+def stored_concept(memory: ConceptMemory, encoded: list[EncodedImage]) -> ConceptInfo:
+    """A stored concept as :func:`introduction` takes it, from its memory and its reference views encoded again
+    (in the order they were registered). The views must be the ones the memory was made from."""
+    if len(encoded) != memory.num_views:
+        raise ValueError(f"{memory.name!r} has {memory.num_views} views, {len(encoded)} encoded")
+    views = []
+    for record, image in zip(memory.views, encoded):
+        if tuple(record.grid_thw) != tuple(image.grid_thw):
+            raise ValueError(f"{memory.name!r}: a view encodes to another grid than the stored one "
+                             f"({tuple(image.grid_thw)} vs {tuple(record.grid_thw)}): not the same reference views")
+        views.append(StoredView(image, torch.tensor(record.indices, dtype=torch.long), list(record.keywords)))
+    return ConceptInfo.of(memory, views)
