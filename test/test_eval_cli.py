@@ -60,8 +60,8 @@ def test_the_figures_of_each_task_by_hand():
     others += [sample("ego", 1, "captioning", "Rex", c) for c in (True, False, False, False)]
     others += [sample("ego", 1, "multi", "Rex+Anna", c) for c in (True, False)]
     others += [sample("none", 0, "vqa", "Rex", False), sample("ego", 5, "vqa", "Rex", True)]  # other runs
-    result = summarise(recognition + others, [("ego", 1), ("none", 0)], ["recognition", "vqa", "captioning",
-                                                                          "multi"])
+    result = summarise(recognition + others, [("ego", 1), ("none", 0)],
+                       ["recognition", "vqa", "captioning", "multi"])
     rec = result["ego/1"]["recognition"]
     assert rec["precision"] == pytest.approx((1 / 2 + 1) / 2)  # 0.75
     assert rec["recall"] == pytest.approx((1 / 2 + 1 / 2) / 2)  # 0.5
@@ -82,12 +82,12 @@ def test_answers_are_matched_to_options_and_names():
     assert chosen_option("red or blue", options) is None and chosen_option("purple", options) is None
     assert keyword_judge("Rex and anna on a table.", ["Rex", "Anna"])
     assert not keyword_judge("Rexy on a table.", ["Rex"])  # whole words only
-    assert runs_for(["ego", "none", "random"], [5, 1]) == [("ego", 1), ("ego", 5), ("none", 0), ("random", 1),
-                                                            ("random", 5)]
+    assert runs_for(["ego", "none", "random"], [5, 1]) == [
+        ("ego", 1), ("ego", 5), ("none", 0), ("random", 1), ("random", 5)]
 
 
 def test_the_command_offers_what_the_harness_has():
-    from ego_ros.evaluation import cli
+    from ego_ros.cli import evaluate as cli
     from ego_ros.evaluation.methods import METHODS
     from ego_ros.evaluation.tasks import TASKS
 
@@ -211,7 +211,6 @@ def test_eval_runs_the_methods_and_continues_where_it_stopped(toy_model_dir, lay
 def test_the_harness_asks_what_the_engine_asks(toy_model_dir, layouts, tmp_path):
     """In-process on the Yo'LLaVA layout: Ego's P(yes) is recognize's with the stored memory; a judge is used."""
     from ego_ros.engine import Ego
-    from ego_ros.engine.images import to_rgb
     from ego_ros.evaluation.runner import evaluate
 
     out = tmp_path / "results"

@@ -17,8 +17,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from ego_ros.cli import live, offline
-from ego_ros.evaluation import cli as evaluation_cli  # `ego-ros eval` (light: its handler imports the rest)
+from ego_ros.cli import evaluate, live, offline
 from ego_ros.cli.common import (
     MODEL_ENV, Command, UsageError, add_model_options, add_store_options, percent,
     positive_float, positive_int,
@@ -267,7 +266,7 @@ COMMANDS: dict[str, Command] = {
                     offline.cmd_show),
     "calibrate": Command("choose the decoder layers that score tokens, from images with subject masks (§3.4)",
                          calibrate_arguments, offline.cmd_calibrate),
-    "eval": Command(evaluation_cli.HELP, evaluation_cli.arguments, evaluation_cli.run),
+    "eval": Command(evaluate.HELP, evaluate.arguments, evaluate.run),
     "node": Command("run the ego node in this process (what ros2 launch ego_ros ego.launch.py runs)",
                     node_options, live.cmd_node),
     "watch": Command("print the node's recognition events as they come, until Ctrl-C", watch_arguments,

@@ -39,15 +39,15 @@ def summarise(lines: list[dict], runs, tasks) -> dict:
         if name in wanted and line["task"] in tasks:
             per.setdefault((name, line["task"]), []).append(line)
     for (name, task), group in per.items():
-        entry = {"n": len(group), "seconds_per_sample": sum(l.get("seconds", 0.0) for l in group) / len(group)}
+        entry = {"n": len(group), "seconds_per_sample": sum(q.get("seconds", 0.0) for q in group) / len(group)}
         if task == "recognition":
-            score = recognition_score((l["concept"], l["said_yes"], l["expected"] == "yes") for l in group)
+            score = recognition_score((q["concept"], q["said_yes"], q["expected"] == "yes") for q in group)
             entry.update(precision=score.precision, recall=score.recall, f1=score.f1, accuracy=score.accuracy,
                          per_concept={c: {"precision": k.precision, "recall": k.recall, "tp": k.true_positives,
                                           "fp": k.false_positives, "fn": k.false_negatives, "tn": k.true_negatives}
                                       for c, k in score.per_concept.items()})
         else:
-            share = sum(bool(l["correct"]) for l in group) / len(group)
+            share = sum(bool(q["correct"]) for q in group) / len(group)
             entry.update({"recall" if task == "captioning" else "accuracy": share})
         results[name][task] = entry
     return results
@@ -168,4 +168,3 @@ def chart(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-

@@ -183,8 +183,8 @@ class _Session:
 
     def __init__(self, ego, data, out, runs, concepts, seed, threshold, max_new_tokens, judge, done, skipped):
         self.ego, self.data, self.out, self.runs, self.concepts = ego, data, out, runs, concepts
-        self.threshold, self.max_new_tokens, self.judge, self.done, self.skipped = (threshold, max_new_tokens,
-                                                                                   judge, done, skipped)
+        self.threshold, self.max_new_tokens, self.judge = threshold, max_new_tokens, judge
+        self.done, self.skipped = done, skipped
         self.index = {name: i for i, name in enumerate(data.concepts)}
         self.seed = seed
         self._intros: dict = {}

@@ -51,10 +51,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .datasets import load_dataset
-    from .report import table
-    from .runner import run as run_eval
-    from .runner import check_resumable, runs_for
+    from ego_ros.evaluation.datasets import load_dataset
+    from ego_ros.evaluation.report import table
+    from ego_ros.evaluation.runner import run as run_eval
+    from ego_ros.evaluation.runner import check_resumable, runs_for
 
     kind, directory = args.dataset
     if kind not in KINDS:
