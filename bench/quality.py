@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The method's quality on the trained toy model: layer calibration, localisation, recognition, the §3.5 filter.
+"""The method's quality on the trained toy model: calibration, localisation, recognition, boxes, the §3.5 filter.
 
 Trains the toy model first if ``--model`` is not there yet (about 10 minutes on 2 cores). Prints Markdown tables
 (the README's "Quality on the trained toy model") and writes them with every figure to ``OUT/quality.json``; with
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-images", type=int, default=100)
     parser.add_argument("--localisation-images", type=int, default=100)
     parser.add_argument("--concepts", type=int, default=10, help="personal instances in the recognition test")
+    parser.add_argument("--box-concepts", type=int, default=12, help="personal instances in the box test")
     parser.add_argument("--filter-concepts", type=int, default=24, help="concepts registered for the §3.5 filter")
     parser.add_argument("--figures", type=Path, help="write the pictures into this folder (e.g. docs)")
     args = parser.parse_args(argv)
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
         results["calibration"] = calibrate(ego, args)
         results["localisation"] = localise(ego, args)
         results["recognition"] = recognise(ego, args)
+        results["boxes"] = boxes(ego, args)
         results["filter"] = filter_check(ego, args)
         if args.figures:
             draw_figure(ego, args.figures / "show_my_mug.png")
@@ -125,6 +127,26 @@ def recognise(ego: Ego, args) -> dict:
                                       "accuracy": score.accuracy}
     print(f"\n(introducing a concept from 5 views: {seconds_per_concept:.2f} s on this CPU)")
     return {"runs": table, "seconds_per_concept": seconds_per_concept}
+
+
+def boxes(ego: Ego, args) -> dict:
+    table = {}
+    for views in (1, 5):
+        data = toy.recognition_set(args.box_concepts, seed=5, views=views, positives=6, look_alikes=0)
+        with tqdm(total=len(data.concepts), desc=f"boxes: introducing ({views} views)") as bar:
+            toy.introduce(ego, data, on_concept=lambda done: bar.update(1))
+        table[views] = toy.box_hits(ego, data)
+        for name in data.concepts:
+            ego.forget(name)
+    print(f"\n### Boxes ({args.box_concepts} concepts, each shown in 3 test images as the main subject and 3 small "
+          "among others)\n")
+    print("| memory from | main subject | among others | among others, another concept's memory |")
+    print("|---|---|---|---|")
+    for views, hits in table.items():
+        subject, others, foreign = (100 * hits[role] for role in hits)
+        print(f"| {views} view{'s' if views > 1 else ''} | {subject:.0f}% | {others:.0f}% | {foreign:.0f}% |")
+    print("\n(share of boxes with IoU >= 0.5 against the instance's true box)")
+    return {str(views): hits for views, hits in table.items()}
 
 
 def filter_check(ego: Ego, args) -> dict:

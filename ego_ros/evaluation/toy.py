@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The method measured on the toy world: localisation, recognition of personal instances, and the §3.5 filter.
+"""The method measured on the toy world: localisation, recognition of personal instances, the §3.5 filter, boxes.
 
 All three need a model that has learned to see (the trained toy model, ``ego_ros.testing.toy_world``); on a random
 model they measure position bias. ``bench/quality.py`` prints them; ``test/test_quality.py`` holds their orderings.
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ego_ros.engine.boxes import concept_box
 from ego_ros.engine.calibration import subject_tokens
 from ego_ros.engine.images import to_rgb
 from ego_ros.engine.scoring import select_tokens, tokens_to_keep
@@ -141,3 +142,38 @@ def filter_recall(ego, data: RecognitionSet, question: str = "What is in this im
         chosen = set(ego.concepts_for(question, [encoded]))
         hits += [name in chosen for name in present]
     return float(np.mean(hits))
+
+
+# --- boxes: where a recognised concept is -------------------------------------------------------------------------
+
+
+def box_hits(ego, data: RecognitionSet) -> dict[str, float]:
+    """Share of boxes with IoU >= 0.5 against the instance's true box, over ``data``'s test images that show it.
+
+    ``ego`` must hold every concept of ``data`` (``introduce``). "main subject" and "among others" split the images
+    by how the instance appears; "among others, another memory" boxes a small instance with the next concept's
+    memory: what a box gets that the concept itself does not lead (there, the main subject is something else).
+    """
+    names = list(data.concepts)
+    memories = [ego.store.get(name).vectors for name in names]
+    hits: dict[str, list[bool]] = {"main subject": [], "among others": [], "among others, another memory": []}
+    for scene in data.tests:
+        shown = [(i, placed) for i, name in enumerate(names) for placed in scene.objects
+                 if placed.instance == data.concepts[name]]
+        if not shown:
+            continue
+        (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
+        for i, placed in shown:
+            role = "main subject" if placed is scene.subject else "among others"
+            hits[role].append(iou(concept_box(encoded, memories[i], scene.image.size), placed.box) >= 0.5)
+            if role == "among others":
+                other = concept_box(encoded, memories[(i + 1) % len(names)], scene.image.size)
+                hits["among others, another memory"].append(iou(other, placed.box) >= 0.5)
+    return {role: float(np.mean(values)) for role, values in hits.items()}
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes, x1 and y1 exclusive."""
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
