@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The method's quality on the trained toy model: calibration, localisation, recognition, boxes, the §3.5 filter.
+"""The method's quality on the trained toy model: calibration, localisation, recognition, boxes, regions, §3.5.
 
 Trains the toy model first if ``--model`` is not there yet (about 10 minutes on 2 cores). Prints Markdown tables
 (the README's "Quality on the trained toy model") and writes them with every figure to ``OUT/quality.json``; with
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--localisation-images", type=int, default=100)
     parser.add_argument("--concepts", type=int, default=10, help="personal instances in the recognition test")
     parser.add_argument("--box-concepts", type=int, default=12, help="personal instances in the box test")
+    parser.add_argument("--region-concepts", type=int, default=30, help="instances registered from a box")
     parser.add_argument("--filter-concepts", type=int, default=24, help="concepts registered for the §3.5 filter")
     parser.add_argument("--figures", type=Path, help="write the pictures into this folder (e.g. docs)")
     args = parser.parse_args(argv)
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
         results["localisation"] = localise(ego, args)
         results["recognition"] = recognise(ego, args)
         results["boxes"] = boxes(ego, args)
+        results["regions"] = regions(ego, args)
         results["filter"] = filter_check(ego, args)
         if args.figures:
             draw_figure(ego, args.figures / "show_my_mug.png")
@@ -147,6 +149,21 @@ def boxes(ego: Ego, args) -> dict:
         print(f"| {views} view{'s' if views > 1 else ''} | {subject:.0f}% | {others:.0f}% | {foreign:.0f}% |")
     print("\n(share of boxes with IoU >= 0.5 against the instance's true box)")
     return {str(views): hits for views, hits in table.items()}
+
+
+def regions(ego: Ego, args) -> dict:
+    with tqdm(total=1, desc="registering from boxes") as bar:
+        table = toy.region_registration(ego, args.region_concepts, seed=7)
+        bar.update(1)
+    print(f"\n### Registering from a box ({args.region_concepts} instances, each small beside another object that is "
+          "the main subject of the view)\n")
+    print("| way | kept tokens on the instance | later boxes: main subject | later boxes: among others |")
+    print("|---|---|---|---|")
+    for way, row in table.items():
+        print(f"| {way} | {100 * row['on the instance']:.0f}% | {100 * row['main subject']:.0f}% | "
+              f"{100 * row['among others']:.0f}% |")
+    print("\n(later boxes: IoU >= 0.5 in new scenes, boxed with the memory so made)")
+    return table
 
 
 def filter_check(ego: Ego, args) -> dict:

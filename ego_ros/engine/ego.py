@@ -24,15 +24,17 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+from PIL import Image
 
 from . import prompts
 from .backends import Batch, EncodedImage, backend_for
 from . import calibration as calib
 from .config import EgoConfig, default_calibration_dir, default_memory_dir
 from .figure import remove_views, save_views
-from .images import ImageInput, to_rgb
+from .images import MAX_DECODE_PIXELS, ImageInput, downscale, to_rgb
 from .loading import fingerprint, load_model
 from .memory import ConceptExists, ConceptMemory, MemoryStore, ViewRecord, validate_name
+from .regions import Box, box_share, check_region, regions_per_view, scaled, tokens_inside
 from .scoring import score_visual_tokens, score_visual_tokens_per_layer, select_tokens, tokens_to_keep
 from .soft_tokens import injected_rows
 
@@ -159,12 +161,18 @@ class Ego:
         *,
         append: bool = False,
         area_percent: float | Sequence[float] | None = None,
+        regions=None,
+        description: str | None = None,
         on_view: Callable[[int, int], None] | None = None,
     ) -> ConceptInfo:
         """Introduce a concept from reference views (paper §3.2); with ``append``, add views to an existing one.
 
         ``area_percent``: the subject's share of each view when the caller knows it (from a mask, or a person
         saying so); it replaces the model's own estimate of alpha. One value for all views or one per view.
+        ``regions``: which object each view is about, a box (x0, y0, x1, y1) in the view's pixels, one for all views
+        or one per view (None: the whole view); only tokens inside it are kept (see ``regions``), and alpha is its
+        share of the view unless ``area_percent`` says otherwise. ``description``: the user's words for the object
+        ("the blue mug with the star"), scored as the keywords instead of the model's own description.
         ``on_view(done, total)`` is called after each view, for progress.
         """
         name = self._check_text(validate_name(name), "name")
@@ -176,10 +184,14 @@ class Ego:
         if existing is not None and not append:
             raise ConceptExists(f"concept {name!r} already exists; use append to add views or forget it first")
         areas = self._areas(area_percent, len(views))
-        images = [to_rgb(view, self.config.max_image_pixels) for view in views]  # all checked before any work
+        if description is not None:
+            description = self._check_text(description, "description").strip() or None
+        images, boxes = self._views(views, regions_per_view(regions, len(views)))  # all checked before any work
+        areas = [box_share(box, image.size) if given is None and box is not None else given
+                 for given, box, image in zip(areas, boxes, images)]
         traces = []
-        for image, area in zip(self.backend.encode(images), areas):
-            traces.append(self._introduce_view(image, area))
+        for image, area, box in zip(self.backend.encode(images), areas, boxes):
+            traces.append(self._introduce_view(image, area, description, box))
             if on_view is not None:
                 on_view(len(traces), len(images))
 
@@ -208,9 +220,27 @@ class Ego:
         return ConceptInfo.of(memory, traces)
 
     @torch.no_grad()
-    def _introduce_view(self, image: EncodedImage, given_area: float | None = None) -> ViewTrace:
-        # 1. Keywords and (unless the caller knows it) the area, in one batched greedy generation.
-        keyword_ids, area_ids = self._describe(image, ask_area=given_area is None)
+    def _views(self, views, regions) -> tuple[list[Image.Image], list[Box | None]]:
+        """The images the model is shown for ``views``, and each one's region in the pixels it is shown with."""
+        images, boxes = [], []
+        for view, region in zip(views, regions):
+            if region is None:
+                images.append(to_rgb(view, self.config.max_image_pixels))
+                boxes.append(None)
+                continue
+            full = to_rgb(view, MAX_DECODE_PIXELS)  # the box is in the view's own pixels, before any shrinking
+            shown = downscale(full, self.config.max_image_pixels)
+            images.append(shown)
+            boxes.append(scaled(check_region(region, full.size), full.size, shown.size))
+        return images, boxes
+
+    def _introduce_view(self, image: EncodedImage, given_area: float | None = None, description: str | None = None,
+                        region: Box | None = None) -> ViewTrace:
+        # 1. Keywords (the user's description when there is one) and, unless the caller knows it, the area, in one
+        #    batched greedy generation.
+        keyword_ids, area_ids = self._describe(image, ask_area=given_area is None, keywords=description is None)
+        if description is not None:
+            keyword_ids = self.tokenizer(description, add_special_tokens=False)["input_ids"]
         if given_area is None:
             area_answer = self.tokenizer.decode(area_ids, skip_special_tokens=True)
             area_percent, area_parsed = parse_area(area_answer, self.config.fallback_area_percent)
@@ -225,24 +255,32 @@ class Ego:
         batch, keyword_positions, visual_positions = self._teacher_forced(image, keyword_ids, word_rows)
         scores = score_visual_tokens(self.model, self.backend, batch, keyword_positions, visual_positions, self.layers)
 
-        # 4. Keep the top K_c tokens in raster order.
+        # 4. Keep the top K_c tokens in raster order (of those inside the region, when there is one).
         k = tokens_to_keep(self.config.max_tokens_per_view, area_percent, image.num_tokens,
                            self.config.min_tokens_per_view)
+        ranked = scores
+        if region is not None:
+            inside = tokens_inside(region, image.grid_thw, image.size).to(scores.device)
+            ranked = scores.masked_fill(~inside, float("-inf"))
+            k = min(k, int(inside.sum()))
         return ViewTrace(
             model_inputs={**batch.model_inputs(), "pixel_values": batch.pixel_values},
             keyword_positions=keyword_positions, visual_positions=visual_positions, layers=list(self.layers),
-            scores=scores, selected=select_tokens(scores, k), keywords=keywords, keywords_fallback=fallback,
+            scores=scores, selected=select_tokens(ranked, k), keywords=keywords, keywords_fallback=fallback,
             area_answer=area_answer, area_percent=area_percent, area_parsed=area_parsed, image=image,
         )
 
-    def _describe(self, image: EncodedImage, *, ask_area: bool) -> tuple[list[int], list[int] | None]:
-        """The model's keywords for the main subject of ``image`` (token ids, greedy) and, with ``ask_area``, its
-        answer to the area question, in one batched generation."""
-        questions = [[image, prompts.KEYWORDS]] + ([[image, prompts.AREA]] if ask_area else [])
+    def _describe(self, image: EncodedImage, *, ask_area: bool,
+                  keywords: bool = True) -> tuple[list[int] | None, list[int] | None]:
+        """The model's keywords for the main subject of ``image`` (token ids, greedy; with ``keywords``) and, with
+        ``ask_area``, its answer to the area question, in one batched generation."""
+        questions = ([[image, prompts.KEYWORDS]] if keywords else []) + ([[image, prompts.AREA]] if ask_area else [])
+        if not questions:
+            return None, None
         answers = self._generate(self.backend.build(questions),
                                  max(self.config.keyword_max_new_tokens, self.config.area_max_new_tokens))
-        keyword_ids = answers[0][: self.config.keyword_max_new_tokens]
-        return keyword_ids, (answers[1][: self.config.area_max_new_tokens] if ask_area else None)
+        keyword_ids = answers.pop(0)[: self.config.keyword_max_new_tokens] if keywords else None
+        return keyword_ids, (answers[0][: self.config.area_max_new_tokens] if ask_area else None)
 
     def _keyword_rows(self, keyword_ids: list[int]) -> tuple[list[int], list[int], bool]:
         """(the response to teacher-force, the indices of its word tokens, whether it is the fallback).

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The method measured on the toy world: localisation, recognition of personal instances, the §3.5 filter, boxes.
+"""The method measured on the toy world: localisation, recognition of personal instances, the §3.5 filter, boxes,
+and registering from a box on a cluttered view.
 
 All three need a model that has learned to see (the trained toy model, ``ego_ros.testing.toy_world``); on a random
 model they measure position bias. ``bench/quality.py`` prints them; ``test/test_quality.py`` holds their orderings.
@@ -177,3 +178,70 @@ def iou(a, b) -> float:
     inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+# --- registering from a box on a cluttered view -------------------------------------------------------------------
+
+REGION_WAYS = ("whole view", "inside the box", "crop")
+CROP_CONTEXT = 0.5  # the crop way: this share of the box's width (height) added on each side
+
+
+def region_registration(ego, count: int, seed: int, later: int = 4) -> dict[str, dict[str, float]]:
+    """How well a concept is registered from one view where it is small beside another object, given its box.
+
+    Per way of confining (``REGION_WAYS``): no box; the engine's ``register(regions=...)``, which ranks only the
+    tokens inside the box; a crop around the box with context, enlarged to the view's size, alpha the box's share
+    of it. Reports the share of kept tokens on the instance ("on the instance"), and the share of boxes with IoU
+    >= 0.5 that its memory gives in ``later`` new scenes, half with the instance as the main subject, half small
+    among others.
+    """
+    rng = np.random.default_rng([seed, 0xB0C5])
+    scores: dict[str, dict[str, list]] = {way: {"on the instance": [], "main subject": [], "among others": []}
+                                          for way in REGION_WAYS}
+    for instance in personal_instances(count, seed):
+        view, placed = _shown_among_others(rng, instance)
+        mask = placed.mask
+        memories = {}
+        for way in REGION_WAYS:
+            if way == "crop":
+                image, mask_shown, area = _crop(view.image, mask, placed.box)
+                info = ego.register("probe", [image], area_percent=area)
+            else:
+                mask_shown = mask
+                info = ego.register("probe", [view.image], regions=[placed.box] if way == "inside the box" else None)
+            ego.forget("probe")
+            trace = info.traces[0]
+            kept = trace.selected.numpy()
+            scores[way]["on the instance"].append(float(subject_tokens(mask_shown, trace.image.grid_thw)[kept].mean()))
+            memories[way] = trace.image.features[kept]
+        for j in range(later):
+            scene, shown = (render_scene(rng, instance), None) if j % 2 == 0 else _shown_among_others(rng, instance)
+            shown = shown or scene.subject
+            (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
+            role = "main subject" if shown is scene.subject else "among others"
+            for way, memory in memories.items():
+                scores[way][role].append(iou(concept_box(encoded, memory, scene.image.size), shown.box) >= 0.5)
+    return {way: {what: float(np.mean(v)) for what, v in by.items()} for way, by in scores.items()}
+
+
+def _shown_among_others(rng, instance: Instance):
+    """A scene in which ``instance`` is drawn small beside another object, the main subject; and where it is."""
+    while True:
+        scene = render_scene(rng, None, distractors=[instance, random_instance(rng)])
+        placed = next((o for o in scene.objects if o.instance == instance), None)
+        if placed is not None:
+            return scene, placed
+
+
+def _crop(image: Image.Image, mask: np.ndarray, box) -> tuple[Image.Image, np.ndarray, float]:
+    """The crop around ``box`` with ``CROP_CONTEXT``, enlarged to as many pixels as ``image``; its mask; alpha."""
+    x0, y0, x1, y1 = box
+    margin_x, margin_y = CROP_CONTEXT * (x1 - x0), CROP_CONTEXT * (y1 - y0)
+    window = (max(0, int(x0 - margin_x)), max(0, int(y0 - margin_y)),
+              min(image.width, int(np.ceil(x1 + margin_x))), min(image.height, int(np.ceil(y1 + margin_y))))
+    width, height = window[2] - window[0], window[3] - window[1]
+    scale = (image.width * image.height / (width * height)) ** 0.5
+    size = (round(width * scale), round(height * scale))
+    crop = image.crop(window).resize(size, Image.Resampling.BICUBIC)
+    crop_mask = Image.fromarray(mask.astype(np.uint8) * 255).crop(window).resize(size, Image.Resampling.NEAREST)
+    return crop, np.asarray(crop_mask) > 127, 100.0 * (x1 - x0) * (y1 - y0) / (width * height)
