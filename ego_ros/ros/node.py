@@ -31,7 +31,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import weakref
@@ -789,6 +792,7 @@ def _values(**pairs) -> list[KeyValue]:
 def main(args: list[str] | None = None) -> int:
     # Our own signal handling: rclpy's would shut the context down at once, and callers still waiting would never
     # get an answer (nor would a long generation stop). A second signal exits at once.
+    temp_dir = _own_temp_dir()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
 
@@ -822,7 +826,44 @@ def main(args: list[str] | None = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
+
+
+def _own_temp_dir() -> Path | None:
+    """A temporary folder of this process's own, for libraries that write to the system's one.
+
+    What writes there: Python's tempfile (its writability probe, a random name created and deleted) and torch's
+    inductor cache folder, both from torch._dynamo, which transformers imports on the first generation. With
+    TMPDIR pointing here they stay in ``$XDG_RUNTIME_DIR/ego_ros`` (else ``~/.cache/ego_ros``), removed at exit;
+    folders of processes that were killed are removed at the next start. A TMPDIR set by the user is kept.
+    """
+    if os.environ.get("TMPDIR"):
+        return None
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "ego_ros"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for old in base.glob("tmp-*"):
+            pid = old.name.removeprefix("tmp-")
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        folder = base / f"tmp-{os.getpid()}"
+        folder.mkdir(exist_ok=True)
+    except OSError:
+        return None  # a read-only home: the system's temporary folder it is
+    os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _spin(executor) -> None:
