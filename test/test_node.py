@@ -763,3 +763,38 @@ def test_an_error_in_a_transition_releases_everything(tiny_model_dir, tmp_path):
     finally:
         node.destroy_node()
         rclpy.try_shutdown(context=context)
+
+
+def test_a_camera_frame_the_model_cannot_take_is_refused_on_arrival(graph):
+    node, client, _ = graph
+    narrow = image_to_msg(np.zeros((2000, 3, 3), np.uint8), Image)  # 3x2000: the model's processor refuses it
+    narrow.header.frame_id = "narrow"
+
+    def warned():
+        narrow.header.stamp = client.node.get_clock().now().to_msg()
+        client.publisher(Image, MANUAL_CAMERA).publish(narrow)
+        return "more elongated than the model takes" in node.output()
+
+    wait_for(warned, 30, "the warning about the narrow frame")
+    assert "dropping a frame from /manual/image_raw" in node.output()
+    response = ask(client, "What is here?", camera=MANUAL_CAMERA, max_new_tokens=1)
+    assert not response.success or all(f.frame_id != "narrow" for f in response.frames)
+
+
+def test_a_queued_goal_cancelled_never_starts(graph):
+    _, client, _ = graph
+    action = client.action_client(Answer, "/ego/answer")
+    assert action.wait_for_server(timeout_sec=30)
+    running_feedback, queued_feedback = [], []
+    running = _send(action, Answer.Goal(question="Tell a long story.", camera=CAMERA, max_new_tokens=2000),
+                    running_feedback.append)
+    wait_for(lambda: running_feedback, 60, "the first goal generating")
+    queued = _send(action, Answer.Goal(question="And another.", camera=CAMERA, max_new_tokens=50),
+                   queued_feedback.append)
+    cancel = queued.cancel_goal_async()
+    wait_for(cancel.done, 30, "the queued goal's cancel response")
+    running.cancel_goal_async()
+    result = _result(queued)
+    assert result.status == 5 and queued_feedback == []  # CANCELED before its first token
+    assert "before it started" in result.result.message, result.result.message
+    assert _result(running).status == 5
