@@ -108,7 +108,7 @@ FIELDS = {
     ForgetConcept.Response: {"success": "boolean", "message": "string"},
     Answer.Goal: ASK_FIELDS,
     Answer.Result: ANSWER_FIELDS,
-    Answer.Feedback: {"answer_so_far": "string", "tokens": "uint32"},
+    Answer.Feedback: {"new_text": "string", "answer_so_far": "string", "tokens": "uint32"},
 }
 
 

@@ -153,6 +153,7 @@ def test_action_streams_feedback_and_honours_cancel(graph):
     assert result.result.success and result.result.answer
     texts = [f.feedback.answer_so_far for f in feedback]
     assert len(texts) >= 2 and texts[-1].strip() == result.result.answer
+    assert "".join(f.feedback.new_text for f in feedback) == texts[-1]  # each feedback's new text, in order
     assert [f.feedback.tokens for f in feedback] == list(range(1, len(feedback) + 1))
 
     # A long answer, cancelled after its first feedback; list_concepts answers while it is being generated.

@@ -537,7 +537,7 @@ class EgoNode(LifecycleNode):
 
         return self._serve(request, response, prepare, respond)
 
-    def _ask_job(self, request, on_text=None, cancel=None):
+    def _ask_job(self, request, on_new_text=None, cancel=None):
         """Validate an Ask request (or Answer goal) here and return the job that answers it on the worker."""
         check_request(request)
         question = request.question.strip()
@@ -568,7 +568,7 @@ class EgoNode(LifecycleNode):
             self._cancel_events.add(cancel)  # so that deactivating stops this generation at its next token
             try:
                 answer = self.ego.ask(question, images, concepts=concepts, times=times,
-                                      max_new_tokens=max_new_tokens, on_text=on_text, cancel=cancel)
+                                      max_new_tokens=max_new_tokens, on_new_text=on_new_text, cancel=cancel)
             finally:
                 self._cancel_events.discard(cancel)
             if self._stopping:
@@ -654,16 +654,19 @@ class EgoNode(LifecycleNode):
             cancel.set()
         tokens = 0
 
-        def on_text(text: str) -> None:
-            nonlocal tokens
+        so_far = ""
+
+        def on_new_text(text: str) -> None:
+            nonlocal tokens, so_far
             tokens += 1
-            goal_handle.publish_feedback(Answer.Feedback(answer_so_far=text, tokens=tokens))
+            so_far += text
+            goal_handle.publish_feedback(Answer.Feedback(new_text=text, answer_so_far=so_far, tokens=tokens))
             if goal_handle.is_cancel_requested:
                 cancel.set()
 
         with self._serving():  # until the goal's terminal state is set, so deactivate waits for it
             try:
-                answer, headers = self._run_on_worker(lambda: self._ask_job(goal_handle.request, on_text, cancel),
+                answer, headers = self._run_on_worker(lambda: self._ask_job(goal_handle.request, on_new_text, cancel),
                                                       slot_taken=True)
                 result.success, result.answer = True, answer.text
                 result.concepts_used, result.latency_sec = answer.concepts, float(answer.timings["total"])
