@@ -511,6 +511,20 @@ def test_live_parameters_enable_and_the_last_forget_sends_disappeared(graph):
     wait_for(lambda: any("Rex" in e.disappeared for e in events[count:]), 30, "Rex disappeared")
     (refused,) = set_parameter(client, "buffer_fps", 5.0, node="/ego")
     assert not refused.successful and "configure" in refused.reason
+
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    def set_tokens(value):
+        parameter = Parameter(name="max_new_tokens",
+                              value=ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value))
+        (result,) = client.call(SetParameters, "/ego/set_parameters",
+                                SetParameters.Request(parameters=[parameter])).results
+        assert result.successful, result.reason
+
+    set_tokens(3)  # the default answer length, live
+    assert ask(client, "Where?", camera=CAMERA).message == "3 tokens"
+    set_tokens(8)
     (result,) = set_parameter(client, "recognition_threshold", 0.5, node="/ego")
     assert result.successful
 
