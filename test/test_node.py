@@ -813,3 +813,30 @@ def test_a_queued_goal_cancelled_never_starts(graph):
     assert result.status == 5 and queued_feedback == []  # CANCELED before its first token
     assert "before it started" in result.result.message, result.result.message
     assert _result(running).status == 5
+
+
+def test_compressed_frames_claiming_8000x8000_are_refused_before_decoding(graph):
+    import struct
+    import zlib
+
+    from sensor_msgs.msg import CompressedImage
+
+    node, client, _ = graph
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = zlib.compress(b"\0" * (8000 * 3 + 1) * 64)  # 62 KB-ish of real rows; the rest is missing
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8000, 8000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    before = _proc_status(node)["rss_kb"]
+    publisher = client.publisher(CompressedImage, SILENT_CAMERA)
+    for i in range(5):
+        msg = CompressedImage(format="png", data=png)
+        msg.header.stamp = client.node.get_clock().now().to_msg()
+        publisher.publish(msg)
+        time.sleep(0.6)  # past the buffer's decimation (2 fps): each one is offered for decoding
+    wait_for(lambda: "8000x8000" in node.output(), 10, "the refusal in the log")
+    after = _proc_status(node)["rss_kb"]
+    print(f"five PNGs claiming 8000x8000: RSS {before} kB -> {after} kB")
+    assert after - before < 100_000  # one decode would be 192 MB
