@@ -840,3 +840,21 @@ def test_compressed_frames_claiming_8000x8000_are_refused_before_decoding(graph)
     after = _proc_status(node)["rss_kb"]
     print(f"five PNGs claiming 8000x8000: RSS {before} kB -> {after} kB")
     assert after - before < 100_000  # one decode would be 192 MB
+
+
+def test_a_signal_during_the_model_load_ends_the_process(tiny_model_dir, tmp_path):
+    from ego_ros.engine import Ego
+
+    fingerprint = Ego.load(str(tiny_model_dir), memory_dir=tmp_path / "fingerprint").fingerprint
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    _fifo_concept(memory, fingerprint)  # the load blocks on it, and nobody will ever write to it
+    node = NodeProcess(free_domain(), tmp_path / "node.log", namespace="/kill", model=str(tiny_model_dir),
+                       memory_dir=str(memory), camera_topics=[CAMERA], autostart=True).start()
+    try:
+        wait_for(lambda: "loading" in node.output(), 60, "the load to start")
+        time.sleep(2.0)
+        node.process.send_signal(__import__("signal").SIGINT)
+        assert node.process.wait(timeout=20) == 0
+    finally:
+        node.stop()
