@@ -509,3 +509,16 @@ def test_each_view_keeps_the_layers_it_was_scored_with(tmp_path):
         del view["layers"]
     record_path.write_text(json.dumps(record))
     assert [v.layers for v in MemoryStore(tmp_path, FP, HIDDEN).get("m").views] == [None, None]
+
+
+def test_gc_deletes_stale_temporary_files_of_interrupted_writes(tmp_path):
+    store = MemoryStore(tmp_path, FP, HIDDEN)
+    store.put(make_memory("a"))
+    stale = tmp_path / f".{file_stem('a')}.json.0badc0de.tmp"  # a write killed before its rename
+    fresh = tmp_path / f".{file_stem('a')}.json.12345678.tmp"  # maybe another process's write in progress
+    stale.write_bytes(b"{")
+    fresh.write_bytes(b"{")
+    old = stale.stat().st_mtime - 3600
+    os.utime(stale, (old, old))
+    assert store.gc() == [stale]
+    assert fresh.exists() and not stale.exists() and store.get("a").num_views == 2

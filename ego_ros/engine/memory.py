@@ -39,6 +39,8 @@ import torch
 logger = logging.getLogger("ego_ros.memory")
 
 FORMAT = 1
+# A temporary file of an interrupted write untouched this long is garbage (a write takes well under a second).
+STALE_TMP_SEC = 600.0
 MAX_NAME_LENGTH = 64
 # What the JSON record holds of a memory and of each view; the tensor file holds the rest (vectors, indices, grids).
 _RECORD_FIELDS = ("name", "model", "fingerprint", "layers", "max_tokens_per_view", "created", "updated")
@@ -392,9 +394,19 @@ class MemoryStore:
             _fsync_dir(self.root)
             self._unlink_quietly(self.root / tensor_name)
 
-    def gc(self) -> list[Path]:
-        """Delete tensor files older than the committed revision of a loaded concept (left by crashes)."""
+    def gc(self, stale_tmp_sec: float = STALE_TMP_SEC) -> list[Path]:
+        """Delete what crashes leave behind: tensor files older than the committed revision of a loaded concept,
+        and temporary files of interrupted writes (``.*.tmp``) untouched for ``stale_tmp_sec`` (a younger one
+        may be another process's write in progress)."""
         deleted = []
+        now = time.time()
+        for path in self.root.glob(".*.tmp") if self.root.is_dir() else []:
+            try:
+                if now - path.stat().st_mtime > stale_tmp_sec:
+                    self._unlink_quietly(path)
+                    deleted.append(path)
+            except FileNotFoundError:
+                pass  # its writer renamed or removed it meanwhile
         with self._lock:
             for name, tensor_name in self._tensor_files.items():
                 stem = file_stem(name)
