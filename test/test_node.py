@@ -858,3 +858,60 @@ def test_a_signal_during_the_model_load_ends_the_process(tiny_model_dir, tmp_pat
         assert node.process.wait(timeout=20) == 0
     finally:
         node.stop()
+
+
+def test_a_full_size_camera_reaches_the_node_with_the_shipped_transport_profile(tiny_model_dir, tmp_path):
+    """config/fastdds_large_frames.xml: a 30 Hz 1280x720 rgb8 camera arrives whole (Fast DDS's default transports
+    delivered about 1 frame a second of it). The camera and its observer run in a process of their own with the
+    profile, because Fast DDS reads the profiles file once per process and this one already has participants."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ego_ros.testing.rosgraph import ros_env
+
+    domain = free_domain()
+    profile = str(REPO / "config" / "fastdds_large_frames.xml")
+    camera_code = f"""
+import json, time
+from diagnostic_msgs.msg import DiagnosticArray
+from ego_ros.testing.rosgraph import CameraPublisher, Client
+client = Client({domain}, name="camera")
+diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
+camera = CameraPublisher(client, {CAMERA!r}, 30.0, size=(1280, 720)).start()
+deadline, values = time.monotonic() + 90, None
+while time.monotonic() < deadline:
+    time.sleep(0.5)
+    for message in reversed(list(diagnostics)):
+        found = [{{kv.key: kv.value for kv in s.values}} for s in message.status if s.name.endswith("camera {CAMERA}")]
+        if found:
+            values = found[0]
+            break
+    if values and float(values["span_sec"]) >= 4.0:
+        break
+camera.stop()
+print("VALUES", json.dumps(values), flush=True)
+client.close()
+"""
+    saved = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")
+    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = profile  # read by the node process NodeProcess starts
+    try:
+        node = NodeProcess(domain, tmp_path / "node.log", model=str(tiny_model_dir), memory_dir=str(tmp_path / "m"),
+                           camera_topics=[CAMERA], max_image_pixels=224 * 224, autostart=True).start()
+    finally:
+        if saved is None:
+            os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE")
+        else:
+            os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = saved
+    try:
+        env = {**ros_env(domain), "FASTDDS_DEFAULT_PROFILES_FILE": profile}
+        run = subprocess.run([sys.executable, "-c", camera_code], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=150)
+        line = next((x for x in run.stdout.splitlines() if x.startswith("VALUES ")), "VALUES null")
+        values = json.loads(line.removeprefix("VALUES "))
+        print(f"1280x720 rgb8 at 30 Hz with the profile: {values}")
+        assert values is not None and float(values["span_sec"]) >= 4.0, run.stderr[-2000:]
+        assert float(values["input_rate_hz"]) >= 15.0, values  # about 1.0 without the profile
+    finally:
+        node.stop()
