@@ -247,8 +247,11 @@ class EgoNode(LifecycleNode):
         self._load_error = ""
         for path, reason in ego.store.skipped:
             self.get_logger().warning(f"skipped concept file {path}: {reason}")
-        for path in ego.store.gc():  # older revisions a killed process left behind
-            self.get_logger().info(f"deleted stale concept file {path}")
+        try:
+            for path in ego.store.gc():  # older revisions and temporary files a killed process left behind
+                self.get_logger().info(f"deleted stale concept file {path}")
+        except OSError as error:  # a read-only memory folder still serves its concepts
+            self.get_logger().warning(f"could not clean up the memory folder: {error}")
         self.get_logger().info(
             f"loaded {s.model} on {ego.device} in {time.perf_counter() - started:.1f} s; layers {ego.layers} "
             f"({ego.layers_source}); {len(ego.store)} concepts")
