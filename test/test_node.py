@@ -428,6 +428,7 @@ def test_every_request_of_a_burst_of_16_is_answered_served_or_refused_as_busy(gr
     served = [r for r in responses if r.success]
     busy = [r for r in responses if not r.success]
     assert served and all("busy" in r.message for r in busy), [r.message for r in busy]
+    print(f"burst of 16 asks: {len(served)} served, {len(busy)} refused as busy, 0 unanswered")
 
     action = client.action_client(Answer, "/ego/answer")
     assert action.wait_for_server(timeout_sec=30)
@@ -440,6 +441,7 @@ def test_every_request_of_a_burst_of_16_is_answered_served_or_refused_as_busy(gr
     results = [h.get_result_async() for h in accepted]
     wait_for(lambda: all(f.done() for f in results), 120, "the accepted goals' results")
     assert all(f.result().result.success for f in results), [f.result().result.message for f in results]
+    print(f"burst of 16 goals: {len(accepted)} accepted and succeeded, {16 - len(accepted)} rejected at once")
 
 
 def _publish_frame(client, topic, frame_id, stamp_zero=False):
@@ -769,10 +771,19 @@ def test_an_error_in_a_transition_releases_everything(tiny_model_dir, tmp_path):
 
         success = TransitionCallbackReturn.SUCCESS
         assert node.trigger_configure() == success and node.trigger_activate() == success
+        import gc
+        import weakref
+
         worker = node.worker
         assert node.ego is not None and worker.alive and len(list(node.timers)) == timers + 2
+        ego = node.ego
+        worker.submit(lambda: ego.recognize(np.zeros((64, 64, 3), np.uint8))).result()  # the model has run
+        del ego
+        model = weakref.ref(node.ego.model)
         node.on_error(LifecycleState(state_id=3, label="active"))
         assert node.ego is None and node.worker is None and not worker.alive
+        gc.collect()
+        assert model() is None  # nothing holds the model any more: its memory (and a GPU's) is free
         assert len(list(node.timers)) == timers and node.settings is None and not node.buffers
         assert not any(s.srv_name.endswith("/ask") for s in node.services)
     finally:
