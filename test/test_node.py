@@ -418,8 +418,14 @@ def test_refusals_quote_a_bounded_prefix_of_what_was_sent(graph):
 def test_every_request_of_a_burst_of_16_is_answered_served_or_refused_as_busy(graph):
     from concurrent.futures import ThreadPoolExecutor
 
+    from rclpy.action import ActionClient
+
+    from ego_ros.ros.node import REQUEST_QOS
+
     _, client, _ = graph
-    ask_client = client.node.create_client(Ask, "/ego/ask")
+    # Deep queues on the client's side too: at the default depth of 10 its own reader dropped responses of a
+    # burst that arrived before its executor took them (the node's side is what this test is about).
+    ask_client = client.node.create_client(Ask, "/ego/ask", qos_profile=REQUEST_QOS)
     assert ask_client.wait_for_service(timeout_sec=30)
     futures = [ask_client.call_async(Ask.Request(question=f"Where is it {i}?", camera=CAMERA, max_new_tokens=8))
                for i in range(16)]
@@ -430,7 +436,8 @@ def test_every_request_of_a_burst_of_16_is_answered_served_or_refused_as_busy(gr
     assert served and all("busy" in r.message for r in busy), [r.message for r in busy]
     print(f"burst of 16 asks: {len(served)} served, {len(busy)} refused as busy, 0 unanswered")
 
-    action = client.action_client(Answer, "/ego/answer")
+    action = ActionClient(client.node, Answer, "/ego/answer", goal_service_qos_profile=REQUEST_QOS,
+                          result_service_qos_profile=REQUEST_QOS, cancel_service_qos_profile=REQUEST_QOS)
     assert action.wait_for_server(timeout_sec=30)
     goal = Answer.Goal(question="Describe it.", camera=CAMERA, max_new_tokens=8)
     sent = [action.send_goal_async(goal) for _ in range(16)]
