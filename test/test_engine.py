@@ -18,6 +18,7 @@ from PIL import Image
 
 from ego_ros.engine import (ConceptExists, Ego, InvalidImage, InvalidName, ModelLoadError, UnknownConcept)
 from conftest import TEST_MAX_PIXELS
+from ego_ros.engine.scoring import tokens_to_keep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,7 +177,10 @@ def test_no_views_is_refused(ego):
 def test_unusual_but_valid_images_register(ego, view):
     info = ego.register("thing", [view])
     visual_tokens = info.traces[0].image.num_tokens  # a 1-pixel view becomes one 28x28 patch: one token
-    assert info.num_tokens == min(visual_tokens, ego.config.max_tokens_per_view)  # fallback alpha 100%
+    # K_c from the area the (random) model answered, or the 100 % fallback when its answer holds no number
+    expected = tokens_to_keep(ego.config.max_tokens_per_view, info.area_percent, visual_tokens,
+                              ego.config.min_tokens_per_view)
+    assert info.num_tokens == expected
     assert np.isfinite(ego.store.get("thing").vectors.numpy()).all()
 
 
@@ -314,7 +318,9 @@ def test_append_with_a_smaller_k_keeps_the_older_views(tiny_model_dir, tmp_path,
     small = Ego.load(str(tiny_model_dir), memory_dir=tmp_path, max_image_pixels=TEST_MAX_PIXELS, max_tokens_per_view=8)
     info = small.register("mug", [make_view(2)], append=True)
     memory = small.store.get("mug")
-    assert [len(v.indices) for v in memory.views] == [32, 8] and info.num_tokens == 40
+    kept = [tokens_to_keep(k, v.area_percent, v.num_visual_tokens, small.config.min_tokens_per_view)
+            for k, v in zip([32, 8], memory.views)]  # each view's K_c under the K it was registered with
+    assert [len(v.indices) for v in memory.views] == kept and info.num_tokens == sum(kept)
     assert memory.max_tokens_per_view == 32
 
 
@@ -332,3 +338,95 @@ def test_chat_template_beside_the_processor_is_used(tiny_model_dir, tmp_path, ma
     ego = Ego.load(str(folder), memory_dir=tmp_path / "memory", max_image_pixels=TEST_MAX_PIXELS)
     assert ego.tokenizer.chat_template == template
     assert ego.ask("What is this?", make_view(1), max_new_tokens=2).new_tokens == 2
+
+
+# --- a forget on another thread, appends, the area answer, names in questions, streaming -----------------------
+
+
+def test_an_append_does_not_resurrect_a_concept_forgotten_meanwhile(ego, make_view):
+    from ego_ros.engine.memory import ConceptChanged
+
+    ego.register("Rex", [make_view(1)])
+    # on_view runs between the views' work and the commit: the forget lands exactly where a worker race would.
+    with pytest.raises(ConceptChanged, match="forgotten"):
+        ego.register("Rex", [make_view(2)], append=True, on_view=lambda done, total: ego.forget("Rex"))
+    assert "Rex" not in ego.store and ego.concepts() == []
+    assert not list(ego.store.root.glob("*.json"))
+    with pytest.raises(UnknownConcept, match="Rex"):
+        ego.register("Rex", [make_view(2)], append=True, create=False)  # append to an unknown name: refused
+    assert "Rex" not in ego.store
+
+
+def test_recognize_and_ask_survive_concurrent_forgets(ego, make_view):
+    ego.register("Rex", [make_view(1)])
+    ego.register("Anna", [make_view(2)])
+    anna = ego.store.get("Anna")
+    stop = threading.Event()
+
+    def forget_and_restore():  # the store only: the model stays on this test's thread, as in the node
+        while not stop.is_set():
+            ego.store.remove("Anna")
+            ego.store.put(anna)
+
+    churn = threading.Thread(target=forget_and_restore)
+    churn.start()
+    try:
+        for i in range(30):
+            assert set(ego.recognize(make_view(3 + i % 3))) <= {"Rex", "Anna"}
+        for _ in range(5):
+            assert set(ego.ask("Who is here?", make_view(4), max_new_tokens=1).concepts) <= {"Rex", "Anna"}
+    finally:
+        stop.set()
+        churn.join()
+
+
+def test_appended_views_record_the_layers_they_were_scored_with(ego, make_view):
+    ego.register("mug", [make_view(1)])
+    first = list(ego.layers)
+    ego.layers = [0]  # e.g. a calibration saved between the two registrations
+    ego.register("mug", [make_view(2)], append=True)
+    views = ego.store.get("mug").views
+    assert views[0].layers == first and views[1].layers == [0]
+
+
+def test_the_whole_area_answer_is_parsed(ego, make_view):
+    from ego_ros.engine.ego import parse_area
+
+    (image,) = ego.backend.encode([make_view(1)])
+    _, area_ids = ego._describe(image, ask_area=True)
+    # The random tiny model never stops early: the answer runs past area_max_new_tokens and is kept whole.
+    assert len(area_ids) > ego.config.area_max_new_tokens
+    wordy = ego.tokenizer("The main subject, a blue ceramic mug with a handle, covers about 35% of the image")
+    assert len(wordy["input_ids"]) > ego.config.area_max_new_tokens
+    assert parse_area(ego.tokenizer.decode(wordy["input_ids"]), 100.0) == (35.0, True)
+
+
+def test_concept_names_match_whole_words_only():
+    from ego_ros.engine.ego import named_in
+
+    names = ["Al", "Rex", "my mug", "R2-D2!"]
+    assert named_in("Always look at Rex's bowl", names) == ["Rex"]
+    assert named_in("Where is al?", names) == ["Al"]
+    assert named_in("Is my mug near R2-D2!?", names) == ["my mug", "R2-D2!"]
+    assert named_in("Is my muggle here?", names) == []
+
+
+def test_streaming_decodes_each_token_once_and_the_pieces_join_to_the_answer(ego, make_view):
+    pieces, so_far, decoded = [], [], []
+    real_decode = ego.tokenizer.decode
+
+    def counting_decode(ids, *args, **kwargs):  # the real decode; only the lengths asked for are recorded
+        decoded.append(len(ids))
+        return real_decode(ids, *args, **kwargs)
+
+    ego.tokenizer.decode = counting_decode
+    try:
+        answer = ego.ask("Describe it.", make_view(1), max_new_tokens=40, on_new_text=pieces.append,
+                         on_text=so_far.append)
+    finally:
+        del ego.tokenizer.decode
+    assert answer.new_tokens <= len(pieces) == len(so_far) <= answer.new_tokens + 1  # + a held-back rest
+    assert "".join(pieces) == so_far[-1]
+    assert so_far[-1].strip() == answer.text
+    streamed = decoded[:-1]  # the last decode is ask()'s own, of the whole answer
+    assert max(streamed) <= 8, streamed  # a few tokens at a time, never the whole answer again

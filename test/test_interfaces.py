@@ -60,6 +60,7 @@ ANSWER_FIELDS = {
     "answer": "string",
     "concepts_used": "sequence<string>",
     "latency_sec": "float",
+    "frames": "sequence<std_msgs/Header>",
 }
 
 FIELDS = {
@@ -89,7 +90,8 @@ FIELDS = {
         "window_sec": "float",
         "append": "boolean",
     },
-    RegisterConcept.Response: {"success": "boolean", "message": "string", "concept": "ego_ros/ConceptInfo"},
+    RegisterConcept.Response: {"success": "boolean", "message": "string", "concept": "ego_ros/ConceptInfo",
+                               "frames": "sequence<std_msgs/Header>"},
     Ask.Request: ASK_FIELDS,
     Ask.Response: ANSWER_FIELDS,
     Recognize.Request: {"camera": "string", "image": "sensor_msgs/Image", "concepts": "sequence<string>"},
@@ -97,6 +99,7 @@ FIELDS = {
         "success": "boolean",
         "message": "string",
         "detections": "sequence<ego_ros/ConceptDetection>",
+        "frame": "std_msgs/Header",
     },
     ListConcepts.Request: {},
     ListConcepts.Response: {"concepts": "sequence<ego_ros/ConceptInfo>", "layers": "sequence<int32>",
@@ -105,7 +108,7 @@ FIELDS = {
     ForgetConcept.Response: {"success": "boolean", "message": "string"},
     Answer.Goal: ASK_FIELDS,
     Answer.Result: ANSWER_FIELDS,
-    Answer.Feedback: {"answer_so_far": "string", "tokens": "uint32"},
+    Answer.Feedback: {"new_text": "string", "answer_so_far": "string", "tokens": "uint32"},
 }
 
 

@@ -462,3 +462,63 @@ def test_reader_without_fingerprint_sees_every_model_and_cannot_write(tmp_path):
     assert MemoryStore(tmp_path, "other-model", HIDDEN).names() == []
     assert not MemoryStore(tmp_path / "absent", fingerprint=None).names()
     assert not (tmp_path / "absent").exists()  # looking does not create the folder
+
+
+# --- readers beside a writer: snapshots and conditional puts ----------------------------------------------------
+
+
+def test_snapshot_is_consistent_and_names_unknown_requests(tmp_path):
+    store = MemoryStore(tmp_path, FP, HIDDEN)
+    store.put(make_memory("a"))
+    store.put(make_memory("b", seed=1, created=2000.0))
+    assert list(store.snapshot()) == ["a", "b"]
+    assert list(store.snapshot(["b"])) == ["b"]
+    store.remove("a")
+    assert list(store.snapshot()) == ["b"]  # a forgotten concept is simply absent
+    with pytest.raises(UnknownConcept, match="'a'"):
+        store.snapshot(["a", "b"])
+    assert store.find("a") is None and store.find("b") is store.get("b")
+
+
+def test_a_put_expecting_a_forgotten_memory_writes_nothing(tmp_path):
+    store = MemoryStore(tmp_path, FP, HIDDEN)
+    store.put(make_memory("a"))
+    read = store.find("a")
+    store.remove("a")  # forgotten on another thread while "a" was being appended to
+    files = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(memory.ConceptChanged, match="forgotten"):
+        store.put(make_memory("a", seed=2), expected=read)
+    assert "a" not in store and sorted(p.name for p in tmp_path.iterdir()) == files
+    assert "a" not in MemoryStore(tmp_path, FP, HIDDEN)  # and not on disk either
+    store.put(make_memory("a", seed=3), expected=None)  # "no concept of that name" holds: written
+    with pytest.raises(memory.ConceptChanged, match="changed"):
+        store.put(make_memory("a", seed=4), expected=None)
+
+
+def test_each_view_keeps_the_layers_it_was_scored_with(tmp_path):
+    views = [ViewRecord((1, 8, 8), [1, 5], ["mug"], 12.5, True, 16, layers=[1, 2]),
+             ViewRecord((1, 8, 8), [0], ["mug"], 30.0, True, 16, layers=[0])]
+    store = MemoryStore(tmp_path, FP, HIDDEN)
+    store.put(ConceptMemory("m", torch.zeros(3, HIDDEN), views, [0], 4, "tiny", FP, 1.0, 2.0))
+    loaded = MemoryStore(tmp_path, FP, HIDDEN).get("m")
+    assert [v.layers for v in loaded.views] == [[1, 2], [0]]
+    # A record written before views kept their layers still loads (layers None: the memory's own).
+    record_path = tmp_path / f"{file_stem('m')}.json"
+    record = json.loads(record_path.read_text())
+    for view in record["views"]:
+        del view["layers"]
+    record_path.write_text(json.dumps(record))
+    assert [v.layers for v in MemoryStore(tmp_path, FP, HIDDEN).get("m").views] == [None, None]
+
+
+def test_gc_deletes_stale_temporary_files_of_interrupted_writes(tmp_path):
+    store = MemoryStore(tmp_path, FP, HIDDEN)
+    store.put(make_memory("a"))
+    stale = tmp_path / f".{file_stem('a')}.json.0badc0de.tmp"  # a write killed before its rename
+    fresh = tmp_path / f".{file_stem('a')}.json.12345678.tmp"  # maybe another process's write in progress
+    stale.write_bytes(b"{")
+    fresh.write_bytes(b"{")
+    old = stale.stat().st_mtime - 3600
+    os.utime(stale, (old, old))
+    assert store.gc() == [stale]
+    assert fresh.exists() and not stale.exists() and store.get("a").num_views == 2

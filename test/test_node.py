@@ -22,6 +22,7 @@ from ego_ros.testing.rosgraph import CameraPublisher, Client, NodeProcess, free_
 REPO = Path(__file__).resolve().parents[1]
 CAMERA = "/cam/image_raw"
 SILENT_CAMERA = "/silent/image_raw/compressed"  # subscribed, never published: an empty buffer
+MANUAL_CAMERA = "/manual/image_raw"  # frames published by the tests themselves
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def graph(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("node")
     node = NodeProcess(
         domain, folder / "node.log", params_file=REPO / "config" / "ego.yaml", model=str(tiny_model_dir), memory_dir=str(folder / "memory"),
-        camera_topics=[CAMERA, SILENT_CAMERA], buffer_seconds=6.0, buffer_fps=2.0, max_image_pixels=224 * 224,
+        camera_topics=[CAMERA, SILENT_CAMERA, MANUAL_CAMERA], buffer_seconds=6.0, buffer_fps=2.0, max_image_pixels=224 * 224,
         recognition_rate_hz=2.0, recognition_threshold=0.5, video_frames=4, max_new_tokens=8, autostart=True,
     ).start()
     client = Client(domain)
@@ -152,6 +153,7 @@ def test_action_streams_feedback_and_honours_cancel(graph):
     assert result.result.success and result.result.answer
     texts = [f.feedback.answer_so_far for f in feedback]
     assert len(texts) >= 2 and texts[-1].strip() == result.result.answer
+    assert "".join(f.feedback.new_text for f in feedback) == texts[-1]  # each feedback's new text, in order
     assert [f.feedback.tokens for f in feedback] == list(range(1, len(feedback) + 1))
 
     # A long answer, cancelled after its first feedback; list_concepts answers while it is being generated.
@@ -231,6 +233,8 @@ def _bad_image(kind: str) -> Image:
     elif kind == "absurd":
         msg.height = msg.width = 100_000
         msg.step = 300_000
+    elif kind == "8000x6000":  # within the message limit of old, above what the node now takes
+        msg.height, msg.width, msg.step = 6000, 8000, 24000
     return msg
 
 
@@ -252,6 +256,14 @@ def _bad_image(kind: str) -> Image:
         (RegisterConcept, dict(name="Rex", camera=CAMERA), "already exists"),
         (RegisterConcept, dict(name="ghost", camera=SILENT_CAMERA), "no frame"),
         (RegisterConcept, dict(name="ghost", views=[_bad_image("encoding")]), "encoding"),
+        # Bounds on what a request may ask for, refused at once.
+        (Ask, dict(question="Where?", camera=CAMERA, max_new_tokens=2**32 - 1), "max_new_tokens"),
+        (Ask, dict(question="Where? " * 20_000, camera=CAMERA), "characters"),
+        (Ask, dict(question="Where?", camera=CAMERA, concepts=["Rex"] * 65), "at most 64"),
+        (Ask, dict(question="Where?", source=Ask.Request.SOURCE_IMAGE, image=_bad_image("8000x6000")), "claims"),
+        (RegisterConcept, dict(name="ghost", views=[_bad_image("encoding")] * 17), "at most 16"),
+        (RegisterConcept, dict(name="ghost", camera=CAMERA, num_views=1000), "at most"),
+        (RegisterConcept, dict(name="ghost", camera=CAMERA, append=True), "no concept named"),
         (Recognize, dict(camera="/nope"), "unknown camera"),
         (Recognize, dict(camera=CAMERA, concepts=["Bob"]), "Bob"),
         (ForgetConcept, dict(name="Bob"), "Bob"),
@@ -315,12 +327,15 @@ def test_lifecycle_and_a_wrong_model_path(tiny_model_dir, tmp_path):
         assert transition(Transition.TRANSITION_ACTIVATE)
         assert state() == State.PRIMARY_STATE_ACTIVE
         assert client.call(ListConcepts, "/lc/ego/list_concepts", ListConcepts.Request()).concepts == []
+        # Deactivate emptied the camera buffer: the frames from before are not "the latest frame" now.
+        stale = client.call(Ask, "/lc/ego/ask", Ask.Request(question="What is here?", max_new_tokens=1))
+        assert not stale.success and "no frame" in stale.message, stale.message
 
-        # Parameters are read on configure: a change while configured is refused with the way to apply it.
-        (refused,) = set_parameter(client, "recognition_threshold", 0.7)
+        # Most parameters are read on configure: a change while configured is refused with the way to apply it.
+        (refused,) = set_parameter(client, "buffer_fps", 3.0)
         assert not refused.successful and "configure" in refused.reason
         assert transition(Transition.TRANSITION_DEACTIVATE) and transition(Transition.TRANSITION_CLEANUP)
-        (accepted,) = set_parameter(client, "recognition_threshold", 0.7)
+        (accepted,) = set_parameter(client, "buffer_fps", 3.0)
         assert accepted.successful, accepted.reason
         assert transition(Transition.TRANSITION_CONFIGURE) and transition(Transition.TRANSITION_ACTIVATE)
         assert node.alive
@@ -341,12 +356,12 @@ def _try_goal(action, feedback):
     return handle
 
 
-def set_parameter(client, name, value):
+def set_parameter(client, name, value, node="/lc/ego"):
     from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
     from rcl_interfaces.srv import SetParameters
 
     parameter = Parameter(name=name, value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value))
-    return client.call(SetParameters, "/lc/ego/set_parameters", SetParameters.Request(parameters=[parameter])).results
+    return client.call(SetParameters, f"{node}/set_parameters", SetParameters.Request(parameters=[parameter])).results
 
 
 def _state_or_none(client):
@@ -386,3 +401,541 @@ def test_list_and_diagnostics_say_which_layers_score_tokens(graph):
 
     values = wait_for(model_values, 10, "a model status on /diagnostics")
     assert values["layers"] == "[1, 2]" and values["layers_source"] == listed.layers_source
+
+
+def test_refusals_quote_a_bounded_prefix_of_what_was_sent(graph):
+    _, client, _ = graph
+    long_camera = "/c" * 5000
+    response = ask(client, "Where?", camera=long_camera)
+    assert not response.success and "unknown camera" in response.message
+    assert len(response.message) < 400 and "10000 characters" in response.message, response.message
+    image = _bad_image("encoding")
+    image.encoding = "x" * 5000
+    response = ask(client, "Where?", source=Ask.Request.SOURCE_IMAGE, image=image)
+    assert not response.success and "encoding" in response.message and len(response.message) < 400
+
+
+def test_every_request_of_a_burst_of_16_is_answered_served_or_refused_as_busy(graph):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rclpy.action import ActionClient
+
+    from ego_ros.ros.node import REQUEST_QOS
+
+    _, client, _ = graph
+    # Deep queues on the client's side too: at the default depth of 10 its own reader dropped responses of a
+    # burst that arrived before its executor took them (the node's side is what this test is about).
+    ask_client = client.node.create_client(Ask, "/ego/ask", qos_profile=REQUEST_QOS)
+    assert ask_client.wait_for_service(timeout_sec=30)
+    futures = [ask_client.call_async(Ask.Request(question=f"Where is it {i}?", camera=CAMERA, max_new_tokens=8))
+               for i in range(16)]
+    wait_for(lambda: all(f.done() for f in futures), 120, "16 answers")
+    responses = [f.result() for f in futures]
+    served = [r for r in responses if r.success]
+    busy = [r for r in responses if not r.success]
+    assert served and all("busy" in r.message for r in busy), [r.message for r in busy]
+    print(f"burst of 16 asks: {len(served)} served, {len(busy)} refused as busy, 0 unanswered")
+
+    action = ActionClient(client.node, Answer, "/ego/answer", goal_service_qos_profile=REQUEST_QOS,
+                          result_service_qos_profile=REQUEST_QOS, cancel_service_qos_profile=REQUEST_QOS)
+    assert action.wait_for_server(timeout_sec=30)
+    goal = Answer.Goal(question="Describe it.", camera=CAMERA, max_new_tokens=8)
+    sent = [action.send_goal_async(goal) for _ in range(16)]
+    wait_for(lambda: all(f.done() for f in sent), 60, "16 goal responses")
+    handles = [f.result() for f in sent]
+    accepted = [h for h in handles if h.accepted]
+    assert 1 <= len(accepted) <= 4  # the rest rejected at once (busy), not accepted and then aborted
+    results = [h.get_result_async() for h in accepted]
+    wait_for(lambda: all(f.done() for f in results), 120, "the accepted goals' results")
+    assert all(f.result().result.success for f in results), [f.result().result.message for f in results]
+    print(f"burst of 16 goals: {len(accepted)} accepted and succeeded, {16 - len(accepted)} rejected at once")
+
+
+def _publish_frame(client, topic, frame_id, stamp_zero=False):
+    msg = image_to_msg(np.full((224, 224, 3), 120, np.uint8), Image)
+    msg.header.frame_id = frame_id
+    if not stamp_zero:
+        msg.header.stamp = client.node.get_clock().now().to_msg()
+    client.publisher(Image, topic).publish(msg)
+
+
+def test_responses_say_which_frame_and_a_stale_frame_is_not_the_latest(graph):
+    _, client, _ = graph
+    _ensure_concept(client, "Rex")
+    before = client.node.get_clock().now().nanoseconds * 1e-9
+
+    def answered():
+        _publish_frame(client, MANUAL_CAMERA, "zero_stamped", stamp_zero=True)
+        response = ask(client, "Where is Rex?", camera=MANUAL_CAMERA, max_new_tokens=2)
+        return response if response.success else None
+
+    response = wait_for(answered, 30, "an answer about the manual camera's frame")
+    (frame,) = response.frames
+    stamp = frame.stamp.sec + frame.stamp.nanosec * 1e-9
+    assert frame.frame_id == "zero_stamped" and stamp >= before - 1.0  # a zero stamp becomes the arrival time
+    scored = client.call(Recognize, "/ego/recognize", Recognize.Request(camera=MANUAL_CAMERA))
+    assert scored.success and scored.frame.frame_id == "zero_stamped" and scored.frame.stamp == frame.stamp
+    video = ask(client, "What happened?", source=Ask.Request.SOURCE_VIDEO, camera=CAMERA, max_new_tokens=2)
+    assert video.success and len(video.frames) >= 2 and all(f.frame_id.startswith("frame_") for f in video.frames)
+
+    # The camera stops: after buffer_seconds (6 s) its last frame is no longer "the latest frame".
+    time.sleep(6.5)
+    stale = ask(client, "Where is Rex?", camera=MANUAL_CAMERA, max_new_tokens=2)
+    assert not stale.success and "s ago" in stale.message, stale.message
+
+
+def test_live_parameters_enable_and_the_last_forget_sends_disappeared(graph):
+    _, client, _ = graph
+    _ensure_concept(client, "Rex")
+    events = client.subscribe(RecognitionEvent, "/ego/recognitions")
+    (result,) = set_parameter(client, "recognition_threshold", 0.0, node="/ego")  # everything is present
+    assert result.successful, result.reason
+    wait_for(lambda: any("Rex" in e.appeared or any(d.name == "Rex" for d in e.detections) for e in events),
+             30, "Rex present at threshold 0")
+
+    (result,) = set_parameter(client, "recognition_rate_hz", 0.0, node="/ego")  # off, live
+    assert result.successful, result.reason
+    time.sleep(1.5)  # an event already queued may still come
+    count = len(events)
+    time.sleep(2.0)
+    assert len(events) == count
+    (result,) = set_parameter(client, "recognition_rate_hz", 2.0, node="/ego")
+    assert result.successful
+    wait_for(lambda: len(events) > count + 1, 30, "events again at 2 Hz")
+
+    from std_srvs.srv import SetBool
+
+    paused = client.call(SetBool, "/ego/enable", SetBool.Request(data=False))
+    assert paused.success and "paused" in paused.message
+    time.sleep(1.5)
+    count = len(events)
+    time.sleep(2.0)
+    assert len(events) == count
+    assert client.call(SetBool, "/ego/enable", SetBool.Request(data=True)).success
+    wait_for(lambda: any(any(d.name == "Rex" for d in e.detections) for e in events[count:]), 30, "Rex again")
+
+    # Forgetting the last concept: the camera's next event says it disappeared.
+    for name in names(client):
+        assert client.call(ForgetConcept, "/ego/forget_concept", ForgetConcept.Request(name=name)).success
+    wait_for(lambda: any("Rex" in e.disappeared for e in events[count:]), 30, "Rex disappeared")
+    (refused,) = set_parameter(client, "buffer_fps", 5.0, node="/ego")
+    assert not refused.successful and "configure" in refused.reason
+
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    def set_tokens(value):
+        parameter = Parameter(name="max_new_tokens",
+                              value=ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value))
+        (result,) = client.call(SetParameters, "/ego/set_parameters",
+                                SetParameters.Request(parameters=[parameter])).results
+        assert result.successful, result.reason
+
+    set_tokens(3)  # the default answer length, live
+    assert ask(client, "Where?", camera=CAMERA).message == "3 tokens"
+    set_tokens(8)
+    (result,) = set_parameter(client, "recognition_threshold", 0.5, node="/ego")
+    assert result.successful
+
+
+# --- lifecycle faults: each runs its own node -------------------------------------------------------------------
+
+
+def _proc_status(node) -> dict:
+    """Threads, the model's worker threads (named "ego-inference") and resident memory (kB) of the node's process,
+    from /proc."""
+    proc = Path(f"/proc/{node.process.pid}")
+    fields = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+    workers = sum(1 for task in (proc / "task").iterdir()
+                  if (task / "comm").read_text().strip() == "ego-inference")
+    return {"threads": int(fields["Threads"]), "workers": workers, "rss_kb": int(fields["VmRSS"].split()[0])}
+
+
+def _fifo_concept(memory_dir: Path, fingerprint: str) -> Path:
+    """A concept record whose tensor file is a named pipe: loading the memories blocks on it until the test
+    writes to it. A model load as slow as the test wants, with real files."""
+    import json
+    import os
+
+    from ego_ros.engine.memory import file_stem
+
+    stem = file_stem("slow")
+    tensor = memory_dir / f"{stem}.{1:016x}.safetensors"
+    os.mkfifo(tensor)
+    record = {"format": 1, "name": "slow", "fingerprint": fingerprint, "tensors": tensor.name, "sha256": "0" * 64}
+    (memory_dir / f"{stem}.json").write_text(json.dumps(record))
+    return tensor
+
+
+def _timed_call(client, srv_type, name, request):
+    started = time.perf_counter()
+    response = client.call(srv_type, name, request, wait=10.0, timeout=10.0)
+    return time.perf_counter() - started, response
+
+
+def test_the_node_answers_while_the_model_loads(tiny_model_dir, tmp_path):
+    from statistics import median
+
+    from rcl_interfaces.srv import GetParameters
+
+    from ego_ros.engine import Ego
+
+    fingerprint = Ego.load(str(tiny_model_dir), memory_dir=tmp_path / "fingerprint").fingerprint
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    fifo = _fifo_concept(memory, fingerprint)
+    domain = free_domain()
+    node = NodeProcess(domain, tmp_path / "node.log", namespace="/slow", model=str(tiny_model_dir),
+                       memory_dir=str(memory), camera_topics=[CAMERA], max_image_pixels=224 * 224).start()
+    client = Client(domain)
+    try:
+        change = lambda t: ChangeState.Request(transition=Transition(id=t))  # noqa: E731
+        assert client.call(ChangeState, "/slow/ego/change_state", change(Transition.TRANSITION_CONFIGURE)).success
+        activating = client.node.create_client(ChangeState, "/slow/ego/change_state").call_async(
+            change(Transition.TRANSITION_ACTIVATE))
+        wait_for(lambda: "loading" in node.output(), 30, "the load to start")
+        time.sleep(2.0)  # the model is loaded by now; the memories' read blocks on the pipe
+        assert not activating.done()
+        state_ms, list_ms = [], []
+        for _ in range(10):
+            seconds, state = _timed_call(client, GetState, "/slow/ego/get_state", GetState.Request())
+            assert state.current_state.id == State.TRANSITION_STATE_ACTIVATING
+            state_ms.append(seconds * 1000)
+            seconds, listed = _timed_call(client, ListConcepts, "/slow/ego/list_concepts", ListConcepts.Request())
+            assert listed.concepts == [] and "loading" in listed.layers_source
+            list_ms.append(seconds * 1000)
+        _, parameters = _timed_call(client, GetParameters, "/slow/ego/get_parameters",
+                                    GetParameters.Request(names=["model"]))
+        assert parameters.values[0].string_value == str(tiny_model_dir)
+        print(f"during the load: get_state {median(state_ms):.1f} ms median, {max(state_ms):.1f} max; "
+              f"list_concepts {median(list_ms):.1f} ms median, {max(list_ms):.1f} max")
+        # A loaded 2-core machine may stall one call; the median says whether the node answers at once.
+        assert median(state_ms) < 100 and median(list_ms) < 100, (state_ms, list_ms)
+        assert not activating.done()
+        with open(fifo, "wb") as pipe:  # let the load finish: garbage, skipped with a reason
+            pipe.write(b"not a tensor file")
+        wait_for(activating.done, 60, "the activation to end")
+        assert activating.result().success
+        assert "skipped concept file" in node.output()
+    finally:
+        client.close()
+        node.stop()
+
+
+def _set_parameters(client, node_name, **values):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    parameters = []
+    for name, value in values.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value) and value:
+            v = ParameterValue(type=ParameterType.PARAMETER_STRING_ARRAY, string_array_value=value)
+        elif isinstance(value, list):
+            v = ParameterValue(type=ParameterType.PARAMETER_INTEGER_ARRAY, integer_array_value=value)
+        else:
+            raise TypeError(value)
+        parameters.append(Parameter(name=name, value=v))
+    results = client.call(SetParameters, f"{node_name}/set_parameters", SetParameters.Request(parameters=parameters))
+    assert all(r.successful for r in results.results), [r.reason for r in results.results]
+
+
+def test_failed_activates_deactivate_and_a_signal_leave_nothing_behind(tiny_model_dir, tmp_path, make_view):
+    domain = free_domain()
+    node = NodeProcess(domain, tmp_path / "node.log", namespace="/ft", model=str(tiny_model_dir),
+                       memory_dir=str(tmp_path / "memory"), camera_topics=[CAMERA, "bad topic!"],
+                       max_image_pixels=224 * 224, layers=[99]).start()
+    client = Client(domain)
+
+    def transition(transition_id):
+        return client.call(ChangeState, "/ft/ego/change_state",
+                           ChangeState.Request(transition=Transition(id=transition_id)), wait=60.0).success
+
+    try:
+        # A bad topic name fails configure (it used to fail activate after the model was loaded, leaving it).
+        assert not transition(Transition.TRANSITION_CONFIGURE)
+        assert "bad topic!" in node.output() and "not a valid topic name" in node.output()
+        _set_parameters(client, "/ft/ego", camera_topics=[CAMERA])
+
+        # layers=[99]: the model loads, then activation fails. Again and again, nothing may pile up.
+        assert transition(Transition.TRANSITION_CONFIGURE)
+        before = _proc_status(node)
+        assert not transition(Transition.TRANSITION_ACTIVATE)  # the first load also starts torch's own threads
+        first = _proc_status(node)
+        for _ in range(3):
+            assert not transition(Transition.TRANSITION_ACTIVATE)
+        after = _proc_status(node)
+        print(f"failed activates: before {before}, after the first {first}, after four {after}")
+        assert after["threads"] == first["threads"] and after["workers"] == 0
+        assert after["rss_kb"] < first["rss_kb"] + 60_000  # four tiny models would not fit in that
+        assert not _has_service(client, "/ft/ego/list_concepts")
+
+        assert transition(Transition.TRANSITION_CLEANUP)
+        _set_parameters(client, "/ft/ego", layers=[1, 2])
+        assert transition(Transition.TRANSITION_CONFIGURE)
+        idle = _proc_status(node)
+        assert transition(Transition.TRANSITION_ACTIVATE)
+        active = _proc_status(node)
+
+        # Deactivate during a long registration: it stops between views, its caller is told, nothing is stored.
+        views = [image_to_msg(make_view(i), Image) for i in range(16)]
+        register = client.node.create_client(RegisterConcept, "/ft/ego/register_concept")
+        assert register.wait_for_service(timeout_sec=30)
+        registering = register.call_async(RegisterConcept.Request(name="long", views=views))
+        wait_for(lambda: "busy=True" in _inference(client) or registering.done(), 30, "the registration to run")
+        assert transition(Transition.TRANSITION_DEACTIVATE)
+        wait_for(registering.done, 30, "the registration's answer")
+        assert not registering.result().success and "deactivated" in registering.result().message
+        stopped = _proc_status(node)
+        print(f"activate/deactivate: inactive {idle}, active {active}, deactivated {stopped}")
+        assert active["workers"] == 1 and stopped["workers"] == 0  # the worker was joined
+        # Executor pool threads start on demand and stay; none other may be left.
+        assert stopped["threads"] <= active["threads"] - 1
+
+        assert transition(Transition.TRANSITION_ACTIVATE)
+        listed = client.call(ListConcepts, "/ft/ego/list_concepts", ListConcepts.Request())
+        assert [c.name for c in listed.concepts] == []
+
+        # A signal during a long answer: the caller is answered, the process exits by itself.
+        asking = client.node.create_client(Ask, "/ft/ego/ask")
+        assert asking.wait_for_service(timeout_sec=30)
+        given = image_to_msg(make_view(1), Image)
+        client.diagnostics.clear()  # the registration's "busy" must not count
+        answer = asking.call_async(Ask.Request(question="Tell a long story.", source=Ask.Request.SOURCE_IMAGE,
+                                               image=given, max_new_tokens=8000))
+        wait_for(lambda: "busy=True" in _inference(client), 30, "the answer to be generated")
+        import os
+
+        # Libraries' temporary files (torch's) go to a folder of the node's own, removed at exit.
+        temp = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "ego_ros" / f"tmp-{node.process.pid}"
+        assert temp.is_dir()
+        node.process.send_signal(__import__("signal").SIGINT)
+        wait_for(answer.done, 20, "the caller's answer after SIGINT")
+        assert not answer.result().success, answer.result().message
+        assert node.process.wait(timeout=20) == 0
+        assert not temp.exists()
+    finally:
+        client.close()
+        node.stop()
+
+
+def _inference(client) -> str:
+    """The latest inference status on /diagnostics as "key=value ..." ("" until there is one)."""
+    if not hasattr(client, "diagnostics"):
+        client.diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
+    for message in reversed(client.diagnostics):
+        for status in message.status:
+            if status.name.endswith(": inference"):
+                return " ".join(f"{kv.key}={kv.value}" for kv in status.values)
+    return ""
+
+
+def test_list_concepts_answers_at_once_under_a_burst(graph):
+    # Large request images are left out: with Fast DDS's default transports this client cannot even send a
+    # 1280x720 rgb8 request ("cannot publish data"); that is the transport profile's business.
+    from ego_ros.ros.node import REQUEST_QOS
+
+    _, client, _ = graph
+    _ensure_concept(client, "Rex")
+    # The client's own request queue must hold the burst too: at the default depth of 10, the image requests'
+    # samples are overwritten before all their fragments are acknowledged, and never arrive.
+    ask_client = client.node.create_client(Ask, "/ego/ask", qos_profile=REQUEST_QOS)
+    assert ask_client.wait_for_service(timeout_sec=30)
+    small = image_to_msg(np.zeros((240, 320, 3), np.uint8), Image)
+    futures = [ask_client.call_async(Ask.Request(question="Where is Rex?", source=Ask.Request.SOURCE_IMAGE,
+                                                 image=small, max_new_tokens=4)) for _ in range(6)]
+    futures += [ask_client.call_async(Ask.Request(question="Where?", camera=CAMERA, max_new_tokens=4))
+                for _ in range(10)]
+    latencies, deadline = [], time.monotonic() + 90
+    while not all(f.done() for f in futures) or len(latencies) < 50:
+        seconds, _ = _timed_call(client, ListConcepts, "/ego/list_concepts", ListConcepts.Request())
+        latencies.append(seconds * 1000)
+        assert time.monotonic() < deadline, [f.done() for f in futures]
+    latencies.sort()
+    p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    print(f"list_concepts during a burst of 16 asks: {len(latencies)} calls, "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms")
+    assert all(f.result().success or "busy" in f.result().message for f in futures)
+    # The issue asks for 50 ms at p99; the bound here leaves room for a shared 2-core machine's stalls.
+    assert p50 < 50 and p99 < 250, latencies
+
+
+def test_an_error_in_a_transition_releases_everything(tiny_model_dir, tmp_path):
+    """on_error as rclpy calls it when a transition raises: here called directly on a real, active node."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.lifecycle import LifecycleState
+
+    from ego_ros.ros.node import EgoNode
+
+    context = Context()
+    rclpy.init(context=context, domain_id=free_domain(), args=[
+        "--ros-args", "-p", f"model:={tiny_model_dir}", "-p", f"memory_dir:={tmp_path / 'memory'}",
+        "-p", f"camera_topics:=['{CAMERA}']", "-p", "recognition_rate_hz:=1.0"])
+    node = EgoNode(context=context)
+    try:
+        timers = len(list(node.timers))
+        from rclpy.lifecycle import TransitionCallbackReturn
+
+        success = TransitionCallbackReturn.SUCCESS
+        assert node.trigger_configure() == success and node.trigger_activate() == success
+        import gc
+        import weakref
+
+        worker = node.worker
+        assert node.ego is not None and worker.alive and len(list(node.timers)) == timers + 2
+        ego = node.ego
+        worker.submit(lambda: ego.recognize(np.zeros((64, 64, 3), np.uint8))).result()  # the model has run
+        del ego
+        model = weakref.ref(node.ego.model)
+        node.on_error(LifecycleState(state_id=3, label="active"))
+        assert node.ego is None and node.worker is None and not worker.alive
+        gc.collect()
+        assert model() is None  # nothing holds the model any more: its memory (and a GPU's) is free
+        assert len(list(node.timers)) == timers and node.settings is None and not node.buffers
+        assert not any(s.srv_name.endswith("/ask") for s in node.services)
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def test_a_camera_frame_the_model_cannot_take_is_refused_on_arrival(graph):
+    node, client, _ = graph
+    narrow = image_to_msg(np.zeros((2000, 3, 3), np.uint8), Image)  # 3x2000: the model's processor refuses it
+    narrow.header.frame_id = "narrow"
+
+    def warned():
+        narrow.header.stamp = client.node.get_clock().now().to_msg()
+        client.publisher(Image, MANUAL_CAMERA).publish(narrow)
+        return "more elongated than the model takes" in node.output()
+
+    wait_for(warned, 30, "the warning about the narrow frame")
+    assert "dropping a frame from /manual/image_raw" in node.output()
+    response = ask(client, "What is here?", camera=MANUAL_CAMERA, max_new_tokens=1)
+    assert not response.success or all(f.frame_id != "narrow" for f in response.frames)
+
+
+def test_a_queued_goal_cancelled_never_starts(graph):
+    _, client, _ = graph
+    action = client.action_client(Answer, "/ego/answer")
+    assert action.wait_for_server(timeout_sec=30)
+    running_feedback, queued_feedback = [], []
+    running = _send(action, Answer.Goal(question="Tell a long story.", camera=CAMERA, max_new_tokens=2000),
+                    running_feedback.append)
+    wait_for(lambda: running_feedback, 60, "the first goal generating")
+    queued = _send(action, Answer.Goal(question="And another.", camera=CAMERA, max_new_tokens=50),
+                   queued_feedback.append)
+    cancel = queued.cancel_goal_async()
+    wait_for(cancel.done, 30, "the queued goal's cancel response")
+    running.cancel_goal_async()
+    result = _result(queued)
+    assert result.status == 5 and queued_feedback == []  # CANCELED before its first token
+    assert "before it started" in result.result.message, result.result.message
+    assert _result(running).status == 5
+
+
+def test_compressed_frames_claiming_8000x8000_are_refused_before_decoding(graph):
+    import struct
+    import zlib
+
+    from sensor_msgs.msg import CompressedImage
+
+    node, client, _ = graph
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = zlib.compress(b"\0" * (8000 * 3 + 1) * 64)  # 62 KB-ish of real rows; the rest is missing
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8000, 8000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    before = _proc_status(node)["rss_kb"]
+    publisher = client.publisher(CompressedImage, SILENT_CAMERA)
+    sent = 0
+
+    def send_and_check():  # the warning is throttled (5 s): keep sending until it is logged, at least five
+        nonlocal sent
+        msg = CompressedImage(format="png", data=png)
+        msg.header.stamp = client.node.get_clock().now().to_msg()
+        publisher.publish(msg)
+        sent += 1
+        time.sleep(0.6)  # past the buffer's decimation (2 fps): each one is offered for decoding
+        return sent >= 5 and "8000x8000" in node.output()
+
+    wait_for(send_and_check, 40, "the refusal in the log")
+    after = _proc_status(node)["rss_kb"]
+    print(f"{sent} PNGs claiming 8000x8000: RSS {before} kB -> {after} kB")
+    assert after - before < 100_000  # one decode would be 192 MB
+
+
+def test_a_signal_during_the_model_load_ends_the_process(tiny_model_dir, tmp_path):
+    from ego_ros.engine import Ego
+
+    fingerprint = Ego.load(str(tiny_model_dir), memory_dir=tmp_path / "fingerprint").fingerprint
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    _fifo_concept(memory, fingerprint)  # the load blocks on it, and nobody will ever write to it
+    node = NodeProcess(free_domain(), tmp_path / "node.log", namespace="/kill", model=str(tiny_model_dir),
+                       memory_dir=str(memory), camera_topics=[CAMERA], autostart=True).start()
+    try:
+        wait_for(lambda: "loading" in node.output(), 60, "the load to start")
+        time.sleep(2.0)
+        node.process.send_signal(__import__("signal").SIGINT)
+        assert node.process.wait(timeout=20) == 0
+    finally:
+        node.stop()
+
+
+def test_a_full_size_camera_reaches_the_node_with_the_shipped_transport_profile(tiny_model_dir, tmp_path):
+    """config/fastdds_large_frames.xml: a 30 Hz 1280x720 rgb8 camera arrives whole (Fast DDS's default transports
+    delivered about 1 frame a second of it). The camera and its observer run in a process of their own with the
+    profile, because Fast DDS reads the profiles file once per process and this one already has participants."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ego_ros.testing.rosgraph import ros_env
+
+    domain = free_domain()
+    profile = str(REPO / "config" / "fastdds_large_frames.xml")
+    camera_code = f"""
+import json, time
+from diagnostic_msgs.msg import DiagnosticArray
+from ego_ros.testing.rosgraph import CameraPublisher, Client
+client = Client({domain}, name="camera")
+diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
+camera = CameraPublisher(client, {CAMERA!r}, 30.0, size=(1280, 720)).start()
+deadline, values = time.monotonic() + 90, None
+while time.monotonic() < deadline:
+    time.sleep(0.5)
+    for message in reversed(list(diagnostics)):
+        found = [{{kv.key: kv.value for kv in s.values}} for s in message.status if s.name.endswith("camera {CAMERA}")]
+        if found:
+            values = found[0]
+            break
+    if values and float(values["span_sec"]) >= 4.0:
+        break
+camera.stop()
+print("VALUES", json.dumps(values), flush=True)
+client.close()
+"""
+    saved = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")
+    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = profile  # read by the node process NodeProcess starts
+    try:
+        node = NodeProcess(domain, tmp_path / "node.log", model=str(tiny_model_dir), memory_dir=str(tmp_path / "m"),
+                           camera_topics=[CAMERA], max_image_pixels=224 * 224, autostart=True).start()
+    finally:
+        if saved is None:
+            os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE")
+        else:
+            os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = saved
+    try:
+        env = {**ros_env(domain), "FASTDDS_DEFAULT_PROFILES_FILE": profile}
+        run = subprocess.run([sys.executable, "-c", camera_code], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=150)
+        line = next((x for x in run.stdout.splitlines() if x.startswith("VALUES ")), "VALUES null")
+        values = json.loads(line.removeprefix("VALUES "))
+        print(f"1280x720 rgb8 at 30 Hz with the profile: {values}")
+        assert values is not None and float(values["span_sec"]) >= 4.0, run.stderr[-2000:]
+        assert float(values["input_rate_hz"]) >= 15.0, values  # about 1.0 without the profile
+    finally:
+        node.stop()

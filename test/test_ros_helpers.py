@@ -757,3 +757,69 @@ def test_supported_encodings_are_all_tested():
     tested = set(CASES) | {"yuv422", "uyvy", "yuv422_yuy2", "yuyv"}
     assert set(image_msgs.SUPPORTED_ENCODINGS) == tested
     assert math.isfinite(image_msgs.MAX_MESSAGE_PIXELS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a request may ask for; frames the model cannot take; stale frames; live thresholds
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_the_node_limit_refuses_a_png_claiming_8000x8000_before_decoding():
+    from ego_ros.ros.requests import MAX_REQUEST_PIXELS
+
+    bomb = SimpleNamespace(format="png", data=png_claiming(8000, 8000))  # 62 KB that would decode to 192 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidImage, match="8000x8000"):
+            rgb_from_msg(bomb, 224 * 224, limit_pixels=MAX_REQUEST_PIXELS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
+def test_a_frame_the_model_cannot_take_is_refused_with_the_reason():
+    from ego_ros.ros.requests import RequestError, check_model_can_take
+
+    with pytest.raises(RequestError, match="3x100000 image is more elongated"):
+        check_model_can_take(np.zeros((100_000, 3, 3), np.uint8))
+    check_model_can_take(np.zeros((10, 1000, 3), np.uint8))  # 1:100 is fine
+
+
+def test_request_bounds_and_bounded_quotes():
+    from ego_ros.ros.requests import RequestError, check_request, message_of, shown
+
+    check_request(SimpleNamespace(question="Where?", max_new_tokens=8192, concepts=["a"] * 64))
+    for fields, message in [(dict(question="x" * 4001), "4001 characters"),
+                            (dict(max_new_tokens=2**32 - 1), "max_new_tokens 4294967295"),
+                            (dict(views=[None] * 17), "17 views"), (dict(num_views=17), "num_views 17"),
+                            (dict(concepts=["a"] * 65), "65 concepts")]:
+        with pytest.raises(RequestError, match=message):
+            check_request(SimpleNamespace(**fields))
+    assert shown("abc") == "'abc'"
+    quoted = shown("x" * 10_000)
+    assert len(quoted) < 100 and "10000 characters" in quoted
+    assert len(message_of(ValueError("y" * 10_000))) <= 600
+
+
+def test_frames_older_than_max_age_are_not_the_latest():
+    now = [100.0]
+    buffer = FrameBuffer(10.0, 2.0, 64 * 64, clock=lambda: now[0])
+    for i in range(4):
+        buffer.offer(i * 0.5, np.zeros((8, 8, 3), np.uint8))
+    assert buffer.latest(max_age=5.0).stamp_sec == 1.5 and len(buffer.window(10.0, 8, max_age=5.0)) == 4
+    now[0] += 6.0  # the camera stopped six seconds ago
+    assert buffer.latest(max_age=5.0) is None and buffer.window(10.0, 8, max_age=5.0) == []
+    assert buffer.sample(2, 10.0, max_age=5.0) == [] and buffer.age() == pytest.approx(6.0)
+    assert buffer.latest().stamp_sec == 1.5  # without an age limit, as before
+
+
+def test_thresholds_change_live_and_presence_is_kept():
+    tracker = PresenceTracker(0.5)
+    assert tracker.update({"mug": 0.6}).appeared == ["mug"]
+    tracker.set_thresholds(0.9, 0.8)
+    update = tracker.update({"mug": 0.85})  # above the new off threshold: still present, no event
+    assert update.present == {"mug": 0.85} and update.disappeared == []
+    assert tracker.update({"mug": 0.7}).disappeared == [] and tracker.update({"mug": 0.7}).disappeared == ["mug"]
+    with pytest.raises(ValueError, match="off_threshold"):
+        tracker.set_thresholds(0.5, 0.6)

@@ -33,7 +33,7 @@ from .config import EgoConfig, default_calibration_dir, default_memory_dir
 from .figure import remove_views, save_views
 from .images import MAX_DECODE_PIXELS, ImageInput, downscale, to_rgb
 from .loading import fingerprint, load_model
-from .memory import ConceptExists, ConceptMemory, MemoryStore, ViewRecord, validate_name
+from .memory import ConceptExists, ConceptMemory, MemoryStore, UnknownConcept, ViewRecord, validate_name
 from .regions import Box, box_share, check_region, regions_per_view, scaled, tokens_inside
 from .scoring import score_visual_tokens, score_visual_tokens_per_layer, select_tokens, tokens_to_keep
 from .soft_tokens import injected_rows
@@ -160,6 +160,7 @@ class Ego:
         views: Sequence[ImageInput],
         *,
         append: bool = False,
+        create: bool = True,
         area_percent: float | Sequence[float] | None = None,
         regions=None,
         description: str | None = None,
@@ -173,14 +174,21 @@ class Ego:
         or one per view (None: the whole view); only tokens inside it are kept (see ``regions``), and alpha is its
         share of the view unless ``area_percent`` says otherwise. ``description``: the user's words for the object
         ("the blue mug with the star"), scored as the keywords instead of the model's own description.
-        ``on_view(done, total)`` is called after each view, for progress.
+        ``on_view(done, total)`` is called after each view, for progress; an exception it raises stops the
+        registration there, with nothing stored (how the node cancels a long one). ``create=False`` with
+        ``append``: refuse a name that is not registered instead of creating it.
+
+        The concept is written only if its name still holds what it held when this call began: a concept forgotten
+        (or replaced) on another thread meanwhile is not written back (ConceptChanged).
         """
         name = self._check_text(validate_name(name), "name")
         if isinstance(views, (str, bytes)) or not hasattr(views, "__len__"):
             views = [views]
         if len(views) == 0:
             raise ValueError(f"register {name!r}: give at least one view")
-        existing = self.store.get(name) if name in self.store else None
+        existing = self.store.find(name)  # one read: the memory this registration builds on, checked at put
+        if existing is None and append and not create:
+            raise UnknownConcept(f"no concept named {name!r} to add views to; register it first (append false)")
         if existing is not None and not append:
             raise ConceptExists(f"concept {name!r} already exists; use append to add views or forget it first")
         areas = self._areas(area_percent, len(views))
@@ -198,7 +206,8 @@ class Ego:
         vectors = torch.cat([t.image.features[t.selected] for t in traces]).detach().cpu()
         records = [
             ViewRecord(grid_thw=t.image.grid_thw, indices=t.selected.tolist(), keywords=t.keywords,
-                       area_percent=t.area_percent, area_parsed=t.area_parsed, num_visual_tokens=t.image.num_tokens)
+                       area_percent=t.area_percent, area_parsed=t.area_parsed, num_visual_tokens=t.image.num_tokens,
+                       layers=list(t.layers))
             for t in traces
         ]
         now = time.time()
@@ -212,7 +221,7 @@ class Ego:
             model=self.model_name,
             fingerprint=self.fingerprint, created=existing.created if existing else now, updated=now,
         )
-        self.store.put(memory)
+        self.store.put(memory, expected=existing)
         try:  # the views as the model saw them, so `ego-ros show` can draw the kept tokens on them
             save_views(self.store.root, name, images, start=existing.num_views if existing else 0)
         except OSError as error:
@@ -280,7 +289,9 @@ class Ego:
         answers = self._generate(self.backend.build(questions),
                                  max(self.config.keyword_max_new_tokens, self.config.area_max_new_tokens))
         keyword_ids = answers.pop(0)[: self.config.keyword_max_new_tokens] if keywords else None
-        return keyword_ids, (answers[0][: self.config.area_max_new_tokens] if ask_area else None)
+        # The whole area answer is parsed: a wordy one ("The subject, a mug, covers about 35%") states its number
+        # after more than area_max_new_tokens tokens, and cutting it would fall back to 100 % without a word.
+        return keyword_ids, (answers[0] if ask_area else None)
 
     def _keyword_rows(self, keyword_ids: list[int]) -> tuple[list[int], list[int], bool]:
         """(the response to teacher-force, the indices of its word tokens, whether it is the fallback).
@@ -398,11 +409,13 @@ class Ego:
         max_new_tokens: int | None = None,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        on_new_text: Callable[[str], None] | None = None,
     ) -> Answer:
         """Answer ``question`` about one image, or about several frames of a clip (oldest first).
 
         ``times``: each frame's time in seconds (any origin); shown relative to the newest frame.
-        ``on_text`` receives the answer so far as it grows; setting ``cancel`` stops generation early.
+        ``on_text`` receives the answer so far as it grows, ``on_new_text`` only what each token added (both once
+        per token); setting ``cancel`` stops generation early.
         """
         start = time.perf_counter()
         question = self._check_text(question.strip() if isinstance(question, str) else question, "question")
@@ -415,13 +428,15 @@ class Ego:
             raise ValueError(f"{len(times)} times given for {len(frames)} images")
         encoded = self.backend.encode([to_rgb(f, self.config.max_image_pixels) for f in frames])
         encoded_at = time.perf_counter()
-        names = self.concepts_for(question, encoded, concepts)
+        # One consistent read of the memories: a concept forgotten meanwhile on another thread is simply not there.
+        memories = self.store.snapshot(self._known_names(concepts) if concepts is not None else None)
+        names = self.concepts_for(question, encoded, memories=memories)
 
         parts: list = []
         if names:
             parts.append(prompts.CONCEPTS_HEADER)
             for name in names:
-                parts += [prompts.CONCEPT_INTRO.format(name=name), self.store.get(name).vectors, ".\n"]
+                parts += [prompts.CONCEPT_INTRO.format(name=name), memories[name].vectors, ".\n"]
         if len(encoded) > 1:
             newest = times[-1] if times is not None else 0.0
             parts.append(prompts.VIDEO_HEADER + "\n")
@@ -433,7 +448,8 @@ class Ego:
         parts.append(question)
 
         batch = self.backend.build([parts])
-        (answer_ids,) = self._generate(batch, max_new_tokens or self.config.max_new_tokens, on_text, cancel)
+        (answer_ids,) = self._generate(batch, max_new_tokens or self.config.max_new_tokens, on_text, cancel,
+                                       on_new_text)
         done = time.perf_counter()
         return Answer(
             text=self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),
@@ -446,11 +462,13 @@ class Ego:
     @torch.no_grad()
     def recognize(self, image: ImageInput, concepts: Sequence[str] | None = None) -> dict[str, float]:
         """{name: probability that the concept is in ``image``}, from the yes/no logits of one prompt per concept."""
-        names = self._known(concepts) if concepts is not None else self.store.names()
-        if not names:
+        # One consistent read: a concept forgotten on another thread meanwhile is not scored (and does not fail
+        # the others); one asked for by name and unknown is an error.
+        memories = self.store.snapshot(self._known_names(concepts) if concepts is not None else None)
+        if not memories:
             return {}
         (encoded,) = self.backend.encode([to_rgb(image, self.config.max_image_pixels)])
-        return self.yes_probabilities(encoded, {name: [self.store.get(name).vectors] for name in names})
+        return self.yes_probabilities(encoded, {name: [memory.vectors] for name, memory in memories.items()})
 
     @torch.no_grad()
     def yes_probabilities(self, image: EncodedImage, introductions: dict[str, list]) -> dict[str, float]:
@@ -485,14 +503,15 @@ class Ego:
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
-    def _generate(self, batch: Batch, max_new_tokens: int, on_text=None, cancel=None) -> list[list[int]]:
+    def _generate(self, batch: Batch, max_new_tokens: int, on_text=None, cancel=None,
+                  on_new_text=None) -> list[list[int]]:
         """Greedy generation with the batch's vectors in place; returns each row's new tokens up to EOS."""
         from .streaming import CancelCriteria, TextCallbackStreamer
 
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                       suppress_tokens=self._never_generate, pad_token_id=self.backend.pad_id)
-        if on_text is not None:
-            kwargs["streamer"] = TextCallbackStreamer(self.tokenizer, on_text)
+        if on_text is not None or on_new_text is not None:
+            kwargs["streamer"] = TextCallbackStreamer(self.tokenizer, on_text, on_new_text)
         if cancel is not None:
             kwargs["stopping_criteria"] = [CancelCriteria(cancel)]
         with injected_rows(self.model, self.backend.injected_token_ids, batch.injected):
@@ -503,32 +522,34 @@ class Ego:
             rows.append(new[:end])
         return rows
 
-    def concepts_for(self, question: str, encoded: list[EncodedImage], requested=None) -> list[str]:
+    def concepts_for(self, question: str, encoded: list[EncodedImage], requested=None, *,
+                     memories: dict[str, ConceptMemory] | None = None) -> list[str]:
         """The concepts to put in context: the requested ones (or all), at most ``max_concepts_in_context``.
 
         Paper §3.5: when they do not all fit, keep those whose memory is most similar to the test image's visual
         tokens (for each memory token its best cosine match among the image tokens, averaged). Concepts named in
         the question go first, whatever their similarity: the user asked about them.
         """
-        names = self._known(requested) if requested is not None else self.store.names()
+        if memories is None:
+            memories = self.store.snapshot(self._known_names(requested) if requested is not None else None)
+        names = list(memories)
         limit = self.config.max_concepts_in_context
         if len(names) <= limit:
             return names
         test = torch.nn.functional.normalize(torch.cat([e.features for e in encoded]).float().cpu(), dim=-1)
         similarity = {}
         for name in names:
-            memory = torch.nn.functional.normalize(self.store.get(name).vectors.float(), dim=-1)
+            memory = torch.nn.functional.normalize(memories[name].vectors.float(), dim=-1)
             similarity[name] = (memory @ test.T).max(dim=1).values.mean().item()
-        lowered = question.casefold()
-        named = [n for n in names if n.casefold() in lowered]
+        named = named_in(question, names)
         ranked = sorted((n for n in names if n not in named), key=similarity.get, reverse=True)
         return (named + ranked)[:limit]
 
-    def _known(self, names: Sequence[str]) -> list[str]:
+    @staticmethod
+    def _known_names(names: Sequence[str]) -> list[str]:
+        """The requested names, deduplicated; snapshot() raises UnknownConcept for any it does not know."""
         if isinstance(names, str):
             names = [names]
-        for name in names:
-            self.store.get(name)  # raises UnknownConcept naming the known ones
         return list(dict.fromkeys(names))
 
     def _check_text(self, text, what: str) -> str:
@@ -565,6 +586,20 @@ class Ego:
         if isinstance(images, (list, tuple)):
             return list(images)
         return [images]
+
+
+def named_in(question: str, names: Iterable[str]) -> list[str]:
+    """The names the question mentions as whole words, case-insensitively: "Al" is in "Where is Al?" but not
+    in "Always"; a name that starts or ends with punctuation ("R2-D2!") only needs that edge to match as is."""
+    lowered = question.casefold()
+    found = []
+    for name in names:
+        key = re.escape(name.casefold())
+        before = r"(?<!\w)" if name[:1].isalnum() or name[:1] == "_" else ""
+        after = r"(?!\w)" if name[-1:].isalnum() or name[-1:] == "_" else ""
+        if re.search(before + key + after, lowered):
+            found.append(name)
+    return found
 
 
 _NUMBER = re.compile(r"(\d+(?:[.,]\d+)?)\s*(%|percent)?", re.IGNORECASE)

@@ -39,10 +39,12 @@ import torch
 logger = logging.getLogger("ego_ros.memory")
 
 FORMAT = 1
+# A temporary file of an interrupted write untouched this long is garbage (a write takes well under a second).
+STALE_TMP_SEC = 600.0
 MAX_NAME_LENGTH = 64
 # What the JSON record holds of a memory and of each view; the tensor file holds the rest (vectors, indices, grids).
 _RECORD_FIELDS = ("name", "model", "fingerprint", "layers", "max_tokens_per_view", "created", "updated")
-_VIEW_FIELDS = ("keywords", "area_percent", "area_parsed", "num_visual_tokens")
+_VIEW_FIELDS = ("keywords", "area_percent", "area_parsed", "num_visual_tokens", "layers")
 _NAME_RULES = (
     f"a name is 1-{MAX_NAME_LENGTH} characters of ordinary text (letters in any script, digits, spaces, punctuation, "
     "emoji) with no leading or trailing whitespace, no control characters, no '/' or '\\', and not '.' or '..'"
@@ -62,6 +64,13 @@ class UnknownConcept(KeyError):
 
 class ConceptExists(ValueError):
     """The name is taken, by a loaded concept or by a file this store did not load."""
+
+
+class ConceptChanged(ValueError):
+    """put(expected=...) found another memory under the name (forgotten or replaced meanwhile): nothing written."""
+
+
+_ANY = object()  # put()'s default `expected`: write whatever the name holds now
 
 
 def validate_name(name: str) -> str:
@@ -107,8 +116,13 @@ class ViewRecord:
     area_percent: float  # alpha: how much of the image the subject covers, in percent
     area_parsed: bool  # False when the VLM's answer could not be parsed and a default was used
     num_visual_tokens: int  # N_r: visual tokens of the view before selection
+    # The decoder layers whose attention scored this view (eq. 3). Views appended later may have been scored with
+    # other layers than the first ones; None only in records written before views kept their own.
+    layers: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.layers is not None:
+            self.layers = [int(layer) for layer in self.layers]
         self.grid_thw = tuple(int(x) for x in self.grid_thw)
         self.indices = [int(i) for i in self.indices]
         if len(self.grid_thw) != 3 or min(self.grid_thw) < 1:
@@ -283,8 +297,37 @@ class MemoryStore:
         with self._lock:
             return len(self._memories)
 
-    def put(self, memory: ConceptMemory, *, replace: bool = True) -> None:
-        """Persist `memory` atomically and make it the current memory of its name."""
+    def find(self, name: str) -> ConceptMemory | None:
+        """The memory of `name`, or None when there is none (one look under the lock, unlike `in` then get)."""
+        name = validate_name(name)
+        with self._lock:
+            return self._memories.get(name)
+
+    def snapshot(self, names: list[str] | None = None) -> dict[str, ConceptMemory]:
+        """{name: memory} of `names` (None: every concept, oldest first), read together under the lock.
+
+        A reader on another thread (recognition on the inference worker) sees one consistent set even while a
+        concept is forgotten, instead of listing names and then failing on one removed in between. A name asked
+        for explicitly that is unknown raises UnknownConcept.
+        """
+        with self._lock:
+            if names is None:
+                return {name: self._memories[name] for name in self._names()}
+            result = {}
+            for name in names:
+                name = validate_name(name)
+                if name not in self._memories:
+                    raise self._unknown(name)
+                result[name] = self._memories[name]
+            return result
+
+    def put(self, memory: ConceptMemory, *, replace: bool = True, expected=_ANY) -> None:
+        """Persist `memory` atomically and make it the current memory of its name.
+
+        ``expected``: the memory (as returned by get/find, or None for "no concept of that name") that the caller
+        built `memory` from; if the name holds anything else now (forgotten or replaced meanwhile), nothing is
+        written and ConceptChanged is raised. This is what keeps an append from resurrecting a forgotten concept.
+        """
         # A copy, validated again (the dataclass is mutable), that is what a reload would give: vectors on CPU.
         vectors = memory.vectors.detach().to("cpu").contiguous()
         memory = dataclasses.replace(memory, vectors=vectors, views=[dataclasses.replace(v) for v in memory.views])
@@ -298,6 +341,9 @@ class MemoryStore:
         json_path = self.root / f"{stem}.json"
         with self._lock:
             old_tensor_name = self._tensor_files.get(name)
+            if expected is not _ANY and self._memories.get(name) is not expected:
+                now = "was forgotten" if name not in self._memories else "was changed"
+                raise ConceptChanged(f"concept {name!r} {now} while this memory was being built; nothing was stored")
             if old_tensor_name is not None and not replace:
                 raise ConceptExists(f"a concept named {name!r} already exists")
             if old_tensor_name is None and json_path.exists():
@@ -348,9 +394,19 @@ class MemoryStore:
             _fsync_dir(self.root)
             self._unlink_quietly(self.root / tensor_name)
 
-    def gc(self) -> list[Path]:
-        """Delete tensor files older than the committed revision of a loaded concept (left by crashes)."""
+    def gc(self, stale_tmp_sec: float = STALE_TMP_SEC) -> list[Path]:
+        """Delete what crashes leave behind: tensor files older than the committed revision of a loaded concept,
+        and temporary files of interrupted writes (``.*.tmp``) untouched for ``stale_tmp_sec`` (a younger one
+        may be another process's write in progress)."""
         deleted = []
+        now = time.time()
+        for path in self.root.glob(".*.tmp") if self.root.is_dir() else []:
+            try:
+                if now - path.stat().st_mtime > stale_tmp_sec:
+                    self._unlink_quietly(path)
+                    deleted.append(path)
+            except FileNotFoundError:
+                pass  # its writer renamed or removed it meanwhile
         with self._lock:
             for name, tensor_name in self._tensor_files.items():
                 stem = file_stem(name)
@@ -401,7 +457,8 @@ class MemoryStore:
         if len(record["views"]) != len(sizes) or grids_shape != (len(sizes), 3) or sum(sizes) != num_indices:
             raise _Skip("the record's views do not match the tensor file")
         views = [
-            ViewRecord(grid_thw=grid, indices=indices.tolist(), **{field: view[field] for field in _VIEW_FIELDS})
+            ViewRecord(grid_thw=grid, indices=indices.tolist(),
+                       **{field: view.get(field) if field == "layers" else view[field] for field in _VIEW_FIELDS})
             for grid, indices, view in zip(tensors["grids"].tolist(), tensors["indices"].split(sizes), record["views"])
         ]
         fields = {field: record[field] for field in _RECORD_FIELDS}

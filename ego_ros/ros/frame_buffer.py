@@ -41,6 +41,7 @@ class Frame:
     stamp_sec: float
     image: np.ndarray  # (H, W, 3) uint8 RGB, read-only, at most max_pixels pixels
     header: object | None = None  # the message's std_msgs/Header, to stamp events about this frame
+    received: float = 0.0  # when it was offered, on the buffer's (wall) clock: how old it is, whatever its stamp
 
 
 class FrameBuffer:
@@ -120,7 +121,7 @@ class FrameBuffer:
         with self._lock:
             if self._generation != generation or (self._frames and stamp < self._frames[-1].stamp_sec):
                 return False  # cleared, or overtaken by a newer frame, while decoding
-            self._frames.append(Frame(stamp, array, header))
+            self._frames.append(Frame(stamp, array, header, offered_at))
             while stamp - self._frames[0].stamp_sec > self.seconds + _STAMP_EPS:
                 self._frames.popleft()
             self._accepts.append(offered_at)
@@ -133,32 +134,45 @@ class FrameBuffer:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
-    def latest(self) -> Frame | None:
+    def latest(self, max_age: float | None = None) -> Frame | None:
+        """The newest frame; with ``max_age``, None when it arrived more than that many seconds ago (a camera
+        that stopped publishing leaves its last frame here, which is not "what the camera sees" any more)."""
         with self._lock:
-            return self._frames[-1] if self._frames else None
+            if not self._frames or not self._fresh(max_age):
+                return None
+            return self._frames[-1]
 
-    def window(self, seconds: float, max_frames: int) -> list[Frame]:
+    def age(self) -> float | None:
+        """Seconds since the newest frame arrived (None: no frame)."""
+        with self._lock:
+            return self._clock() - self._frames[-1].received if self._frames else None
+
+    def _fresh(self, max_age: float | None) -> bool:  # call with the lock held and a frame in the buffer
+        return max_age is None or self._clock() - self._frames[-1].received <= max_age
+
+    def window(self, seconds: float, max_frames: int, max_age: float | None = None) -> list[Frame]:
         """Frames of the last ``seconds`` before the newest, oldest first, evenly thinned to at most ``max_frames``.
 
-        The newest frame is always included (and, when thinning, the oldest in the window too).
+        The newest frame is always included (and, when thinning, the oldest in the window too). With ``max_age``:
+        nothing when the newest frame arrived more than that many seconds ago (see :meth:`latest`).
         """
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
         if not isinstance(max_frames, int) or max_frames < 1:
             raise ValueError(f"max_frames must be a positive integer, got {max_frames!r}")
         with self._lock:
-            if not self._frames:
+            if not self._frames or not self._fresh(max_age):
                 return []
             start = self._frames[-1].stamp_sec - seconds - _STAMP_EPS
             frames = [frame for frame in self._frames if frame.stamp_sec >= start]
         return _spread(frames, max_frames)
 
-    def sample(self, n: int, window_sec: float) -> list[Frame]:
+    def sample(self, n: int, window_sec: float, max_age: float | None = None) -> list[Frame]:
         """``n`` frames spread evenly over the last ``window_sec`` (fewer if the buffer holds fewer): the views to
         register a concept from, so that they show it from as many moments (angles) as the window offers."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        return self.window(window_sec, n)
+        return self.window(window_sec, n, max_age)
 
     def stats(self) -> dict:
         """For diagnostics: fill, memory use and its bound, span, and input / accepted rates (Hz, wall clock)."""

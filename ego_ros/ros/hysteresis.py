@@ -74,6 +74,11 @@ class PresenceTracker:
     def present(self) -> list[str]:
         return [name for name, state in self._states.items() if state.present]
 
+    def set_thresholds(self, on_threshold: float, off_threshold: float) -> None:
+        """New thresholds (a live parameter change); presence so far is kept and judged by them from now on."""
+        checked = PresenceTracker(on_threshold, off_threshold)  # the same validation as the constructor's
+        self.on_threshold, self.off_threshold = checked.on_threshold, checked.off_threshold
+
     def reset(self) -> None:
         """Forget all state (camera restarted, node deactivated): everything present will appear again."""
         self._states.clear()

@@ -79,7 +79,7 @@ def image_from_msg(msg, *, limit_pixels: int = MAX_MESSAGE_PIXELS) -> np.ndarray
     """A ``sensor_msgs/Image`` as (H, W, 3) uint8 RGB, often a read-only view of ``msg.data`` (see module doc)."""
     encoding = _BY_LOWER.get(str(getattr(msg, "encoding", "")).strip().lower())
     if encoding is None:
-        raise InvalidImage(f"unsupported image encoding {getattr(msg, 'encoding', None)!r}; "
+        raise InvalidImage(f"unsupported image encoding {_shown(getattr(msg, 'encoding', None))}; "
                            f"supported: {', '.join(SUPPORTED_ENCODINGS)}")
     bpp, decode = _ENCODINGS[encoding]
     height, width, step = (_count(msg, field) for field in ("height", "width", "step"))
@@ -112,11 +112,11 @@ def compressed_from_msg(msg, max_pixels: int | None = None, *,
     """
     fmt = str(getattr(msg, "format", ""))
     if "compresseddepth" in fmt.lower():
-        raise InvalidImage(f"CompressedImage format {fmt!r} (compressedDepth) is not supported; send JPEG or PNG")
+        raise InvalidImage(f"CompressedImage format {_shown(fmt)} (compressedDepth) is not supported; send JPEG or PNG")
     data = _bytes_of(msg.data)
     if not data:
         raise InvalidImage("CompressedImage has no data")
-    what = f"CompressedImage (format {fmt!r}, {len(data)} bytes)"
+    what = f"CompressedImage (format {_shown(fmt)}, {len(data)} bytes)"
     try:
         image = Image.open(io.BytesIO(data), formats=["JPEG", "PNG"])  # reads the header only
         width, height = image.size
@@ -133,12 +133,13 @@ def compressed_from_msg(msg, max_pixels: int | None = None, *,
     return np.asarray(to_rgb(image, max_pixels or limit_pixels), dtype=np.uint8)
 
 
-def rgb_from_msg(msg, max_pixels: int | None = None) -> np.ndarray:
+def rgb_from_msg(msg, max_pixels: int | None = None, *, limit_pixels: int = MAX_MESSAGE_PIXELS) -> np.ndarray:
     """Either message type (a CompressedImage has ``format``, an Image has ``encoding``) as RGB uint8, downscaled
-    to at most ``max_pixels`` when given. Handy as the decoder a FrameBuffer calls for accepted frames."""
+    to at most ``max_pixels`` when given. Handy as the decoder a FrameBuffer calls for accepted frames.
+    ``limit_pixels``: a larger claimed size is refused before decoding."""
     if hasattr(msg, "format") and not hasattr(msg, "encoding"):
-        return compressed_from_msg(msg, max_pixels)
-    rgb = image_from_msg(msg)
+        return compressed_from_msg(msg, max_pixels, limit_pixels=limit_pixels)
+    rgb = image_from_msg(msg, limit_pixels=limit_pixels)
     if max_pixels is not None and rgb.shape[0] * rgb.shape[1] > max_pixels:
         rgb = np.asarray(to_rgb(rgb, max_pixels), dtype=np.uint8)
     return rgb
@@ -194,6 +195,12 @@ def compressed_to_msg(image: np.ndarray, msg_cls, header=None, fmt: str = "jpeg"
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _shown(value, limit: int = 40) -> str:
+    """A field as sent, quoted and cut: an error must not echo a 5,000-character encoding whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
 
 
 def _count(msg, field: str) -> int:

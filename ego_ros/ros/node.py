@@ -2,16 +2,25 @@
 
 A managed lifecycle node, thin plumbing over :class:`ego_ros.engine.Ego`:
 
-    configure   parameters read and validated, memory folder checked, publishers and camera buffers created
-    activate    model loaded (a failure fails the transition, with the reason), worker started, then the camera
-                subscriptions, services, the ``~/answer`` action and the recognition and diagnostics timers
-    deactivate  all of those destroyed, generation cancelled, model and GPU memory released
+    configure   parameters read and validated (camera topic names included), memory folder checked, publishers
+                and camera buffers created
+    activate    model loaded (a failure fails the transition, with the reason, and leaves nothing behind), worker
+                started, then the camera subscriptions, services, the ``~/answer`` action and the recognition timer
+    deactivate  generation cancelled, every caller answered, the worker joined, all of those destroyed, camera
+                buffers emptied, model and GPU memory released
     cleanup     publishers and buffers dropped
+    error       (an exception in a transition) everything above released: the node is back to unconfigured
 
-Threads: the executor's threads only validate, convert and queue; one :class:`InferenceWorker` thread owns the
-model. User requests wait for their result on their own executor thread (a multi-threaded executor; at most
-``MAX_PENDING_REQUESTS`` at a time, more are refused), so ``list_concepts`` and camera callbacks stay responsive.
-Periodic recognition queues behind user requests and coalesces per camera.
+Threads: the lifecycle services run in a reentrant group of their own, so ``get_state``, the parameter services,
+``/diagnostics`` and ``list_concepts`` answer while a transition loads the model (minutes for a 7B one). The
+executor's threads only validate and queue; one :class:`InferenceWorker` thread owns the model. User requests wait
+for their result on their own executor thread (a multi-threaded executor; at most ``MAX_PENDING_REQUESTS`` at a
+time, more are refused at once as busy, action goals rejected), so ``list_concepts`` and camera callbacks stay
+responsive. Periodic recognition queues behind user requests and coalesces per camera.
+
+Live parameters (taken while active): ``recognition_threshold``, ``recognition_rate_hz``, ``max_new_tokens``
+(and ``use_sim_time``); the others are read on configure. ``~/enable`` (std_srvs/SetBool) pauses and resumes
+recognition without unloading the model.
 
 Run it with ``ros2 launch ego_ros ego.launch.py``, ``ros2 run ego_ros ego_node --ros-args -p autostart:=true``, or in
 the venv ``ego-ros node --params-file config/ego.yaml``.
@@ -19,11 +28,18 @@ the venv ``ego-ros node --params-file config/ego.yaml``.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import math
+import os
+import shutil
+import signal
+import tempfile
 import threading
 import time
-from contextlib import contextmanager
+import weakref
 from concurrent.futures import CancelledError
+from contextlib import contextmanager
 from pathlib import Path
 
 import rclpy
@@ -32,11 +48,15 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.parameter import Parameter
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.service import Service
+from rclpy.signals import SignalHandlerOptions
 from rclpy.timer import Timer
 from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+from std_srvs.srv import SetBool
 
 from ego_ros.action import Answer
 from ego_ros.engine.memory import validate_name
@@ -47,22 +67,50 @@ from .frame_buffer import FrameBuffer
 from .hysteresis import PresenceTracker
 from .image_msgs import image_from_msg, is_compressed_topic, rgb_from_msg
 from .parameters import PARAMETER_SPECS, PARAMETERS, Settings  # noqa: F401 - PARAMETERS: the node's public table
+from .requests import (MAX_REQUEST_PIXELS, RequestError, check_model_can_take, check_request, message_of, shown)
 from .worker import InferenceWorker, Priority
 
 # Requests waiting for the model at once; each holds an executor thread, so this must stay below EXECUTOR_THREADS.
 MAX_PENDING_REQUESTS = 4
 EXECUTOR_THREADS = MAX_PENDING_REQUESTS + 4
 DIAGNOSTICS_PERIOD_SEC = 1.0
+# Requests that arrive together are queued by DDS until an executor thread takes them: the default depth of 10
+# dropped 5 of a burst of 16 without a trace. Deep enough that every one is taken, answered or refused as busy.
+REQUEST_QOS = QoSProfile(depth=256, reliability=ReliabilityPolicy.RELIABLE)
+# Parameters taken live while configured; the others are read on configure.
+LIVE_PARAMETERS = ("recognition_threshold", "recognition_rate_hz", "max_new_tokens", "use_sim_time")
+# How long deactivate or a signal waits for callers to be answered before it says so in the log (it goes on waiting).
+STOP_WARN_SEC = 10.0
+RESPONSE_GRACE_SEC = 0.2
 
 
-class RequestError(ValueError):
-    """A request that cannot be served as asked; the message says what to fix."""
+class _Slots:
+    """At most ``n`` requests waiting for the model; a goal takes its slot when it is accepted."""
+
+    def __init__(self, n: int):
+        self.n, self.used, self._lock = n, 0, threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.used >= self.n:
+                return False
+            self.used += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self.used = max(0, self.used - 1)
 
 
 class EgoNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("ego", **kwargs)
+        self._lifecycle_group = self._move_lifecycle_services()
         for name, (default, descriptor) in PARAMETER_SPECS.items():
+            if isinstance(default, list) and not default:
+                # An empty list would be declared a byte array, and `-p layers:=[1, 2]` refused as the wrong type:
+                # declare the type from the descriptor instead (unset until given; Settings reads unset as empty).
+                default = Parameter.Type(descriptor.type)
             self.declare_parameter(name, default, descriptor)
         self.settings: Settings | None = None
         self.ego = None
@@ -73,42 +121,88 @@ class EgoNode(LifecycleNode):
         self._diagnostics_pub = None
         self._active: list = []  # subscriptions, services, the action server and timers made on activate
         self._configured: list = []  # the diagnostics timer, made on configure
-        self._pending = threading.BoundedSemaphore(MAX_PENDING_REQUESTS)
+        self._recognition_timer: Timer | None = None
+        self._slots = _Slots(MAX_PENDING_REQUESTS)
         self._cancel_events: set[threading.Event] = set()  # one per generation in progress
+        self._goal_events: dict[bytes, threading.Event] = {}  # goal id -> its cancel event
         self._in_flight = 0  # requests and goals being served; deactivate waits for them to answer
         self._idle = threading.Condition()
         self._stopping = False
+        self._enabled = True  # ~/enable: periodic recognition on or paused
         self._last_analysed: dict[str, float] = {}
         self._load_error = ""
+        self._loading = False  # activate is loading the model
         # Fast callbacks (list, forget, diagnostics, camera frames) never share a thread pool slot with requests
         # that wait for the model.
         self._fast_group = ReentrantCallbackGroup()
         self._slow_group = ReentrantCallbackGroup()
         self._camera_group = MutuallyExclusiveCallbackGroup()
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+
+    def _move_lifecycle_services(self) -> ReentrantCallbackGroup:
+        """Transitions (a model load takes minutes) must not hold the default group, which serves the parameter
+        services, nor block get_state: the lifecycle services go to a reentrant group of their own. rcl refuses a
+        second transition while one is in progress, so reentrancy cannot interleave two transitions.
+
+        (rclpy's LifecycleNode takes no callback group for them: they are moved out of the default one here.)"""
+        group = ReentrantCallbackGroup()
+        default = self.default_callback_group
+        for service in (self._service_change_state, self._service_get_state, self._service_get_available_states,
+                        self._service_get_available_transitions, self._service_get_transition_graph):
+            default.entities.discard(weakref.ref(service))
+            service.callback_group = group
+            group.add_entity(service)
+        return group
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
-        """Parameters are read on configure: refuse a change that would silently not apply."""
+        """Live parameters are taken (ranges are checked by rclpy from the descriptors); the others are read on
+        configure, so a change to them while configured is refused rather than silently not applied."""
         if self.settings is None:
             return SetParametersResult(successful=True)
-        names = ", ".join(p.name for p in parameters)
+        fixed = [p.name for p in parameters if p.name not in LIVE_PARAMETERS]
+        if not fixed:
+            return SetParametersResult(successful=True)
         return SetParametersResult(successful=False, reason=(
-            f"{names}: parameters are read on configure; deactivate and clean up the node, set them, then "
-            "configure and activate again"))
+            f"{', '.join(fixed)}: read on configure; deactivate and clean up the node, set them, then configure "
+            f"and activate again (live: {', '.join(LIVE_PARAMETERS)})"))
+
+    def _apply_parameters(self, parameters) -> None:
+        s = self.settings
+        if s is None:
+            return
+        changes = {p.name: p.value for p in parameters if p.name in LIVE_PARAMETERS and p.name != "use_sim_time"}
+        if not changes:
+            return
+        self.settings = s = dataclasses.replace(s, **{k: type(getattr(s, k))(v) for k, v in changes.items()})
+        if "recognition_threshold" in changes:
+            for tracker in self.trackers.values():
+                tracker.set_thresholds(s.recognition_threshold, max(0.0, s.recognition_threshold - 0.1))
+        if "max_new_tokens" in changes and self.ego is not None:
+            self.ego.config.max_new_tokens = s.max_new_tokens
+        if "recognition_rate_hz" in changes:
+            self._set_recognition_rate(s.recognition_rate_hz)
+        self.get_logger().info(f"parameters changed live: {changes}")
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             settings = Settings.from_node(self)
+            for topic in settings.camera_topics:  # a bad name would only fail activate, after the model loaded
+                try:
+                    self.resolve_topic_name(topic)
+                except Exception as error:  # noqa: BLE001 - rclpy raises its own types for invalid names
+                    raise ValueError(f"camera topic {shown(topic)} is not a valid topic name: {error}") from None
             memory_dir = settings.memory_dir or _default_memory_dir()
             memory_dir.mkdir(parents=True, exist_ok=True)
             probe = memory_dir / ".ego_write_test"
             probe.write_bytes(b"")
             probe.unlink()
         except Exception as error:  # noqa: BLE001 - a failed transition must say why (rclpy would not)
-            self.get_logger().error(f"configure failed: {_message(error)}")
+            self.get_logger().error(f"configure failed: {message_of(error)}")
             return TransitionCallbackReturn.FAILURE
+        self._release_configured()  # nothing of an earlier configuration may survive into this one
         self.settings = s = settings
         self.buffers = {t: FrameBuffer(s.buffer_seconds, s.buffer_fps, s.max_image_pixels) for t in s.camera_topics}
         off = max(0.0, s.recognition_threshold - 0.1)
@@ -122,40 +216,85 @@ class EgoNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._activate()
+        except Exception as error:  # noqa: BLE001 - any failure leaves the node inactive, with the reason
+            self._load_error = message_of(error)
+            self.get_logger().error(f"activate failed: {self._load_error}")
+            self._release_active()  # whatever was made before the failure: model, worker, subscriptions
+            return TransitionCallbackReturn.FAILURE
+        return super().on_activate(state)
+
+    def _activate(self) -> None:
         from ego_ros.engine import Ego
 
         s = self.settings
+        # list_concepts first: it answers during a load of minutes (an empty list, layers_source "loading"). The
+        # model-backed services appear once the model is loaded, so their presence still means "ready".
+        self._loading = True
+        self._active.append(self.create_service(ListConcepts, "~/list_concepts", self._list_concepts,
+                                                qos_profile=REQUEST_QOS, callback_group=self._fast_group))
         self.get_logger().info(f"loading {s.model} (device {s.device}, dtype {s.dtype})...")
         started = time.perf_counter()
         try:
-            self.ego = Ego.load(
+            ego = Ego.load(
                 s.model, device=s.device, dtype=s.dtype, memory_dir=s.memory_dir, layers=s.layers,
                 max_tokens_per_view=s.max_tokens_per_view, max_image_pixels=s.max_image_pixels,
                 max_concepts_in_context=s.max_concepts_in_context, max_new_tokens=s.max_new_tokens,
             )
-        except Exception as error:  # any failure to load leaves the node inactive, with the reason
-            self._load_error = f"{type(error).__name__}: {error}"
-            self.get_logger().error(f"activate failed: cannot load the model: {self._load_error}")
-            self.ego = None
-            return TransitionCallbackReturn.FAILURE
+        except Exception as error:
+            raise RuntimeError(f"cannot load the model: {message_of(error)}") from error
         self._load_error = ""
-        for path, reason in self.ego.store.skipped:
+        for path, reason in ego.store.skipped:
             self.get_logger().warning(f"skipped concept file {path}: {reason}")
+        try:
+            for path in ego.store.gc():  # older revisions and temporary files a killed process left behind
+                self.get_logger().info(f"deleted stale concept file {path}")
+        except OSError as error:  # a read-only memory folder still serves its concepts
+            self.get_logger().warning(f"could not clean up the memory folder: {error}")
         self.get_logger().info(
-            f"loaded {s.model} on {self.ego.device} in {time.perf_counter() - started:.1f} s; layers {self.ego.layers} "
-            f"({self.ego.layers_source}); {len(self.ego.store)} concepts")
+            f"loaded {s.model} on {ego.device} in {time.perf_counter() - started:.1f} s; layers {ego.layers} "
+            f"({ego.layers_source}); {len(ego.store)} concepts")
+        self._slots = _Slots(MAX_PENDING_REQUESTS)
         self.worker = InferenceWorker()
+        self.ego = ego
+        self._loading = False
         self._open_interfaces()
-        return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release_model()  # first: every caller gets its answer while the services still exist
-        self._destroy(self._active)
-        for tracker in self.trackers.values():
-            tracker.reset()
+        self._release_active()
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_configured()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_active()
+        self._release_configured()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """A transition raised: release everything, so that the next configure and activate start clean
+        (no second diagnostics timer, no second model); the node goes back to unconfigured."""
+        self.get_logger().error(f"error in a transition from {state.label}: releasing the model and interfaces")
+        self._release_active()
+        self._release_configured()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release_active(self) -> None:
+        """Undo activate, whatever part of it was done: callers answered first, while the services still exist."""
+        self._loading = False
+        self._release_model()
+        self._destroy(self._active)
+        self._recognition_timer = None
+        for tracker in self.trackers.values():
+            tracker.reset()
+        for buffer in self.buffers.values():
+            buffer.clear()  # the next activation must not answer about frames from before
+        self._last_analysed.clear()
+
+    def _release_configured(self) -> None:
         self.settings = None  # parameters may change again until the next configure
         self._destroy(self._configured)
         self.buffers, self.trackers = {}, {}
@@ -164,35 +303,41 @@ class EgoNode(LifecycleNode):
         if self._diagnostics_pub is not None:
             self.destroy_publisher(self._diagnostics_pub)
         self._recognitions_pub = self._diagnostics_pub = None
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release_model()
-        self._destroy(self._active)
-        self._destroy(self._configured)
-        return TransitionCallbackReturn.SUCCESS
 
     def _open_interfaces(self) -> None:
         s = self.settings
         for topic in s.camera_topics:
             kind = CompressedImage if is_compressed_topic(topic) else Image
-            self._active.append(self.create_subscription(kind, topic, self._frame_callback(topic), qos_profile_sensor_data,
-                                               callback_group=self._camera_group))
-        self._active.append(self.create_service(ListConcepts, "~/list_concepts", self._list_concepts,
-                                      callback_group=self._fast_group))
-        self._active.append(self.create_service(ForgetConcept, "~/forget_concept", self._forget_concept,
-                                      callback_group=self._fast_group))
-        self._active.append(self.create_service(RegisterConcept, "~/register_concept", self._register_concept,
-                                      callback_group=self._slow_group))
-        self._active.append(self.create_service(Ask, "~/ask", self._ask, callback_group=self._slow_group))
-        self._active.append(self.create_service(Recognize, "~/recognize", self._recognize, callback_group=self._slow_group))
-        self._active.append(ActionServer(self, Answer, "~/answer", execute_callback=self._answer_execute,
-                               goal_callback=lambda goal: GoalResponse.ACCEPT,
-                               cancel_callback=lambda handle: CancelResponse.ACCEPT,
-                               callback_group=self._slow_group))
-        if s.recognition_rate_hz > 0:
-            self._active.append(self.create_timer(1.0 / s.recognition_rate_hz, self._recognition_tick,
-                                        callback_group=self._fast_group))
+            self._active.append(self.create_subscription(kind, topic, self._frame_callback(topic),
+                                                         qos_profile_sensor_data, callback_group=self._camera_group))
+        for srv_type, name, callback, group in (
+            (ForgetConcept, "~/forget_concept", self._forget_concept, self._fast_group),
+            (SetBool, "~/enable", self._enable, self._fast_group),
+            (RegisterConcept, "~/register_concept", self._register_concept, self._slow_group),
+            (Ask, "~/ask", self._ask, self._slow_group),
+            (Recognize, "~/recognize", self._recognize, self._slow_group),
+        ):
+            self._active.append(self.create_service(srv_type, name, callback, qos_profile=REQUEST_QOS,
+                                                    callback_group=group))
+        self._active.append(ActionServer(
+            self, Answer, "~/answer", execute_callback=self._answer_execute, goal_callback=self._accept_goal,
+            cancel_callback=self._cancel_goal, callback_group=self._slow_group,
+            goal_service_qos_profile=REQUEST_QOS, result_service_qos_profile=REQUEST_QOS,
+            cancel_service_qos_profile=REQUEST_QOS))
+        # Always made (cancelled while the rate is 0), so that a live rate change only sets its period.
+        self._recognition_timer = self.create_timer(1.0, self._recognition_tick, callback_group=self._fast_group)
+        self._active.append(self._recognition_timer)
+        self._set_recognition_rate(s.recognition_rate_hz)
+
+    def _set_recognition_rate(self, rate_hz: float) -> None:
+        timer = self._recognition_timer
+        if timer is None:
+            return
+        if rate_hz > 0:
+            timer.timer_period_ns = int(1e9 / rate_hz)
+            timer.reset()
+        else:
+            timer.cancel()
 
     def _destroy(self, entities: list) -> None:
         for entity in entities:
@@ -207,17 +352,26 @@ class EgoNode(LifecycleNode):
         entities.clear()
 
     def _release_model(self) -> None:
-        """Stop inference (queued jobs cancelled, a generation stopped at its next token), let every request in
-        flight send its answer, then free the model and its GPU memory."""
+        """Stop inference (queued jobs cancelled, a generation stopped at its next token, a registration at its
+        next view), let every request in flight send its answer, join the worker, then free the model and its GPU
+        memory. Waits as long as the running job takes: returning earlier would leave the model referenced."""
         self._stopping = True
-        for event in list(self._cancel_events):
-            event.set()
-        if self.worker is not None:
-            self.worker.stop(timeout=30.0)
-            self.worker = None
-        with self._idle:
-            self._idle.wait_for(lambda: self._in_flight == 0, timeout=30.0)
-        self._stopping = False
+        try:
+            for event in list(self._cancel_events):
+                event.set()
+            worker = self.worker
+            if worker is not None:
+                while not worker.stop(timeout=STOP_WARN_SEC):
+                    self.get_logger().warning(f"still waiting for the inference job {worker.running_job!r} to end")
+                self.worker = None
+            with self._idle:
+                while not self._idle.wait_for(lambda: self._in_flight == 0, timeout=STOP_WARN_SEC):
+                    self.get_logger().warning(f"still waiting for {self._in_flight} callers to be answered")
+            # The executor sends a response after its callback returns; destroying the service before that would
+            # drop it ("destruction was requested"). A moment is plenty: nothing is computed in between.
+            time.sleep(RESPONSE_GRACE_SEC)
+        finally:
+            self._stopping = False
         self.ego = None
         gc.collect()
         try:
@@ -233,12 +387,19 @@ class EgoNode(LifecycleNode):
     def _frame_callback(self, topic: str):
         buffer = self.buffers[topic]
 
+        def decode(msg):
+            image = rgb_from_msg(msg, buffer.max_pixels, limit_pixels=MAX_REQUEST_PIXELS)
+            check_model_can_take(image)  # refused here, once, not by every later recognition
+            return image
+
         def on_frame(msg) -> None:
-            stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-            if stamp == 0.0:  # drivers that leave the stamp empty: use the arrival time
-                stamp = self.get_clock().now().nanoseconds * 1e-9
+            header = msg.header
+            if header.stamp.sec == 0 and header.stamp.nanosec == 0:
+                # Drivers that leave the stamp empty: the arrival time, in the buffer and in events alike.
+                header = Header(stamp=self.get_clock().now().to_msg(), frame_id=header.frame_id)
+            stamp = header.stamp.sec + header.stamp.nanosec * 1e-9
             try:
-                buffer.offer(stamp, lambda: rgb_from_msg(msg, buffer.max_pixels), header=msg.header)
+                buffer.offer(stamp, lambda: decode(msg), header=header)
             except ValueError as error:
                 self.get_logger().warning(f"dropping a frame from {topic}: {error}", throttle_duration_sec=5.0)
 
@@ -252,14 +413,30 @@ class EgoNode(LifecycleNode):
         if not name:
             return topics[0]
         if name not in topics:
-            raise RequestError(f"unknown camera {name!r}; cameras: {list(topics)}")
+            raise RequestError(f"unknown camera {shown(name)}; cameras: {list(topics)}")
         return name
 
+    def _no_frame(self, camera: str) -> RequestError:
+        age = self.buffers[camera].age()
+        if age is None:
+            return RequestError(f"no frame from {camera} yet: is the camera publishing?")
+        return RequestError(f"the latest frame from {camera} arrived {age:.1f} s ago, more than buffer_seconds "
+                            f"({self.settings.buffer_seconds:g}): is the camera still publishing?")
+
     def _latest_frame(self, camera: str):
-        frame = self.buffers[camera].latest()
+        frame = self.buffers[camera].latest(max_age=self.settings.buffer_seconds)
         if frame is None:
-            raise RequestError(f"no frame from {camera} yet: is the camera publishing?")
+            raise self._no_frame(camera)
         return frame
+
+    def _frames(self, camera: str, window_sec: float, count: int):
+        window = float(window_sec) or self.settings.buffer_seconds
+        if not (math.isfinite(window) and 0 < window):
+            raise RequestError(f"window_sec must be a positive number of seconds, got {window_sec}")
+        frames = self.buffers[camera].window(window, count, max_age=self.settings.buffer_seconds)
+        if not frames:
+            raise self._no_frame(camera)
+        return frames
 
     # --- services ---------------------------------------------------------------------------------------------
 
@@ -268,102 +445,138 @@ class EgoNode(LifecycleNode):
         response.concepts = [_concept_msg(info) for info in ego.concepts()] if ego is not None else []
         if ego is not None:
             response.layers, response.layers_source = [int(layer) for layer in ego.layers], ego.layers_source
+        elif self._loading:
+            response.layers_source = "the model is loading: its concepts are listed once it is loaded"
         return response
 
     def _forget_concept(self, request, response):
-        # The store is thread-safe and forgetting needs no inference: answered here, not queued behind the model.
+        # The store is thread-safe and the engine reads it in consistent snapshots: answered here, not queued
+        # behind the model. A registration appending to it meanwhile is refused at its commit (ConceptChanged).
+        ego = self.ego
         try:
-            self.ego.forget(request.name)
-            response.success, response.message = True, f"forgot {request.name!r}"
+            if ego is None:
+                raise RequestError("the node is not active")
+            ego.forget(request.name)
+            response.success, response.message = True, f"forgot {shown(request.name)}"
         except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
-            response.success, response.message = False, _message(error)
+            response.success, response.message = False, message_of(error)
+        return response
+
+    def _enable(self, request, response):
+        self._enabled = bool(request.data)
+        if not self._enabled:
+            for tracker in self.trackers.values():
+                tracker.reset()  # resuming starts fresh: what is present then appears again
+        response.success = True
+        response.message = "recognition enabled" if self._enabled else "recognition paused (the model stays loaded)"
+        self.get_logger().info(response.message)
         return response
 
     def _register_concept(self, request, response):
         def prepare():
+            check_request(request)
             name = validate_name(request.name)
-            if name in self.ego.store and not request.append:
-                raise RequestError(f"concept {name!r} already exists; set append to add views, or forget it first")
+            found = self.ego.store.find(name)
+            if found is not None and not request.append:
+                raise RequestError(f"concept {shown(name)} already exists; set append to add views, or forget it first")
+            if found is None and request.append:
+                raise RequestError(f"no concept named {shown(name)} to add views to; register it with append false")
             if request.views:
-                views = [image_from_msg(view) for view in request.views]
-                source = f"{len(views)} given views"
+                views = [image_from_msg(view, limit_pixels=MAX_REQUEST_PIXELS) for view in request.views]
+                source, headers = f"{len(views)} given views", []
             else:
                 camera = self._camera(request.camera)
-                window = float(request.window_sec) or self.settings.buffer_seconds
-                frames = self.buffers[camera].sample(request.num_views or 1, window)
-                if not frames:
-                    raise RequestError(f"no frame from {camera} yet: is the camera publishing?")
-                views = [frame.image for frame in frames]
+                frames = self._frames(camera, request.window_sec, request.num_views or 1)
+                views, headers = [frame.image for frame in frames], [frame.header for frame in frames]
                 source = f"{len(views)} views from {camera}"
-            return lambda: (self.ego.register(name, views, append=request.append), source)
+
+            def on_view(done: int, total: int) -> None:
+                if self._stopping:  # deactivating: stop between views, nothing stored
+                    raise RequestError(f"stopped after {done} of {total} views: the node is being deactivated")
+
+            def job():
+                info = self.ego.register(name, views, append=request.append, create=not request.append,
+                                         on_view=on_view)
+                return info, source, headers
+            return job
 
         def respond(result):
-            info, source = result
+            info, source, headers = result
             response.concept = _concept_msg(info)
-            response.message = f"registered {info.name!r} from {source}: {info.num_tokens} tokens in memory"
+            response.frames = [h for h in headers if h is not None]
+            response.message = f"registered {shown(info.name)} from {source}: {info.num_tokens} tokens in memory"
             self.get_logger().info(response.message)
 
         return self._serve(request, response, prepare, respond)
 
     def _ask(self, request, response):
-        def respond(answer):
+        def respond(result):
+            answer, headers = result
             response.answer, response.concepts_used = answer.text, answer.concepts
             response.latency_sec = float(answer.timings["total"])
+            response.frames = headers
             response.message = f"{answer.new_tokens} tokens"
 
         return self._serve(request, response, lambda: self._ask_job(request), respond)
 
     def _recognize(self, request, response):
         def prepare():
-            if request.camera or not _has_image(request.image):
-                image = self._latest_frame(self._camera(request.camera)).image
+            check_request(request)
+            if request.camera or not _has_image(request.image):  # no camera and no image: the default camera
+                frame = self._latest_frame(self._camera(request.camera))
+                image, header = frame.image, frame.header
             else:
-                image = image_from_msg(request.image)
+                image, header = image_from_msg(request.image, limit_pixels=MAX_REQUEST_PIXELS), request.image.header
             concepts = self._known_concepts(request.concepts)
-            return lambda: self.ego.recognize(image, concepts)
+            return lambda: (self.ego.recognize(image, concepts), header)
 
-        def respond(scores):
+        def respond(result):
+            scores, header = result
             response.detections = [ConceptDetection(name=n, score=float(p))
                                    for n, p in sorted(scores.items(), key=lambda kv: -kv[1])]
+            if header is not None:
+                response.frame = header
             response.message = f"{len(scores)} concepts scored"
 
         return self._serve(request, response, prepare, respond)
 
-    def _ask_job(self, request, on_text=None, cancel=None):
+    def _ask_job(self, request, on_new_text=None, cancel=None):
         """Validate an Ask request (or Answer goal) here and return the job that answers it on the worker."""
+        check_request(request)
         question = request.question.strip()
         if not question:
             raise RequestError("the question is empty")
         s = self.settings
         times = None
         if request.source == Ask.Request.SOURCE_IMAGE:
-            images = [image_from_msg(request.image)]
+            images, headers = [image_from_msg(request.image, limit_pixels=MAX_REQUEST_PIXELS)], [request.image.header]
         elif request.source == Ask.Request.SOURCE_VIDEO:
-            camera = self._camera(request.camera)
-            window = float(request.window_sec) or s.buffer_seconds
-            frames = self.buffers[camera].window(window, s.video_frames)
-            if not frames:
-                raise RequestError(f"no frame from {camera} yet: is the camera publishing?")
+            frames = self._frames(self._camera(request.camera), request.window_sec, s.video_frames)
             images, times = [f.image for f in frames], [f.stamp_sec for f in frames]
+            headers = [f.header for f in frames]
         elif request.source == Ask.Request.SOURCE_LATEST:
-            images = [self._latest_frame(self._camera(request.camera)).image]
+            frame = self._latest_frame(self._camera(request.camera))
+            images, headers = [frame.image], [frame.header]
         else:
             raise RequestError(f"unknown source {request.source}: use SOURCE_LATEST (0), SOURCE_VIDEO (1) or "
                                "SOURCE_IMAGE (2)")
+        headers = [h if h is not None else Header() for h in headers]
         concepts = self._known_concepts(request.concepts)
         max_new_tokens = int(request.max_new_tokens) or None
         cancel = cancel or threading.Event()
 
         def job():
+            if cancel.is_set():  # cancelled while it waited in the queue: no token is generated
+                raise RequestError("cancelled before it started")
             self._cancel_events.add(cancel)  # so that deactivating stops this generation at its next token
             try:
                 answer = self.ego.ask(question, images, concepts=concepts, times=times,
-                                      max_new_tokens=max_new_tokens, on_text=on_text, cancel=cancel)
+                                      max_new_tokens=max_new_tokens, on_new_text=on_new_text, cancel=cancel)
             finally:
                 self._cancel_events.discard(cancel)
             if self._stopping:
                 raise RequestError("stopped: the node is being deactivated")
-            return answer
+            return answer, headers
 
         return job
 
@@ -382,7 +595,7 @@ class EgoNode(LifecycleNode):
                 respond(result)
                 response.success = True
         except Exception as error:  # noqa: BLE001 - the caller gets the reason; the node keeps running
-            response.success, response.message = False, _message(error)
+            response.success, response.message = False, message_of(error)
             self.get_logger().warning(f"{type(request).__name__} refused: {response.message}")
         if hasattr(response, "latency_sec") and not response.latency_sec:
             response.latency_sec = float(time.perf_counter() - started)
@@ -400,43 +613,72 @@ class EgoNode(LifecycleNode):
                 self._in_flight -= 1
                 self._idle.notify_all()
 
-    def _run_on_worker(self, prepare):
-        """Run ``prepare()`` (validation, conversion) here, then the job it returns on the model's thread."""
+    def _run_on_worker(self, prepare, *, slot_taken: bool = False):
+        """Run ``prepare()`` (validation) here, then the job it returns on the model's thread.
+
+        Takes one of the MAX_PENDING_REQUESTS slots (an accepted goal already holds one) or refuses at once."""
         worker, ego = self.worker, self.ego
-        if worker is None or ego is None:
-            raise RequestError("the node is not active")
-        if not self._pending.acquire(blocking=False):
+        if worker is None or ego is None or self._stopping:
+            if slot_taken:
+                self._slots.give()
+            raise RequestError("the model is still loading; retry later" if self._loading else "the node is not active")
+        if not slot_taken and not self._slots.take():
             raise RequestError(f"busy: {MAX_PENDING_REQUESTS} requests are already waiting for the model; retry later")
         try:
             job = prepare()
             return worker.submit(job, priority=Priority.USER).result()
         except CancelledError:
-            raise RequestError("cancelled: the node was deactivated") from None
+            raise RequestError("cancelled: the node is being deactivated") from None
         finally:
-            self._pending.release()
+            self._slots.give()
 
     # --- action -----------------------------------------------------------------------------------------------
 
+    def _accept_goal(self, goal) -> GoalResponse:
+        """Reject at once when busy (the llama_ros convention), rather than accept and abort: a goal accepted
+        holds a request slot until its result is set."""
+        if self.worker is None or self._stopping or not self._slots.take():
+            self.get_logger().info("answer goal rejected: busy or not active", throttle_duration_sec=1.0)
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _cancel_goal(self, goal_handle) -> CancelResponse:
+        # Set the goal's event now: a generation stops at its next token, a queued goal never starts.
+        event = self._goal_events.get(bytes(goal_handle.goal_id.uuid))
+        if event is not None:
+            event.set()
+        return CancelResponse.ACCEPT
+
     def _answer_execute(self, goal_handle):
         result = Answer.Result()
-        cancel = threading.Event()
+        key = bytes(goal_handle.goal_id.uuid)
+        cancel = self._goal_events.setdefault(key, threading.Event())
+        if goal_handle.is_cancel_requested:
+            cancel.set()
         tokens = 0
 
-        def on_text(text: str) -> None:
-            nonlocal tokens
+        so_far = ""
+
+        def on_new_text(text: str) -> None:
+            nonlocal tokens, so_far
             tokens += 1
-            goal_handle.publish_feedback(Answer.Feedback(answer_so_far=text, tokens=tokens))
+            so_far += text
+            goal_handle.publish_feedback(Answer.Feedback(new_text=text, answer_so_far=so_far, tokens=tokens))
             if goal_handle.is_cancel_requested:
                 cancel.set()
 
         with self._serving():  # until the goal's terminal state is set, so deactivate waits for it
             try:
-                answer = self._run_on_worker(lambda: self._ask_job(goal_handle.request, on_text, cancel))
+                answer, headers = self._run_on_worker(lambda: self._ask_job(goal_handle.request, on_new_text, cancel),
+                                                      slot_taken=True)
                 result.success, result.answer = True, answer.text
                 result.concepts_used, result.latency_sec = answer.concepts, float(answer.timings["total"])
+                result.frames = headers
                 result.message = f"{answer.new_tokens} tokens" + (" (cancelled)" if cancel.is_set() else "")
             except Exception as error:  # noqa: BLE001
-                result.success, result.message = False, _message(error)
+                result.success, result.message = False, message_of(error)
+            finally:
+                self._goal_events.pop(key, None)
             if goal_handle.is_cancel_requested:
                 goal_handle.canceled()
             elif result.success:
@@ -449,25 +691,32 @@ class EgoNode(LifecycleNode):
 
     def _recognition_tick(self) -> None:
         worker, ego = self.worker, self.ego
-        if worker is None or ego is None or len(ego.store) == 0:
+        if worker is None or ego is None or not self._enabled or self._stopping:
             return
+        if len(ego.store) == 0 and not any(tracker.present for tracker in self.trackers.values()):
+            return  # nothing to look for, and nothing present to announce gone (the last one forgotten)
         for camera, buffer in self.buffers.items():
-            frame = buffer.latest()
+            frame = buffer.latest(max_age=self.settings.buffer_seconds)
             if frame is None or self._last_analysed.get(camera) == frame.stamp_sec:
                 continue  # nothing new to look at
             self._last_analysed[camera] = frame.stamp_sec
-            job = worker.submit_periodic(("recognize", camera), lambda c=camera, f=frame: self._recognize_frame(c, f))
+            try:
+                job = worker.submit_periodic(("recognize", camera),
+                                             lambda c=camera, f=frame: self._recognize_frame(c, f))
+            except RuntimeError:  # the worker stopped between the check above and now: deactivating
+                return
             job.add_done_callback(self._report_recognition_failure)
 
     def _report_recognition_failure(self, job) -> None:
         # Nobody waits for a periodic job: a failure would pass unseen if it were not logged here.
         if not job.cancelled() and job.exception() is not None:
-            self.get_logger().error(f"recognition failed: {_message(job.exception())}", throttle_duration_sec=10.0)
+            self.get_logger().error(f"recognition failed: {message_of(job.exception())}", throttle_duration_sec=10.0)
 
     def _recognize_frame(self, camera: str, frame) -> None:
-        if self.ego is None:
+        ego = self.ego
+        if ego is None or not self._enabled:
             return
-        scores = self.ego.recognize(frame.image)
+        scores = ego.recognize(frame.image)  # {} once the last concept is forgotten: present ones disappear
         present, appeared, disappeared = self.trackers[camera].update(scores)
         event = RecognitionEvent(camera=camera, appeared=list(appeared), disappeared=list(disappeared))
         if frame.header is not None:
@@ -485,9 +734,11 @@ class EgoNode(LifecycleNode):
         array = DiagnosticArray()
         array.header.stamp = self.get_clock().now().to_msg()
         name = self.get_fully_qualified_name()
-        ego, worker = self.ego, self.worker
-        model = DiagnosticStatus(name=f"{name}: model", hardware_id=self.settings.model if self.settings else "")
-        if ego is not None:
+        ego, worker, settings = self.ego, self.worker, self.settings
+        model = DiagnosticStatus(name=f"{name}: model", hardware_id=settings.model if settings else "")
+        if self._loading:
+            model.level, model.message = DiagnosticStatus.WARN, "loading"
+        elif ego is not None:
             model.level, model.message = DiagnosticStatus.OK, f"loaded on {ego.device}"
             model.values = _values(device=ego.device, concepts=len(ego.store), layers=ego.layers,
                                    layers_source=ego.layers_source, fingerprint=ego.fingerprint)
@@ -499,9 +750,10 @@ class EgoNode(LifecycleNode):
         if worker is not None:
             latency = worker.last_latency_sec
             inference.values = _values(queue_length=worker.queue_length(), busy=worker.busy, last_job=worker.last_job,
-                                       last_latency_sec=f"{latency:.3f}" if latency is not None else "")
+                                       last_latency_sec=f"{latency:.3f}" if latency is not None else "",
+                                       recognition="enabled" if self._enabled else "paused")
         array.status = [model, inference]
-        for camera, buffer in self.buffers.items():
+        for camera, buffer in list(self.buffers.items()):
             stats = buffer.stats()
             status = DiagnosticStatus(name=f"{name}: camera {camera}", hardware_id=camera)
             silent = stats["input_rate_hz"] == 0.0
@@ -510,6 +762,14 @@ class EgoNode(LifecycleNode):
             status.values = _values(**{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in stats.items()})
             array.status.append(status)
         self._diagnostics_pub.publish(array)
+
+    # --- stopping on a signal ---------------------------------------------------------------------------------
+
+    def stop_serving(self) -> None:
+        """SIGINT/SIGTERM: answer every caller (queued ones refused, a generation cut at its next token) while
+        the executor still spins, so nobody waits on a node that is gone; then the model is released. The services
+        stay until the node is destroyed, so that the answers can still be sent."""
+        self._release_model()
 
 
 def _default_memory_dir() -> Path:
@@ -535,29 +795,93 @@ def _values(**pairs) -> list[KeyValue]:
     return [KeyValue(key=key, value=str(value)) for key, value in pairs.items()]
 
 
-def _message(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text if isinstance(error, (ValueError, KeyError, RequestError)) else f"{type(error).__name__}: {text}"
-
-
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = None
+    # Our own signal handling: rclpy's would shut the context down at once, and callers still waiting would never
+    # get an answer (nor would a long generation stop). A second signal exits at once.
+    temp_dir = _own_temp_dir()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    node = executor = None
     try:
         node = EgoNode()
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         executor.add_node(node)
+        spinner = threading.Thread(target=_spin, args=(executor,), name="ego-executor", daemon=True)
+        spinner.start()
         if node.get_parameter("autostart").value:
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                node.trigger_activate()
-        executor.spin()
+            # On a thread of its own, so that a signal during the model load is acted on at once.
+            threading.Thread(target=_autostart, args=(node,), name="ego-autostart", daemon=True).start()
+        while not stop.wait(0.2) and spinner.is_alive():
+            pass
+        if stop.is_set():
+            node.get_logger().info("signal received: answering callers and stopping")
+            node.stop_serving()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
+
+
+def _own_temp_dir() -> Path | None:
+    """A temporary folder of this process's own, for libraries that write to the system's one.
+
+    What writes there: Python's tempfile (its writability probe, a random name created and deleted) and torch's
+    inductor cache folder, both from torch._dynamo, which transformers imports on the first generation. With
+    TMPDIR pointing here they stay in ``$XDG_RUNTIME_DIR/ego_ros`` (else ``~/.cache/ego_ros``), removed at exit;
+    folders of processes that were killed are removed at the next start. A TMPDIR set by the user is kept.
+    """
+    if os.environ.get("TMPDIR"):
+        return None
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "ego_ros"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for old in base.glob("tmp-*"):
+            pid = old.name.removeprefix("tmp-")
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        folder = base / f"tmp-{os.getpid()}"
+        folder.mkdir(exist_ok=True)
+    except OSError:
+        return None  # a read-only home: the system's temporary folder it is
+    os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _spin(executor) -> None:
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+
+
+def _autostart(node: EgoNode) -> None:
+    if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+        node.trigger_activate()
 
 
 if __name__ == "__main__":

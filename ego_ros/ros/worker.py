@@ -55,6 +55,7 @@ class InferenceWorker:
         self._anonymous = itertools.count()  # keys for periodic jobs submitted without one (never coalesced)
         self._stopping = False
         self._busy = False
+        self._running: str | None = None
         self.last_latency_sec: float | None = None
         self.last_job: str | None = None
         # Daemon: a generation stuck in the model must not keep the process alive after rclpy shuts down.
@@ -104,6 +105,11 @@ class InferenceWorker:
         return self._busy
 
     @property
+    def running_job(self) -> str | None:
+        """The label of the job running now (None: idle), for logs while someone waits for it."""
+        return self._running
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -123,9 +129,11 @@ class InferenceWorker:
             return job
 
     def _run(self) -> None:
+        _name_os_thread(self._thread.name)
         while (job := self._next_job()) is not None:
             # False when the caller cancelled it while pending: skip without running.
             if job.future.set_running_or_notify_cancel():
+                self._running = job.label
                 start = time.perf_counter()
                 try:
                     result = job.fn()
@@ -136,7 +144,7 @@ class InferenceWorker:
                 self.last_latency_sec = time.perf_counter() - start
                 self.last_job = job.label
             with self._cond:
-                self._busy = False
+                self._busy, self._running = False, None
 
     def stop(self, timeout: float | None = None, *, drain: bool = False) -> bool:
         """Refuse new jobs; cancel the pending ones (or, with ``drain``, run them first); wait for the thread.
@@ -155,3 +163,15 @@ class InferenceWorker:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the OS thread the worker's name (Linux), so that ``top -H`` and /proc/PID/task/*/comm show whether the
+    model's thread is still there (Python before 3.14 names only its own Thread objects)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME; the kernel keeps 15 bytes
+    except (OSError, AttributeError):
+        pass  # not Linux: nothing to name
