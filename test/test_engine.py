@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The engine's behaviour through its public API, on the tiny model: concepts, questions, recognition, bad input."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ego_ros messages, services and action: their contract, and a real trip over DDS.
 
 Needs the interfaces built and installed first (they are generated code, not in the source tree):

@@ -17,13 +17,6 @@ NOT_YET = {
     "ego_ros/engine/prompts.py": "hashed",
     **{f"ego_ros/testing/toy_world/{name}": "hashed"
        for name in ("__init__.py", "__main__.py", "scenes.py", "tasks.py", "train.py")},
-    # Being changed in parallel by the node's work (its faults and interfaces); the line goes in with that work.
-    **{path: "in other hands" for path in (
-        "ego_ros/ros/node.py", "ego_ros/ros/worker.py", "ego_ros/ros/frame_buffer.py", "ego_ros/ros/parameters.py",
-        "ego_ros/ros/image_msgs.py", "ego_ros/ros/hysteresis.py", "test/test_node.py", "test/test_engine.py",
-        "test/test_memory.py", "test/test_interfaces.py")},
-    **{path.relative_to(REPO).as_posix(): "in other hands" for path in (REPO / "ego_ros" / "engine").rglob("*.py")
-       if path.name != "prompts.py"},
 }
 
 

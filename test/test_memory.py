@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tests of the concept memory store: real files under tmp_path, real child processes, no mocks of the store."""
 
 import json

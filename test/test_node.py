@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ego node as its own process, over real DDS, on a tiny model, driven by a real rclpy client."""
 
 from __future__ import annotations
@@ -416,8 +417,6 @@ def test_refusals_quote_a_bounded_prefix_of_what_was_sent(graph):
 
 
 def test_every_request_of_a_burst_of_16_is_answered_served_or_refused_as_busy(graph):
-    from concurrent.futures import ThreadPoolExecutor
-
     from rclpy.action import ActionClient
 
     from ego_ros.ros.node import REQUEST_QOS
@@ -783,9 +782,7 @@ def test_an_error_in_a_transition_releases_everything(tiny_model_dir, tmp_path):
 
         worker = node.worker
         assert node.ego is not None and worker.alive and len(list(node.timers)) == timers + 2
-        ego = node.ego
-        worker.submit(lambda: ego.recognize(np.zeros((64, 64, 3), np.uint8))).result()  # the model has run
-        del ego
+        worker.submit(lambda: node.ego.recognize(np.zeros((64, 64, 3), np.uint8))).result()  # the model has run
         model = weakref.ref(node.ego.model)
         node.on_error(LifecycleState(state_id=3, label="active"))
         assert node.ego is None and node.worker is None and not worker.alive

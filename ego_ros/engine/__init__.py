@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The Ego method on Hugging Face VLMs: register concepts, ask personalised questions, recognise concepts.
 
 This package imports torch and transformers, never rclpy: the ROS node and the CLI are thin layers over it.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Layer calibration (paper §3.4): which decoder layers' keyword->image attention best finds the subject.
 
 Eq. 3 averages keyword-to-image attention over a set of layers L. Which layers localise the subject depends on the

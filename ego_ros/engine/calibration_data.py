@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Where calibration images and their subject masks come from: a folder of pairs, COCO 2017, the toy world.
 
 Each source is a :class:`SampleSet`: a sized iterable of (PIL image, boolean mask) that reads its files only as it

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The picture of a layer calibration: each layer's overlap as a bar, the chosen layers highlighted, the chosen
 layers' combined overlap, the middle-half default's and chance as lines. matplotlib, without pyplot (no global
 backend state: the Agg canvas is attached to the figure itself)."""

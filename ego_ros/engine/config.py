@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The engine's settings, validated once at construction."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Ego: personal concepts for a vision-language model, without training and without a detector.
 
 Seifi et al., *Ego: Embedding-Guided Personalization of Vision-Language Models* (2025). Data flow:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What a concept memory kept, drawn: Fig. 3 of the Ego paper for one concept.
 
 For each reference view: the view as the model saw it (resized to the processor's size), the kept visual tokens'

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Turn whatever a caller hands us (array, path, PIL image) into a bounded RGB PIL image, or a clear error.
 
 Everything downstream (the processor, the scoring pass) assumes 8-bit RGB of at most ``max_pixels``; doing the

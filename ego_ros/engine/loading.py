@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Load a VLM checkpoint (a local folder or a hub id already in the local cache) the way transformers does.
 
 Everything goes through ``from_pretrained``, so a tiny test folder and ``Qwen/Qwen2.5-VL-7B-Instruct`` take the

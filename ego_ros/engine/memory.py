@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Concept memories and their on-disk store.
 
 A concept memory is what Ego keeps of a reference view (Seifi et al., 2025, sec. 3): the top-K_c visual tokens of

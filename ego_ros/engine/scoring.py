@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Attention-guided visual-token importance: eq. 3 of the Ego paper, on the selected layers only.
 
 For one reference view, the model has generated keywords describing the subject. In a teacher-forced pass over

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Put vectors into the prompt where placeholder tokens stand: concept memories and image features alike.
 
 A forward hook on the input-embedding layer overwrites, in row-major order, the rows whose token id is one of

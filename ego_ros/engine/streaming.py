@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Hooks into ``generate``: the answer's new text for a callback (the ROS action's feedback), and cancellation."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from typing import Callable
 import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
+
 
 class TextCallbackStreamer(BaseStreamer):
     """After each generated token (the prompt itself is skipped): ``on_text(answer_so_far)`` and/or

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A rolling buffer of recent camera frames: decimated, downscaled on arrival, bounded in time, count and bytes.
 
 One per camera. The ROS callback thread calls :meth:`FrameBuffer.offer` for every message; the inference worker

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Per-frame recognition scores -> which concepts are present, and which appeared or disappeared.
 
 A score that hovers around the threshold (0.52, 0.48, 0.51, ...) would announce the mug appearing and disappearing

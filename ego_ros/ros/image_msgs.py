@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` <-> (H, W, 3) uint8 RGB arrays, without cv_bridge.
 
 cv_bridge is not installable beside the ROS wheels (the PyPI package of that name is ROS 1's), and a message is untrusted input anyway: a

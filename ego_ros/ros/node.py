@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ``ego`` node: camera buffers, concept and question services, a streaming answer action, recognition events.
 
 A managed lifecycle node, thin plumbing over :class:`ego_ros.engine.Ego`:

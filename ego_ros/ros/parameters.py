@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ego node's parameters: names, defaults and descriptors (with ranges), and their validated snapshot.
 
 ``config/ego.yaml`` documents the same set, and test_launch checks that the two agree.

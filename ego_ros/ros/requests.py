@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What a request may ask of the node, and how a refusal quotes it.
 
 Every bound here is about the node's survival, not the model's quality: a request is untrusted input. Without

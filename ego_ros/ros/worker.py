@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The one thread that owns the model: every inference of the node runs here, never on the executor thread.
 
 Why one thread: the model (and its GPU memory) is not safe to drive from two threads, and a second concurrent

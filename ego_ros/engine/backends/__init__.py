@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """One module per VLM family. Each knows the family's prompt format, where visual tokens sit and how to compute
 the attention of a few query rows on one decoder layer; the method itself (engine/scoring.py, engine/ego.py) is
 written once against this small surface.

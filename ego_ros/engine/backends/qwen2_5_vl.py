@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Qwen2.5-VL: chat-template prompts, ``<|image_pad|>`` visual tokens, M-RoPE decoder attention.
 
 Visual token i of an image with patch grid (t, gh, gw) covers the 28x28 px block at merged-grid row
