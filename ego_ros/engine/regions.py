@@ -4,19 +4,21 @@
 A robot's view is cluttered, and the keyword prompt describes its *main* subject, which need not be the object the
 user means. Given a box, only the visual tokens whose centre lies inside it are ranked, and alpha (the subject's
 share of the view) is the box's share. Two ways of confining were measured on the trained toy model (``bench/
-quality.py``, 30 instances, each drawn small beside another object that is the main subject): the share of kept
-tokens on the instance, and how often its memory then boxes it (IoU >= 0.5) in new scenes where it is the main
-subject / small among others:
+quality.py``, calibrated layers, 30 instances each drawn small beside another object that is the main subject):
+the share of kept tokens on the instance, and how often its memory then boxes it (IoU >= 0.5, ``boxes``) in new
+scenes where it is the main subject / small among others:
 
-    whole view (no box)                             9% on the instance   later boxes 62% / 27%
-    rank only the tokens inside the box            54%                               92% / 58%
-    a crop around the box (50% context each side,  50% (68% with alpha           85% / 47%
-      enlarged to the view's size)                      a guessed 60% of the box)
+    whole view (no box)                                 8% on the instance    later boxes 62% / 27%
+    rank only the tokens inside the box                54%                                92% / 58%
+    a crop around the box (50% context each side,      56%                                90% / 50%
+      enlarged to the view's size; alpha its share)
 
-Ranking inside the box is kept: its memory holds the object's tokens as the model sees it in a whole scene, at the
-scale it will meet it again, where a crop's enlarged tokens differ from them; and it costs no second image. (Which
-words lead the attention hardly matters here: keywords generated from the crop and scored on the whole view keep
-the same tokens, as the box's tokens are about as many as alpha asks for.)
+Ranking inside the box is kept: as many of its tokens are on the instance, and its memory finds the instance
+again more often, as it holds the object's tokens as the model sees it in a whole scene, at the scale it will
+meet it again (a crop's enlarged tokens differ from those); and it costs no second image. (With the middle-half
+layers: 54% and 92% / 58% inside, 50% and 85% / 47% for the crop. Which words lead the attention hardly matters
+here: keywords generated from the crop and scored on the whole view keep the same tokens, because the box holds
+about as many tokens as alpha asks for.)
 """
 
 from __future__ import annotations
