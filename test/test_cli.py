@@ -90,6 +90,8 @@ ERRORS = {
     "not an image": (["register", "cup", "{notes}"], True, "cannot read"),
     "missing --model": (["register", "cup", "{mug}", "--memory-dir", "{memory}"], False, "--model"),
     "bad --area": (["register", "cup", "{mug}", "--area", "150"], True, "percentage"),
+    "empty --box": (["register", "cup", "{mug}", "--box", "50,50,10,80"], True, "X1 > X0"),
+    "--box outside the view": (["register", "cup", "{mug}", "--box", "400,0,500,50"], True, "outside the 320x240"),
 }
 
 
@@ -208,6 +210,13 @@ def test_user_errors_are_one_line(runs, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ego-ros: error: "), result.stderr
     assert ERRORS[case][2] in lines[0]
+
+
+def test_register_from_a_box_in_the_users_words(files, tmp_path):
+    args = ["--model", files["model"], "--memory-dir", tmp_path / "memory", "--max-image-pixels", PIXELS]
+    result = ok(finish(start("register", "boxed mug", files["mug"], "--box", "0,0,160,120",  # a quarter of 320x240
+                             "--description", "the red mug", *args)))
+    assert "area 25%" in result.stdout and "the red mug" in result.stdout, result.stdout
 
 
 # --- the figure and the saved views, in process -----------------------------------------------------------------

@@ -422,7 +422,7 @@ def test_streaming_decodes_each_token_once_and_the_pieces_join_to_the_answer(ego
 
     ego.tokenizer.decode = counting_decode
     try:
-        answer = ego.ask("Describe it.", make_view(1), max_new_tokens=40, on_new_text=pieces.append,
+        answer = ego.ask("Describe it.", make_view(1), max_new_tokens=40, on_new_text=lambda text, tokens: pieces.append(text),
                          on_text=so_far.append)
     finally:
         del ego.tokenizer.decode

@@ -202,12 +202,38 @@ def test_recognition_events_at_the_configured_rate(graph):
     for event in events:
         assert event.camera == CAMERA
         assert event.header.frame_id.startswith("frame_")  # the analysed frame's header, not a new one
-        assert all(0.0 <= d.score <= 1.0 for d in event.detections)
+        assert all(0.0 <= d.score <= 1.0 and _inside_frame(d.box, 224, 224) for d in event.detections)
     stamps = [e.header.stamp.sec + e.header.stamp.nanosec * 1e-9 for e in events]
     assert stamps == sorted(stamps)
     scored = client.call(Recognize, "/ego/recognize", Recognize.Request(camera=CAMERA))
     assert scored.success and {d.name for d in scored.detections} >= {"Rex"}
     assert all(0.0 <= d.score <= 1.0 for d in scored.detections)
+    assert all(_inside_frame(d.box, 224, 224) for d in scored.detections)  # where: in the frame's own pixels
+
+
+def _inside_frame(box, width: int, height: int) -> bool:
+    return box.width > 0 and box.height > 0 and box.x_offset + box.width <= width and box.y_offset + box.height <= height
+
+
+def test_a_box_says_which_object_a_registration_is_about_and_a_detection_where_it_is(graph, make_view):
+    from ego_ros.ros.client import register_request
+
+    _, client, _ = graph
+    view = make_view(21, 224, 448)  # boxes are in this view's pixels, whatever size the node shows it at
+    request = register_request("boxed", [view], regions=[(224, 0, 448, 112)], description="a bright disc")
+    response = client.call(RegisterConcept, "/ego/register_concept", request)
+    assert response.success, response.message
+    assert response.concept.area_percent == pytest.approx(25.0)  # alpha: the box's share of the view
+    assert list(response.concept.keywords) == ["a bright disc"]  # the user's words led the attention
+    image = image_to_msg(make_view(22, 300, 500), Image)
+    scored = client.call(Recognize, "/ego/recognize", Recognize.Request(image=image, concepts=["boxed"]))
+    assert scored.success and [d.name for d in scored.detections] == ["boxed"]
+    assert _inside_frame(scored.detections[0].box, 500, 300)  # in the analysed image's pixels
+    for regions, why in (([(500, 0, 600, 50)], "outside"), ([(0, 0, 10, 10)] * 2, "2 regions given for 1 views")):
+        refused = client.call(RegisterConcept, "/ego/register_concept", register_request("other", [view], regions=regions))
+        assert not refused.success and why in refused.message
+    assert "other" not in names(client)
+    client.call(ForgetConcept, "/ego/forget_concept", ForgetConcept.Request(name="boxed"))
 
 
 def test_forget_removes(graph):

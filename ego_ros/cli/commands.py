@@ -19,7 +19,7 @@ from typing import Iterable
 
 from ego_ros.cli import evaluate, live, offline
 from ego_ros.cli.common import (
-    MODEL_ENV, Command, UsageError, add_model_options, add_store_options, percent,
+    MODEL_ENV, Command, UsageError, add_model_options, add_store_options, box, percent,
     positive_float, positive_int,
 )
 from ego_ros.ros.client import DEFAULT_NODE, DEFAULT_TIMEOUT, NODE_ENV, node_name
@@ -87,6 +87,12 @@ def register_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --camera: how many frames to take (default: the node's)")
     p.add_argument("--window", type=positive_float, default=None, metavar="SEC",
                    help="with --camera: spread them over the last SEC seconds (default: the node's)")
+    p.add_argument("--box", type=box, action="append", default=None, metavar="X0,Y0,X1,Y1",
+                   help="which object the views are about, in their pixels: once for all views or once per view "
+                        "(only tokens inside it are kept; its share of the view is the area)")
+    p.add_argument("--description", default=None, metavar="TEXT",
+                   help="the object in your words (\"the blue mug with the star\"), scored instead of the "
+                        "model's keywords")
     p.add_argument("--area", type=percent, default=None, metavar="PCT",
                    help="offline: how much of each view the concept covers, in percent (default: the model estimates)")
     add_store_options(p)

@@ -69,6 +69,18 @@ def layer_list(text: str) -> tuple[int, ...]:
     return layers
 
 
+def box(text: str) -> tuple[float, float, float, float]:
+    """A box "X0,Y0,X1,Y1" in pixels."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
+        raise argparse.ArgumentTypeError(f"expected a box X0,Y0,X1,Y1 in pixels with X1 > X0 and Y1 > Y0, "
+                                         f"got {short(text, 40)!r}")
+    return values
+
+
 def percent(text: str) -> float:
     try:
         value = float(text)

@@ -72,7 +72,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     def run(args, ego: EgoClient) -> int:
         concept = ego.register(args.name, views, camera=args.camera or "", num_views=args.views or 0,
-                               window_sec=args.window or 0.0, append=args.append)
+                               window_sec=args.window or 0.0, append=args.append, regions=args.box or (),
+                               description=args.description or "")
         plural = "s" * (concept.num_views != 1)
         if args.append:
             print(f"added views to {concept.name!r}: now {concept.num_views} view{plural}, "

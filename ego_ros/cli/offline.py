@@ -32,12 +32,21 @@ def cmd_register(args: argparse.Namespace) -> int:
     if not args.append and (root / f"{file_stem(name)}.json").exists():
         raise ConceptExists(f"concept {name!r} already exists in {root}; use --append to add views, or forget it first")
     images = [to_rgb(path, max_image_pixels(args)) for path in args.images]  # every file checked before loading
+    if args.box:  # and every box, against its view's own size
+        from PIL import Image
+
+        from ego_ros.engine.regions import check_region, regions_per_view
+
+        for path, region in zip(args.images, regions_per_view(_one_or_each(args.box), len(args.images))):
+            with Image.open(path) as opened:
+                check_region(region, opened.size)
     ego = load_engine(args)
     before = ego.store.get(name).num_views if name in ego.store else 0
     with tqdm(total=len(images), desc=f"registering {name!r}", unit="view", file=sys.stderr,
               disable=len(images) < 2) as bar:
-        concept = ego.register(name, images, append=args.append, area_percent=args.area,
-                               on_view=lambda done, total: bar.update(1))
+        concept = ego.register(name, list(args.images) if args.box else images, append=args.append,
+                               area_percent=args.area, regions=_one_or_each(args.box),
+                               description=args.description, on_view=lambda done, total: bar.update(1))
     added = len(concept.traces)
     verb = f"added {added} view{'s' * (added != 1)} to" if before else "registered"
     print(f"{verb} {name!r}: {concept.num_views} view{'s' * (concept.num_views != 1)}, "
@@ -226,3 +235,8 @@ def print_calibration(c) -> None:
     print(f"  middle half (the default without calibration): {join(c.default_layers)} -> {c.default_overlap:.3f}")
     print(f"  random tokens (K/N): {c.chance_overlap:.3f}")
     print(f"at most {c.max_layers} layer{'s' * (c.max_layers != 1)}; {MEASURE}")
+
+
+def _one_or_each(boxes):
+    """``--box`` given once (one box for all views), once per view, or not at all."""
+    return boxes[0] if boxes and len(boxes) == 1 else boxes

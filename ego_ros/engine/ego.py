@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from . import prompts
 from .backends import Batch, EncodedImage, backend_for
+from .boxes import concept_box
 from . import calibration as calib
 from .config import EgoConfig, default_calibration_dir, default_memory_dir
 from .figure import remove_views, save_views
@@ -410,13 +412,13 @@ class Ego:
         max_new_tokens: int | None = None,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
-        on_new_text: Callable[[str], None] | None = None,
+        on_new_text: Callable[[str, int], None] | None = None,
     ) -> Answer:
         """Answer ``question`` about one image, or about several frames of a clip (oldest first).
 
         ``times``: each frame's time in seconds (any origin); shown relative to the newest frame.
-        ``on_text`` receives the answer so far as it grows, ``on_new_text`` only what each token added (both once
-        per token); setting ``cancel`` stops generation early.
+        ``on_text`` receives the answer so far as it grows, ``on_new_text`` only what each token added and the
+        number of tokens so far (both once per token); setting ``cancel`` stops generation early.
         """
         start = time.perf_counter()
         question = self._check_text(question.strip() if isinstance(question, str) else question, "question")
@@ -461,15 +463,37 @@ class Ego:
         )
 
     @torch.no_grad()
-    def recognize(self, image: ImageInput, concepts: Sequence[str] | None = None) -> dict[str, float]:
-        """{name: probability that the concept is in ``image``}, from the yes/no logits of one prompt per concept."""
+    def recognize(self, image: ImageInput | EncodedImage, concepts: Sequence[str] | None = None, *,
+                  boxes: bool = False) -> dict[str, float] | dict[str, tuple[float, Box]]:
+        """{name: probability that the concept is in ``image``}, from the yes/no logits of one prompt per concept.
+
+        With ``boxes``: {name: (probability, box)}, the box (x0, y0, x1, y1) where the image's visual tokens match
+        the concept's memory best (``boxes``), in the pixels of ``image`` as given (of a file, as shown to the model).
+        """
         # One consistent read: a concept forgotten on another thread meanwhile is not scored (and does not fail
         # the others); one asked for by name and unknown is an error.
         memories = self.store.snapshot(self._known_names(concepts) if concepts is not None else None)
         if not memories:
             return {}
-        (encoded,) = self.backend.encode([to_rgb(image, self.config.max_image_pixels)])
-        return self.yes_probabilities(encoded, {name: [memory.vectors] for name, memory in memories.items()})
+        encoded, size = self._encode_one(image)
+        scores = self.yes_probabilities(encoded, {name: [memory.vectors] for name, memory in memories.items()})
+        if not boxes:
+            return scores
+        return {name: (p, concept_box(encoded, memories[name].vectors, size)) for name, p in scores.items()}
+
+    def _encode_one(self, image: ImageInput | EncodedImage) -> tuple[EncodedImage, tuple[int, int]]:
+        """``image`` encoded (as it is if it already is), and its size as given (width, height)."""
+        if isinstance(image, EncodedImage):
+            return image, image.size
+        if isinstance(image, np.ndarray) and image.ndim >= 2:
+            size = (image.shape[1], image.shape[0])
+        elif isinstance(image, Image.Image):
+            size = image.size
+        else:
+            size = None
+        shown = to_rgb(image, self.config.max_image_pixels)
+        (encoded,) = self.backend.encode([shown])
+        return encoded, size or shown.size
 
     @torch.no_grad()
     def yes_probabilities(self, image: EncodedImage, introductions: dict[str, list]) -> dict[str, float]:

@@ -13,8 +13,9 @@ from transformers.generation.streamers import BaseStreamer
 
 class TextCallbackStreamer(BaseStreamer):
     """After each generated token (the prompt itself is skipped): ``on_text(answer_so_far)`` and/or
-    ``on_new_text(text_this_token_added)``; the latter may be "" (a token whose character is not complete yet).
-    If text is still held back when generation ends, one last call delivers it.
+    ``on_new_text(text_this_token_added, tokens_so_far)``; the text may be "" (a token whose character is not
+    complete yet). If text is still held back when generation ends, one last call delivers it (its token count
+    unchanged: it is no new token).
 
     Incremental: each token decodes a few tokens, never the whole answer again (that was quadratic in the answer's
     length, up to 8192 tokens). The pieces join to ``tokenizer.decode(all_ids)``. Text ending in an incomplete
@@ -24,7 +25,7 @@ class TextCallbackStreamer(BaseStreamer):
     MAX_HELD = 4  # a UTF-8 character is at most 4 bytes, hence 4 byte-level tokens
 
     def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None,
-                 on_new_text: Callable[[str], None] | None = None):
+                 on_new_text: Callable[[str, int], None] | None = None):
         self.tokenizer = tokenizer
         self.on_text = on_text
         self.on_new_text = on_new_text
@@ -60,7 +61,7 @@ class TextCallbackStreamer(BaseStreamer):
     def _emit(self, new: str) -> None:
         self.text += new
         if self.on_new_text is not None:
-            self.on_new_text(new)
+            self.on_new_text(new, len(self.ids))
         if self.on_text is not None:
             self.on_text(self.text)
 

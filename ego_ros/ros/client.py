@@ -60,6 +60,31 @@ def node_name(name: str | None) -> str:
     return "/" + name
 
 
+def register_request(name: str, views: Sequence = (), *, camera: str = "", num_views: int = 0,
+                     window_sec: float = 0.0, append: bool = False, regions: Sequence = (), description: str = ""):
+    """A ``RegisterConcept`` request. ``regions``: which object the views are about, boxes (x0, y0, x1, y1) in the
+    views' pixels, one per view or one for all; ``description``: the object in the user's words."""
+    from ego_ros.srv import RegisterConcept
+
+    request = RegisterConcept.Request(name=name, camera=camera, num_views=int(num_views),
+                                      window_sec=float(window_sec), append=append, description=description)
+    request.views = [image_msg(view) for view in views]
+    request.regions = [region_msg(box) for box in regions]
+    return request
+
+
+def region_msg(box):
+    """(x0, y0, x1, y1) in pixels as a ``sensor_msgs/RegionOfInterest`` (clipped at 0; an empty box is an error,
+    as a zero-sized region would mean the whole image)."""
+    from sensor_msgs.msg import RegionOfInterest
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    left, top = max(0, round(x0)), max(0, round(y0))
+    if round(x1) <= left or round(y1) <= top:
+        raise ValueError(f"the box {tuple(box)} is empty: x1 > x0 and y1 > y0 (in pixels) are needed")
+    return RegionOfInterest(x_offset=left, y_offset=top, width=round(x1) - left, height=round(y1) - top)
+
+
 class EgoClient:
     """Plain calls to a running ``ego`` node: each waits for the node (up to ``timeout`` s), then for its answer.
 
@@ -105,14 +130,13 @@ class EgoClient:
     # -- the node's calls
 
     def register(self, name: str, views: Sequence = (), *, camera: str = "", num_views: int = 0,
-                 window_sec: float = 0.0, append: bool = False):
-        """``RegisterConcept``: from ``views`` (RGB uint8 arrays) if given, else from the camera's buffer.
-        Returns the stored ``ConceptInfo``."""
+                 window_sec: float = 0.0, append: bool = False, regions: Sequence = (), description: str = ""):
+        """``RegisterConcept``: from ``views`` (RGB uint8 arrays) if given, else from the camera's buffer; see
+        :func:`register_request` for ``regions`` and ``description``. Returns the stored ``ConceptInfo``."""
         from ego_ros.srv import RegisterConcept
 
-        request = RegisterConcept.Request(name=name, camera=camera, num_views=num_views,
-                                          window_sec=float(window_sec), append=append)
-        request.views = [image_msg(view) for view in views]
+        request = register_request(name, views, camera=camera, num_views=num_views, window_sec=window_sec,
+                                   append=append, regions=regions, description=description)
         return self._succeeded(self._call(RegisterConcept, "register_concept", request)).concept
 
     def ask(self, question: str, *, image=None, camera: str = "", video_sec: float | None = None,

@@ -34,7 +34,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from ego_ros.ros.client import DEFAULT_TIMEOUT, AskResult, NodeError, absent_error, image_msg, node_name
+from ego_ros.ros.client import (DEFAULT_TIMEOUT, AskResult, NodeError, absent_error, image_msg, node_name,
+                                register_request)
 
 # How often the commander's thread sends queued requests and checks deadlines and liveness (seconds).
 _TICK = 0.02
@@ -212,14 +213,12 @@ class EgoCommander:
     # -- the requests
 
     def register(self, name: str, views: Sequence = (), *, camera: str = "", num_views: int = 0,
-                 window_sec: float = 0.0, append: bool = False) -> Task:
-        """``RegisterConcept``: from ``views`` (RGB uint8 arrays) if given, else from the camera's buffer.
-        Result: the stored ``ConceptInfo``."""
-        from ego_ros.srv import RegisterConcept
-
-        request = RegisterConcept.Request(name=name, camera=camera, num_views=int(num_views),
-                                          window_sec=float(window_sec), append=append)
-        request.views = [image_msg(view) for view in views]
+                 window_sec: float = 0.0, append: bool = False, regions: Sequence = (),
+                 description: str = "") -> Task:
+        """``RegisterConcept``: from ``views`` (RGB uint8 arrays) if given, else from the camera's buffer; see
+        :func:`ego_ros.ros.client.register_request`. Result: the stored ``ConceptInfo``."""
+        request = register_request(name, views, camera=camera, num_views=num_views, window_sec=window_sec,
+                                   append=append, regions=regions, description=description)
         return self.call("register_concept", request, lambda r: _succeeded(r).concept, kind="register")
 
     def recognize(self, image=None, *, camera: str = "", concepts: Iterable[str] = ()) -> Task:

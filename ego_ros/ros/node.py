@@ -55,7 +55,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.service import Service
 from rclpy.signals import SignalHandlerOptions
 from rclpy.timer import Timer
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool
 
@@ -495,9 +495,13 @@ class EgoNode(LifecycleNode):
                 if self._stopping:  # deactivating: stop between views, nothing stored
                     raise RequestError(f"stopped after {done} of {total} views: the node is being deactivated")
 
+            regions = [_box_of(roi) for roi in request.regions] or None  # one for all views, or one per view
+            regions = regions[0] if regions is not None and len(regions) == 1 else regions
+            description = request.description.strip() or None
+
             def job():
                 info = self.ego.register(name, views, append=request.append, create=not request.append,
-                                         on_view=on_view)
+                                         regions=regions, description=description, on_view=on_view)
                 return info, source, headers
             return job
 
@@ -529,12 +533,12 @@ class EgoNode(LifecycleNode):
             else:
                 image, header = image_from_msg(request.image, limit_pixels=MAX_REQUEST_PIXELS), request.image.header
             concepts = self._known_concepts(request.concepts)
-            return lambda: (self.ego.recognize(image, concepts), header)
+            return lambda: (self.ego.recognize(image, concepts, boxes=True), header)
 
         def respond(result):
             scores, header = result
-            response.detections = [ConceptDetection(name=n, score=float(p))
-                                   for n, p in sorted(scores.items(), key=lambda kv: -kv[1])]
+            response.detections = [ConceptDetection(name=n, score=float(p), box=_roi_of(box))
+                                   for n, (p, box) in sorted(scores.items(), key=lambda kv: -kv[1][0])]
             if header is not None:
                 response.frame = header
             response.message = f"{len(scores)} concepts scored"
@@ -660,9 +664,9 @@ class EgoNode(LifecycleNode):
 
         so_far = ""
 
-        def on_new_text(text: str) -> None:
+        def on_new_text(text: str, count: int) -> None:
             nonlocal tokens, so_far
-            tokens += 1
+            tokens = count
             so_far += text
             goal_handle.publish_feedback(Answer.Feedback(new_text=text, answer_so_far=so_far, tokens=tokens))
             if goal_handle.is_cancel_requested:
@@ -717,12 +721,12 @@ class EgoNode(LifecycleNode):
         ego = self.ego
         if ego is None or not self._enabled:
             return
-        scores = ego.recognize(frame.image)  # {} once the last concept is forgotten: present ones disappear
-        present, appeared, disappeared = self.trackers[camera].update(scores)
+        found = ego.recognize(frame.image, boxes=True)  # {} once the last concept is forgotten: all disappear
+        present, appeared, disappeared = self.trackers[camera].update({n: p for n, (p, _) in found.items()})
         event = RecognitionEvent(camera=camera, appeared=list(appeared), disappeared=list(disappeared))
         if frame.header is not None:
             event.header = frame.header
-        event.detections = [ConceptDetection(name=n, score=float(p))
+        event.detections = [ConceptDetection(name=n, score=float(p), box=_roi_of(found[n][1]))
                             for n, p in sorted(present.items(), key=lambda kv: -kv[1])]
         if self._recognitions_pub is not None:
             self._recognitions_pub.publish(event)
@@ -883,6 +887,18 @@ def _spin(executor) -> None:
 def _autostart(node: EgoNode) -> None:
     if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
         node.trigger_activate()
+
+
+def _box_of(roi) -> tuple[int, int, int, int] | None:
+    """A RegionOfInterest as (x0, y0, x1, y1); None for one of zero width or height (the whole image)."""
+    if roi.width == 0 or roi.height == 0:
+        return None
+    return (roi.x_offset, roi.y_offset, roi.x_offset + roi.width, roi.y_offset + roi.height)
+
+
+def _roi_of(box) -> RegionOfInterest:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return RegionOfInterest(x_offset=x0, y_offset=y0, width=max(0, x1 - x0), height=max(0, y1 - y0))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ SERVICES = {"list_concepts": "ListConcepts", "register_concept": "RegisterConcep
             "recognize": "Recognize", "forget_concept": "ForgetConcept"}
 # Fields without which a request makes no sense (a .srv cannot say so: every field has a default).
 REQUIRED = {"register_concept": ["name"], "ask": ["question"], "forget_concept": ["name"]}
-IMAGE_TYPES = ("sensor_msgs/Image", "Image")
+# Pixels are for programs, not for a language model: these fields are left out of the tools.
+IMAGE_TYPES = ("sensor_msgs/Image", "Image", "sensor_msgs/RegionOfInterest")
 _INTEGER_BOUNDS = {"uint8": (0, 255), "uint16": (0, 65535), "uint32": (0, 2**32 - 1), "uint64": (0, 2**64 - 1),
                    "int8": (-128, 127), "int16": (-32768, 32767), "int32": (-2**31, 2**31 - 1),
                    "int64": (-2**63, 2**63 - 1)}
@@ -110,7 +111,8 @@ def generate(folder: Path | None = None) -> list[dict]:
         properties = {f["name"]: _schema(f, constants) for f in fields if f["type"] not in IMAGE_TYPES}
         left_out = [f["name"] for f in fields if f["type"] in IMAGE_TYPES]
         if left_out:  # the field comments may still mention them
-            description += f" Image fields are not offered here ({', '.join(left_out)}): name a camera instead."
+            description += (f" Image and region fields are not offered here ({', '.join(left_out)}): "
+                            "name a camera instead.")
         parameters = {"type": "object", "properties": properties, "additionalProperties": False}
         if REQUIRED.get(tool):
             parameters["required"] = REQUIRED[tool]
