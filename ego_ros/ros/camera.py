@@ -13,7 +13,9 @@ __ns:=/robot1``) both resolve to ``/robot1/camera/image_raw``.
 from __future__ import annotations
 
 import array
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -66,6 +68,10 @@ def compressed_msg(frame: np.ndarray, header):
     return msg
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def publish(source: FrameSource, *, topic: str = DEFAULT_TOPIC, rate: float, frame_id: str = DEFAULT_FRAME_ID,
             compressed: bool = False, count: int | None = None, ros_args: list[str] | None = None,
             log=lambda line: print(line, file=sys.stderr, flush=True)) -> Published:
@@ -77,6 +83,8 @@ def publish(source: FrameSource, *, topic: str = DEFAULT_TOPIC, rate: float, fra
 
     context = rclpy.Context()
     rclpy.init(args=["ego_camera", "--ros-args", *(ros_args or [])], context=context)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, a script's end) stops it like Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     node = rclpy.create_node("camera", context=context)
     published = 0
     start = last = time.monotonic()
@@ -88,14 +96,19 @@ def publish(source: FrameSource, *, topic: str = DEFAULT_TOPIC, rate: float, fra
             + (f" and {packed.topic_name}" if packed else "") + f" at {rate:g} Hz, frame_id {frame_id!r}")
         period = 1.0 / rate
         tick = 0
-        while count is None or published < count:
+        while context.ok() and (count is None or published < count):
             frame = source.read(tick * period)
             if frame is None:
                 break
             header = Header(frame_id=frame_id, stamp=node.get_clock().now().to_msg())
-            raw.publish(image_msg(frame, header))
-            if packed is not None:
-                packed.publish(compressed_msg(frame, header))
+            try:
+                raw.publish(image_msg(frame, header))
+                if packed is not None:
+                    packed.publish(compressed_msg(frame, header))
+            except Exception:  # noqa: BLE001 - SIGTERM or Ctrl-C shut the context down (rclpy's handler): stop
+                if context.ok():
+                    raise
+                break
             published += 1
             last = time.monotonic()
             if published == 1:

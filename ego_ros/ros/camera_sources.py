@@ -20,6 +20,7 @@ Files and folders start over at their end unless ``loop=False`` (then :meth:`Fra
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -127,7 +128,8 @@ class DeviceSource(FrameSource):
     def __init__(self, device: int | str, wait: float = 5.0):
         cv2 = _cv2()
         self.name = f"camera device {device}"
-        self.capture = cv2.VideoCapture(device)
+        # V4L2 on Linux: any backend would also probe others (e.g. Orbbec's), which log their own errors.
+        self.capture = cv2.VideoCapture(device, cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY)
         if not self.capture.isOpened():
             self.capture.release()
             raise SourceError(f"cannot open the {self.name} (is a camera connected, and readable by this user?)")
