@@ -60,6 +60,20 @@ def digest(image: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
+# --- the topic ------------------------------------------------------------------------------------------------------
+
+
+def test_the_camera_publishes_where_the_shipped_config_points_the_node():
+    import yaml
+
+    from ego_ros.cli import build_parser
+    from ego_ros.ros.camera import DEFAULT_TOPIC
+
+    config = yaml.safe_load((REPO / "config" / "ego.yaml").read_text())
+    (node_topic, *_) = config["/**"]["ros__parameters"]["camera_topics"]
+    assert build_parser().parse_args(["camera", "toy"]).topic == DEFAULT_TOPIC == node_topic == "camera/image_raw"
+
+
 # --- the toy world ------------------------------------------------------------------------------------------------
 
 
