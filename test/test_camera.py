@@ -205,6 +205,9 @@ def test_a_source_that_does_not_open_is_one_error_line_and_nothing_is_published(
         assert status == 1, (source, stderr)
         assert len(lines) == 1 and lines[0].startswith("ego-ros: error: "), (source, stderr)
         assert str(source) in lines[0] or source == "9" and "device 9" in lines[0], lines[0]
+    status, stderr = finish(start_camera(client.domain, "toy", "--rate", "0"), timeout=30)
+    assert status == 2 and stderr.strip().startswith("ego-ros: error: argument --rate: expected a positive rate")
+    assert len(stderr.strip().splitlines()) == 1
     assert client.node.count_publishers("/camera/image_raw") == 0
     assert received == []
 

@@ -20,7 +20,7 @@ from typing import Iterable
 from ego_ros.cli import evaluate, live, offline
 from ego_ros.cli.common import (
     MODEL_ENV, Command, UsageError, add_model_options, add_store_options, percent,
-    positive_float, positive_int,
+    positive_float, positive_hz, positive_int,
 )
 from ego_ros.ros.client import DEFAULT_NODE, DEFAULT_TIMEOUT, NODE_ENV, node_name
 
@@ -260,7 +260,7 @@ def camera_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topic", default=live.CAMERA_TOPIC, metavar="T",
                    help=f"the sensor_msgs/Image topic (default: {live.CAMERA_TOPIC}, relative like the node's "
                         "camera_topics, so both agree in any namespace)")
-    p.add_argument("--rate", type=positive_float, default=None, metavar="HZ",
+    p.add_argument("--rate", type=positive_hz, default=None, metavar="HZ",
                    help="frames per second (default: a video file's or device's own rate, else 10)")
     p.add_argument("--frame-id", default=live.CAMERA_FRAME_ID, metavar="ID",
                    help=f"the headers' frame_id (default: {live.CAMERA_FRAME_ID})")
