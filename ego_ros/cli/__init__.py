@@ -46,8 +46,7 @@ mode:
     register, ask, recognize, list and forget work OFFLINE (this machine's model and memory folder, no ROS) when a
     model is given (--model or $EGO_ROS_MODEL), or --memory-dir, or --offline; otherwise they are clients of the
     running node --node (default $EGO_ROS_NODE, else /ego). An explicit --node asks the node even when
-    $EGO_ROS_MODEL is set. show and calibrate are always offline; node, watch and camera always use
-    ROS.
+    $EGO_ROS_MODEL is set. show and calibrate are always offline; node, watch and camera always use ROS.
 
 Errors a user can fix (a missing file, an unknown concept, a taken name, a model that does not load) print one
 line, ``ego-ros: error: ...``, and exit with 1 (2 for a wrong command line), never a traceback.
