@@ -3,22 +3,53 @@
 # Set everything up (scripts/setup.sh) and start the ego node with config/ego.yaml, as
 # `ros2 launch ego_ros ego.launch.py` does on a ROS 2 distro. Ctrl-C stops it.
 #
-#   EGO_ROS_MODEL=/models/Qwen2.5-VL-7B-Instruct bash scripts/run.sh
-#   bash scripts/run.sh --ros-args -p camera_topics:="['/head/image_raw']" -p recognition_rate_hz:=1.0
+#   bash scripts/run.sh                                                  # the toy world: no weights, no camera
+#   EGO_ROS_MODEL=/models/Qwen2.5-VL-7B-Instruct bash scripts/run.sh      # your model; start a camera yourself
+#   bash scripts/run.sh --ros-args -p recognition_rate_hz:=1.0            # the rest goes to the node
 #
-# Without EGO_ROS_MODEL it builds and serves a tiny random Qwen2.5-VL (real plumbing, gibberish answers), so that
-# the node, its services and `ego-ros` can be tried on any machine, with no weights to download.
+# Without EGO_ROS_MODEL it runs the toy world on any machine: the trained toy model ($EGO_ROS_TOY_MODEL, else
+# build/toy-model: trained here once, about 12 minutes on two cores, then reused), its three personal instances
+# registered once as Rex, Anna and Milo (in $EGO_ROS_MEMORY_DIR, else build/toy-memory), and the toy-world camera
+# (`ego-ros camera toy` on camera/image_raw), which pans across them, so recognitions and answers start at once.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${EGO_ROS_VENV:-$repo/.venv}
 bash "$repo/scripts/setup.sh"
+say() { echo "run: $*" >&2; }
 
 model=${EGO_ROS_MODEL:-}
-if [[ -z $model ]]; then
-  model=$repo/build/tiny-qwen2_5_vl
-  [[ -f $model/config.json ]] || "$venv/bin/python" -m ego_ros.testing.tiny_model --arch qwen2_5_vl "$model"
-  echo "run: EGO_ROS_MODEL is not set: serving the tiny random model $model (answers are gibberish)" >&2
+if [[ -n $model ]]; then
+  say "starting the ego node on $model; in another shell: ego-ros camera 0 (a webcam; or a video file, a folder)," \
+      "ego-ros list, ego-ros register NAME --camera, ego-ros watch"
+  exec "$venv/bin/ego-ros" node --params-file "$repo/config/ego.yaml" --model "$model" "$@"
 fi
-echo "run: starting the ego node; in another shell: ego-ros list, ego-ros register NAME --camera, ego-ros watch" >&2
-exec "$venv/bin/ego-ros" node --params-file "$repo/config/ego.yaml" --model "$model" "$@"
+
+# --- the toy world ----------------------------------------------------------------------------------------------
+model=${EGO_ROS_TOY_MODEL:-$repo/build/toy-model}
+"$venv/bin/python" -m ego_ros.testing.toy_world model "$model"  # trains it if missing or stale, else reuses it
+memory=${EGO_ROS_MEMORY_DIR:-$repo/build/toy-memory}
+# The concepts belong to these weights: registered again whenever the toy model was retrained.
+trained=$("$venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["recipe_hash"])' \
+  "$model/toy_world.json")
+if [[ $(cat "$memory/.toy-model" 2>/dev/null) != "$trained" ]]; then
+  say "registering the toy world's personal instances in $memory (once):"
+  rm -rf "$memory"
+  views=$(mktemp -d)
+  "$venv/bin/python" -m ego_ros.testing.toy_camera views "$views" | while IFS=$'\t' read -r name phrase; do
+    say "  $name, a $phrase"
+    "$venv/bin/ego-ros" register "$name" "$views/$name"_*.png --model "$model" --memory-dir "$memory" >/dev/null
+  done
+  rm -rf "$views"
+  echo "$trained" > "$memory/.toy-model"
+fi
+
+# The camera in the background, the node in the foreground (Ctrl-C reaches it); the camera stops with the script.
+"$venv/bin/ego-ros" camera toy &
+camera=$!
+trap 'kill "$camera" 2>/dev/null || true; wait "$camera" 2>/dev/null || true' EXIT
+say "serving the toy model $model with the toy-world camera (Rex, Anna and Milo come and go)"
+say "in another shell: ego-ros watch; ego-ros ask \"Where is Rex in this image?\"; ego-ros recognize; ego-ros list"
+# Recognition events on (config/ego.yaml has them off): once a second, what `ego-ros watch` prints.
+"$venv/bin/ego-ros" node --params-file "$repo/config/ego.yaml" --model "$model" --memory-dir "$memory" \
+  --ros-args -p recognition_rate_hz:=1.0 "$@"

@@ -33,7 +33,7 @@ ROSDEP = {"rclpy": "rclpy", "rcl_interfaces": "rcl_interfaces", "launch": "launc
           "yaml": "python3-yaml"}
 # Python module -> its distribution in requirements.txt (the pip step), for modules with no rosdep key.
 PIP = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
-       "tqdm": "tqdm", "matplotlib": "matplotlib", "pycocotools": "pycocotools",
+       "tqdm": "tqdm", "matplotlib": "matplotlib", "pycocotools": "pycocotools", "cv2": "opencv-python-headless",
        "huggingface_hub": "transformers"}  # huggingface_hub comes with transformers
 
 

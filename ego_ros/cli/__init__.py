@@ -34,6 +34,8 @@ Examples::
 
     # Live, through a running ego node over ROS 2
     ego-ros node --params-file config/ego.yaml       # the node, here (on a distro: ros2 launch ego_ros ego.launch.py)
+    ego-ros camera toy                               # a camera for it on camera/image_raw: the toy world, moving
+    ego-ros camera 0 --rate 5                        # ... or webcam 0, a video file, a folder of images
     ego-ros register "my mug" --camera               # views from the node's camera buffer (--views N --window SEC)
     ego-ros ask "Where is my mug?"                   # the latest frame; or --video SEC, --image FILE; Ctrl-C cancels
     ego-ros recognize --camera camera/image_raw      # a camera as named in the node's camera_topics
@@ -44,7 +46,7 @@ mode:
     register, ask, recognize, list and forget work OFFLINE (this machine's model and memory folder, no ROS) when a
     model is given (--model or $EGO_ROS_MODEL), or --memory-dir, or --offline; otherwise they are clients of the
     running node --node (default $EGO_ROS_NODE, else /ego). An explicit --node asks the node even when
-    $EGO_ROS_MODEL is set. show and calibrate are always offline; node and watch always use ROS.
+    $EGO_ROS_MODEL is set. show and calibrate are always offline; node, watch and camera always use ROS.
 
 Errors a user can fix (a missing file, an unknown concept, a taken name, a model that does not load) print one
 line, ``ego-ros: error: ...``, and exit with 1 (2 for a wrong command line), never a traceback.

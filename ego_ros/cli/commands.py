@@ -7,7 +7,7 @@ a live half (:mod:`ego_ros.cli.live`) side by side, with one command line that h
 machine, no ROS) when a model is given (``--model`` or ``$EGO_ROS_MODEL``), or ``--memory-dir``, or ``--offline``;
 otherwise a client of the running node ``--node`` (default ``$EGO_ROS_NODE``, else ``/ego``). An explicit ``--node``
 asks the node even when ``$EGO_ROS_MODEL`` is set, and is refused next to ``--model``, ``--memory-dir`` or
-``--offline``. ``show`` and ``calibrate`` are always offline; ``node`` and ``watch`` always use ROS.
+``--offline``. ``show`` and ``calibrate`` are always offline; ``node``, ``watch`` and ``camera`` always use ROS.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Iterable
 from ego_ros.cli import evaluate, live, offline
 from ego_ros.cli.common import (
     MODEL_ENV, Command, UsageError, add_model_options, add_store_options, box, percent,
-    positive_float, positive_int,
+    positive_float, positive_hz, positive_int,
 )
 from ego_ros.ros.client import DEFAULT_NODE, DEFAULT_TIMEOUT, NODE_ENV, node_name
 
@@ -259,6 +259,26 @@ def node_options(p: argparse.ArgumentParser) -> None:
                         "-r __ns:=/robot1")
 
 
+def camera_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE",
+                   help="a camera device index (0) or /dev/video*, a video file, a folder of images (played in name "
+                        "order), one image, or 'toy': the toy world, its personal instances moving in and out of view")
+    p.add_argument("--topic", default=live.CAMERA_TOPIC, metavar="T",
+                   help=f"the sensor_msgs/Image topic (default: {live.CAMERA_TOPIC}, relative like the node's "
+                        "camera_topics, so both agree in any namespace)")
+    p.add_argument("--rate", type=positive_hz, default=None, metavar="HZ",
+                   help="frames per second (default: a video file's or device's own rate, else 10)")
+    p.add_argument("--frame-id", default=live.CAMERA_FRAME_ID, metavar="ID",
+                   help=f"the headers' frame_id (default: {live.CAMERA_FRAME_ID})")
+    p.add_argument("--compressed", action="store_true", help="also publish JPEG sensor_msgs/CompressedImage on "
+                                                             "T/compressed")
+    p.add_argument("--once", action="store_true",
+                   help="a video file or folder: stop at its end (default: start over)")
+    p.add_argument("--count", type=positive_int, default=None, metavar="N", help="stop after N frames")
+    p.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[], metavar="ARG",
+                   help="the rest goes to the camera's ROS node, e.g. --ros-args -r __ns:=/robot1")
+
+
 COMMANDS: dict[str, Command] = {
     "register": Command("introduce a concept: from image files, or from the node's camera (--camera)",
                         register_arguments, register),
@@ -277,4 +297,6 @@ COMMANDS: dict[str, Command] = {
                     node_options, live.cmd_node),
     "watch": Command("print the node's recognition events as they come, until Ctrl-C", watch_arguments,
                      live.cmd_watch),
+    "camera": Command("publish a camera device, a video file, a folder of images or the toy world as a ROS 2 "
+                      "camera (sensor_msgs/Image)", camera_arguments, live.cmd_camera),
 }

@@ -59,6 +59,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_hz(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive rate in Hz, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive rate in Hz, got {text}")
+    return value
+
+
 def layer_list(text: str) -> tuple[int, ...]:
     try:
         layers = tuple(int(part) for part in text.split(",") if part.strip())

@@ -29,6 +29,8 @@ SEND_MAX_PIXELS = 1920 * 1080
 WITH_MODEL = "pass --model to work offline"
 WITH_STORE = "pass --offline to use this machine's memory folder"
 CHECK_NAME = "check --node and $ROS_DOMAIN_ID"
+CAMERA_TOPIC = "camera/image_raw"  # = ego_ros.ros.camera.DEFAULT_TOPIC, and the node's camera_topics in ego.yaml
+CAMERA_FRAME_ID = "camera"
 
 
 def run_live(run: Callable[[argparse.Namespace, EgoClient], int], args: argparse.Namespace, offline_hint: str) -> int:
@@ -236,3 +238,23 @@ def cmd_node(args: argparse.Namespace) -> int:
         raise UsageError(f"this install cannot run the ego node ({error})") from None
     status = node.main(args=argv)
     return status if isinstance(status, int) else 0
+
+
+# --- camera -----------------------------------------------------------------------------------------------------
+
+
+def cmd_camera(args: argparse.Namespace) -> int:
+    """Open SOURCE first (one error line and exit 1 if it does not open: nothing is published), then publish it."""
+    from ego_ros.ros.camera_sources import DEFAULT_RATE, open_source
+
+    source = open_source(args.source, loop=not args.once)  # SourceError (an OSError): ego-ros: error: ..., exit 1
+    try:
+        from ego_ros.ros.camera import publish
+    except ModuleNotFoundError as error:
+        source.close()
+        raise UsageError(f"ROS 2 is not usable here ({error}): build the venv with scripts/setup.sh, or source a "
+                         "ROS 2 install") from None
+    rest = list(args.ros_args)
+    publish(source, topic=args.topic, rate=args.rate or source.rate or DEFAULT_RATE, frame_id=args.frame_id,
+            compressed=args.compressed, count=args.count, ros_args=rest[1:] if rest[:1] == ["--ros-args"] else rest)
+    return 0
