@@ -217,6 +217,11 @@ def test_relative_camera_topics_move_with_the_namespace(tiny_model_dir, tmp_path
                              GetParameters.Request(names=["use_sim_time", "camera_topics"])).values
         assert values[0].bool_value is True
         assert list(values[1].string_array_value) == ["camera/image_raw"]
+        from ego_ros.srv import Recognize
+
+        for name in ("camera/image_raw", "/robot1/camera/image_raw"):  # as configured, or as resolved
+            answer = client.call(Recognize, "/robot1/ego/recognize", Recognize.Request(camera=name))
+            assert "no frame from camera/image_raw yet" in answer.message, answer.message
     finally:
         client.close()
         node.stop()

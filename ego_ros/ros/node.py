@@ -413,9 +413,12 @@ class EgoNode(LifecycleNode):
             raise RequestError("the node has no cameras: set camera_topics")
         if not name:
             return topics[0]
-        if name not in topics:
-            raise RequestError(f"unknown camera {shown(name)}; cameras: {list(topics)}")
-        return name
+        if name in topics:
+            return name
+        for topic in topics:  # named as resolved ("/robot1/camera/image_raw" for "camera/image_raw" in /robot1)
+            if self.resolve_topic_name(topic) == name:
+                return topic
+        raise RequestError(f"unknown camera {shown(name)}; cameras: {list(topics)}")
 
     def _no_frame(self, camera: str) -> RequestError:
         age = self.buffers[camera].age()

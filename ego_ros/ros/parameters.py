@@ -31,7 +31,7 @@ PARAMETER_SPECS = {
     "device": ("auto", _describe("torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")),
     "dtype": ("auto", _describe("weights' dtype: auto (bf16 on a GPU that has it, else float32), float32, bfloat16, float16")),
     "memory_dir": ("", _describe("folder of the concept memories; empty: $EGO_ROS_MEMORY_DIR or ~/.local/share/ego_ros/memory")),
-    "camera_topics": (["/camera/image_raw"], _describe(
+    "camera_topics": (["camera/image_raw"], _describe(
         "image topics, one rolling buffer each; a topic ending in /compressed is sensor_msgs/CompressedImage",
         kind=ParameterType.PARAMETER_STRING_ARRAY)),
     "buffer_seconds": (10.0, _describe("how much recent video each camera buffer keeps, seconds", floats=(0.5, 600.0))),
