@@ -75,7 +75,7 @@ FIELDS = {
         "created": "builtin_interfaces/Time",
         "updated": "builtin_interfaces/Time",
     },
-    ConceptDetection: {"name": "string", "score": "float"},
+    ConceptDetection: {"name": "string", "score": "float", "box": "sensor_msgs/RegionOfInterest"},
     RecognitionEvent: {
         "header": "std_msgs/Header",
         "camera": "string",
@@ -89,6 +89,8 @@ FIELDS = {
         "camera": "string",
         "num_views": "uint32",
         "window_sec": "float",
+        "regions": "sequence<sensor_msgs/RegionOfInterest>",
+        "description": "string",
         "append": "boolean",
     },
     RegisterConcept.Response: {"success": "boolean", "message": "string", "concept": "ego_ros/ConceptInfo",

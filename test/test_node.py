@@ -771,7 +771,7 @@ def test_list_concepts_answers_at_once_under_a_burst(graph):
     futures += [ask_client.call_async(Ask.Request(question="Where?", camera=CAMERA, max_new_tokens=4))
                 for _ in range(10)]
     latencies, deadline = [], time.monotonic() + 90
-    while not all(f.done() for f in futures) or len(latencies) < 50:
+    while not all(f.done() for f in futures) or len(latencies) < 200:  # p99 then is not just the single worst
         seconds, _ = _timed_call(client, ListConcepts, "/ego/list_concepts", ListConcepts.Request())
         latencies.append(seconds * 1000)
         assert time.monotonic() < deadline, [f.done() for f in futures]
