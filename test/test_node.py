@@ -155,7 +155,9 @@ def test_action_streams_feedback_and_honours_cancel(graph):
     texts = [f.feedback.answer_so_far for f in feedback]
     assert len(texts) >= 2 and texts[-1].strip() == result.result.answer
     assert "".join(f.feedback.new_text for f in feedback) == texts[-1]  # each feedback's new text, in order
-    assert [f.feedback.tokens for f in feedback] == list(range(1, len(feedback) + 1))
+    tokens, n = [f.feedback.tokens for f in feedback], len(feedback)
+    # One feedback per token, and a last one with the same count when a held-back rest is delivered at the end.
+    assert tokens in (list(range(1, n + 1)), list(range(1, n)) + [n - 1]) and tokens[-1] <= 6
 
     # A long answer, cancelled after its first feedback; list_concepts answers while it is being generated.
     feedback.clear()

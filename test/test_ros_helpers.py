@@ -823,3 +823,21 @@ def test_thresholds_change_live_and_presence_is_kept():
     assert tracker.update({"mug": 0.7}).disappeared == [] and tracker.update({"mug": 0.7}).disappeared == ["mug"]
     with pytest.raises(ValueError, match="off_threshold"):
         tracker.set_thresholds(0.5, 0.6)
+
+
+def test_clients_refuse_a_name_with_a_nul_and_an_empty_box_before_sending():
+    from ego_ros.ros.client import register_request, region_msg, sendable_name
+
+    # A ROS string ends at its first NUL: "nul\x00../x" would reach the node as "nul", another concept.
+    with pytest.raises(ValueError, match="NUL"):
+        register_request("nul\x00../x")
+    with pytest.raises(ValueError, match="NUL"):
+        sendable_name("a\x00")
+    assert sendable_name("my mug") == "my mug"
+    # A zero-sized region means "the whole image" on the wire: an empty box must not silently become that.
+    with pytest.raises(ValueError, match="empty"):
+        region_msg((10, 10, 10, 40))
+    roi = region_msg((-5.2, 3.6, 100.4, 50))
+    assert (roi.x_offset, roi.y_offset, roi.width, roi.height) == (0, 4, 100, 46)
+    request = register_request("mug", regions=[(0, 0, 20, 10)], description="the red one")
+    assert request.regions[0].width == 20 and request.description == "the red one"

@@ -66,11 +66,19 @@ def register_request(name: str, views: Sequence = (), *, camera: str = "", num_v
     views' pixels, one per view or one for all; ``description``: the object in the user's words."""
     from ego_ros.srv import RegisterConcept
 
-    request = RegisterConcept.Request(name=name, camera=camera, num_views=int(num_views),
+    request = RegisterConcept.Request(name=sendable_name(name), camera=camera, num_views=int(num_views),
                                       window_sec=float(window_sec), append=append, description=description)
     request.views = [image_msg(view) for view in views]
     request.regions = [region_msg(box) for box in regions]
     return request
+
+
+def sendable_name(name: str) -> str:
+    """``name``, refused if it holds a NUL: a ROS string ends at the first one, so the node would get a cut name
+    ("nul\x00../x" arrives as "nul") and could act on another concept than the one meant."""
+    if "\x00" in name:
+        raise ValueError(f"a concept name cannot hold a NUL character: {name[:60]!r}")
+    return name
 
 
 def region_msg(box):
@@ -215,7 +223,8 @@ class EgoClient:
         """``ForgetConcept``; returns the node's message."""
         from ego_ros.srv import ForgetConcept
 
-        return self._succeeded(self._call(ForgetConcept, "forget_concept", ForgetConcept.Request(name=name))).message
+        request = ForgetConcept.Request(name=sendable_name(name))
+        return self._succeeded(self._call(ForgetConcept, "forget_concept", request)).message
 
     def watch(self, callback: Callable, *, duration: float | None = None,
               on_ready: Callable[[str], None] | None = None) -> None:

@@ -35,7 +35,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from ego_ros.ros.client import (DEFAULT_TIMEOUT, AskResult, NodeError, absent_error, image_msg, node_name,
-                                register_request)
+                                register_request, sendable_name)
 
 # How often the commander's thread sends queued requests and checks deadlines and liveness (seconds).
 _TICK = 0.02
@@ -242,8 +242,8 @@ class EgoCommander:
         """``ForgetConcept``. Result: the node's confirmation."""
         from ego_ros.srv import ForgetConcept
 
-        return self.call("forget_concept", ForgetConcept.Request(name=name), lambda r: _succeeded(r).message,
-                         kind="forget")
+        request = ForgetConcept.Request(name=sendable_name(name))
+        return self.call("forget_concept", request, lambda r: _succeeded(r).message, kind="forget")
 
     def call(self, service: str, request, convert: Callable[[Any], Any] = lambda r: r, *, kind: str = "") -> Task:
         """Any of the node's services (``register_concept``, ``recognize``, ``list_concepts``, ``forget_concept``,
