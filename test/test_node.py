@@ -211,6 +211,9 @@ def test_recognition_events_at_the_configured_rate(graph):
     assert scored.success and {d.name for d in scored.detections} >= {"Rex"}
     assert all(0.0 <= d.score <= 1.0 for d in scored.detections)
     assert all(_inside_frame(d.box, 224, 224) for d in scored.detections)  # where: in the frame's own pixels
+    debug = client.subscribe(Image, "/ego/debug_image")  # drawn only while someone subscribes
+    shown = wait_for(lambda: debug[0] if debug else None, 30, "an annotated frame on ~/debug_image")
+    assert shown.header.frame_id.startswith("frame_") and (shown.width, shown.height) == (224, 224)
 
 
 def _inside_frame(box, width: int, height: int) -> bool:

@@ -841,3 +841,26 @@ def test_clients_refuse_a_name_with_a_nul_and_an_empty_box_before_sending():
     assert (roi.x_offset, roi.y_offset, roi.width, roi.height) == (0, 4, 100, 46)
     request = register_request("mug", regions=[(0, 0, 20, 10)], description="the red one")
     assert request.regions[0].width == 20 and request.description == "the red one"
+
+
+def test_a_box_on_a_buffered_frame_goes_back_to_the_cameras_pixels():
+    buffer = FrameBuffer(seconds=5.0, fps=10.0, max_pixels=224 * 224)
+    assert buffer.offer(1.0, np.zeros((720, 1280, 3), np.uint8))
+    frame = buffer.latest()
+    assert frame.size == (1280, 720) and frame.image.shape[1] < 1280  # shrunk in the buffer, size as sent
+    height, width = frame.image.shape[:2]
+    assert frame.to_sent((0, 0, width, height)) == (0, 0, 1280, 720)
+    assert frame.to_sent((width / 2, height / 4, width, height / 2)) == (640, 180, 1280, 360)
+
+
+def test_the_debug_image_outlines_each_detection_and_labels_it():
+    from ego_ros.ros.debug_image import COLOURS, annotated
+
+    image = np.full((120, 160, 3), 30, np.uint8)
+    out = annotated(image, [("Rex", 0.87, (10, 30, 60, 90)), ("my mug", 0.61, (100, 50, 150, 100))])
+    assert out.shape == image.shape and (image == 30).all()  # a copy: the buffer's frame is not drawn on
+    for x, y in ((10, 30), (59, 89), (10, 60), (35, 89)):  # Rex's outline, in the first colour
+        assert tuple(out[y, x]) == COLOURS[0]
+    assert tuple(out[60, 35]) == (30, 30, 30)  # inside the box: the frame
+    assert tuple(out[99, 149]) == COLOURS[1]  # the second detection, in the second colour
+    assert (out[15:29, 10:40] != 30).any()  # the label "Rex 0.87", above the box

@@ -43,6 +43,13 @@ class Frame:
     image: np.ndarray  # (H, W, 3) uint8 RGB, read-only, at most max_pixels pixels
     header: object | None = None  # the message's std_msgs/Header, to stamp events about this frame
     received: float = 0.0  # when it was offered, on the buffer's (wall) clock: how old it is, whatever its stamp
+    size: tuple[int, int] | None = None  # (width, height) as the camera sent it, before the buffer shrank it
+
+    def to_sent(self, box) -> tuple[int, int, int, int]:
+        """A box (x0, y0, x1, y1) in this frame's pixels, in the pixels of the frame as the camera sent it."""
+        height, width = self.image.shape[:2]
+        sx, sy = (self.size[0] / width, self.size[1] / height) if self.size else (1.0, 1.0)
+        return (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
 
 
 class FrameBuffer:
@@ -112,6 +119,7 @@ class FrameBuffer:
             generation = self._generation
         try:
             image = frame_or_thunk() if callable(frame_or_thunk) else frame_or_thunk
+            size = image.size if hasattr(image, "getbands") else (np.shape(image)[1], np.shape(image)[0])
             array = np.asarray(to_rgb(image, self.max_pixels), dtype=np.uint8)
         except BaseException:
             with self._lock:  # give the slot back so the next frame is taken instead
@@ -122,7 +130,7 @@ class FrameBuffer:
         with self._lock:
             if self._generation != generation or (self._frames and stamp < self._frames[-1].stamp_sec):
                 return False  # cleared, or overtaken by a newer frame, while decoding
-            self._frames.append(Frame(stamp, array, header, offered_at))
+            self._frames.append(Frame(stamp, array, header, offered_at, (int(size[0]), int(size[1]))))
             while stamp - self._frames[0].stamp_sec > self.seconds + _STAMP_EPS:
                 self._frames.popleft()
             self._accepts.append(offered_at)

@@ -66,7 +66,8 @@ from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterCon
 
 from .frame_buffer import FrameBuffer
 from .hysteresis import PresenceTracker
-from .image_msgs import image_from_msg, is_compressed_topic, rgb_from_msg
+from .debug_image import annotated
+from .image_msgs import image_from_msg, image_to_msg, is_compressed_topic, rgb_from_msg
 from .parameters import PARAMETER_SPECS, PARAMETERS, Settings  # noqa: F401 - PARAMETERS: the node's public table
 from .requests import (MAX_REQUEST_PIXELS, RequestError, check_model_can_take, check_request, message_of, shown)
 from .worker import InferenceWorker, Priority
@@ -119,6 +120,7 @@ class EgoNode(LifecycleNode):
         self.buffers: dict[str, FrameBuffer] = {}
         self.trackers: dict[str, PresenceTracker] = {}
         self._recognitions_pub = None
+        self._debug_pub = None  # ~/debug_image: frames with the present concepts' boxes, names and scores
         self._diagnostics_pub = None
         self._active: list = []  # subscriptions, services, the action server and timers made on activate
         self._configured: list = []  # the diagnostics timer, made on configure
@@ -209,6 +211,7 @@ class EgoNode(LifecycleNode):
         off = max(0.0, s.recognition_threshold - 0.1)
         self.trackers = {t: PresenceTracker(s.recognition_threshold, off) for t in s.camera_topics}
         self._recognitions_pub = self.create_lifecycle_publisher(RecognitionEvent, "~/recognitions", 10)
+        self._debug_pub = self.create_lifecycle_publisher(Image, "~/debug_image", 2)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._configured.append(
             self.create_timer(DIAGNOSTICS_PERIOD_SEC, self._publish_diagnostics, callback_group=self._fast_group))
@@ -301,6 +304,9 @@ class EgoNode(LifecycleNode):
         self.buffers, self.trackers = {}, {}
         if self._recognitions_pub is not None:
             self.destroy_lifecycle_publisher(self._recognitions_pub)
+        if self._debug_pub is not None:
+            self.destroy_lifecycle_publisher(self._debug_pub)
+        self._debug_pub = None
         if self._diagnostics_pub is not None:
             self.destroy_publisher(self._diagnostics_pub)
         self._recognitions_pub = self._diagnostics_pub = None
@@ -532,11 +538,16 @@ class EgoNode(LifecycleNode):
             check_request(request)
             if request.camera or not _has_image(request.image):  # no camera and no image: the default camera
                 frame = self._latest_frame(self._camera(request.camera))
-                image, header = frame.image, frame.header
+                image, header, to_sent = frame.image, frame.header, frame.to_sent
             else:
                 image, header = image_from_msg(request.image, limit_pixels=MAX_REQUEST_PIXELS), request.image.header
+                to_sent = tuple  # the box is in the given image's pixels already
             concepts = self._known_concepts(request.concepts)
-            return lambda: (self.ego.recognize(image, concepts, boxes=True), header)
+
+            def job():
+                found = self.ego.recognize(image, concepts, boxes=True)
+                return {name: (p, to_sent(box)) for name, (p, box) in found.items()}, header
+            return job
 
         def respond(result):
             scores, header = result
@@ -729,10 +740,14 @@ class EgoNode(LifecycleNode):
         event = RecognitionEvent(camera=camera, appeared=list(appeared), disappeared=list(disappeared))
         if frame.header is not None:
             event.header = frame.header
-        event.detections = [ConceptDetection(name=n, score=float(p), box=_roi_of(found[n][1]))
+        event.detections = [ConceptDetection(name=n, score=float(p), box=_roi_of(frame.to_sent(found[n][1])))
                             for n, p in sorted(present.items(), key=lambda kv: -kv[1])]
         if self._recognitions_pub is not None:
             self._recognitions_pub.publish(event)
+        debug = self._debug_pub
+        if debug is not None and debug.get_subscription_count() > 0:  # drawing costs: only for someone watching
+            boxes = [(n, p, found[n][1]) for n, p in present.items()]
+            debug.publish(image_to_msg(annotated(frame.image, boxes), Image, header=frame.header))
 
     # --- diagnostics ------------------------------------------------------------------------------------------
 
