@@ -75,7 +75,7 @@ def register_request(name: str, views: Sequence = (), *, camera: str = "", num_v
 
 def sendable_name(name: str) -> str:
     """``name``, refused if it holds a NUL: a ROS string ends at the first one, so the node would get a cut name
-    ("nul\x00../x" arrives as "nul") and could act on another concept than the one meant."""
+    ("nul", NUL, "../x" arrives as "nul") and could act on another concept than the one meant."""
     if "\x00" in name:
         raise ValueError(f"a concept name cannot hold a NUL character: {name[:60]!r}")
     return name
