@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -832,7 +833,7 @@ def main(args: list[str] | None = None) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
-    node = executor = None
+    node = executor = loader = None
     try:
         node = EgoNode()
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
@@ -841,7 +842,8 @@ def main(args: list[str] | None = None) -> int:
         spinner.start()
         if node.get_parameter("autostart").value:
             # On a thread of its own, so that a signal during the model load is acted on at once.
-            threading.Thread(target=_autostart, args=(node,), name="ego-autostart", daemon=True).start()
+            loader = threading.Thread(target=_autostart, args=(node,), name="ego-autostart", daemon=True)
+            loader.start()
         while not stop.wait(0.2) and spinner.is_alive():
             pass
         if stop.is_set():
@@ -857,6 +859,13 @@ def main(args: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
+    if loader is not None and loader.is_alive():
+        # The model load is still running (a read that never ends) inside rclpy's C++ transition code: finalising
+        # the interpreter under it aborts the process ("terminate called without an active exception"). Callers
+        # are answered and everything is released by now, so leave without finalising.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
