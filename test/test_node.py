@@ -48,15 +48,21 @@ def graph(tiny_model_dir, tmp_path_factory):
         node.stop()
 
 
-def _buffer_frames(client) -> int:
-    """Frames in CAMERA's buffer, from the latest /diagnostics message (0 until there is one)."""
+def _latest_status(client, suffix: str) -> dict | None:
+    """The values of the latest /diagnostics status whose name ends with ``suffix`` (None until there is one)."""
     if not hasattr(client, "diagnostics"):
         client.diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
     for message in reversed(client.diagnostics):
         for status in message.status:
-            if status.name.endswith(f"camera {CAMERA}"):
-                return int({kv.key: kv.value for kv in status.values}["frames"])
-    return 0
+            if status.name.endswith(suffix):
+                return {kv.key: kv.value for kv in status.values}
+    return None
+
+
+def _buffer_frames(client) -> int:
+    """Frames in CAMERA's buffer, from the latest /diagnostics message (0 until there is one)."""
+    values = _latest_status(client, f"camera {CAMERA}")
+    return int(values["frames"]) if values is not None else 0
 
 
 def ask(client, question="What is here?", **fields):
@@ -754,13 +760,8 @@ def test_failed_activates_deactivate_and_a_signal_leave_nothing_behind(tiny_mode
 
 def _inference(client) -> str:
     """The latest inference status on /diagnostics as "key=value ..." ("" until there is one)."""
-    if not hasattr(client, "diagnostics"):
-        client.diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
-    for message in reversed(client.diagnostics):
-        for status in message.status:
-            if status.name.endswith(": inference"):
-                return " ".join(f"{kv.key}={kv.value}" for kv in status.values)
-    return ""
+    values = _latest_status(client, ": inference")
+    return " ".join(f"{key}={value}" for key, value in values.items()) if values is not None else ""
 
 
 def test_list_concepts_answers_at_once_under_a_burst(graph):

@@ -102,10 +102,16 @@ def cmd_recognize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def _stored(args: argparse.Namespace):
+    """(the memory folder, its concepts), having said which files in it could not be read."""
     root = memory_dir(args)
     stored = stored_concepts(root)
     report_skipped(stored.skipped)
+    return root, stored
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    root, stored = _stored(args)
     names = stored.names()
     layers = None
     if args.model:  # list --model: also the layers that model uses (loads it)
@@ -129,9 +135,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     from ego_ros.engine.figure import remove_views
 
-    root = memory_dir(args)
-    stored = stored_concepts(root)
-    report_skipped(stored.skipped)
+    root, stored = _stored(args)
     memory = stored.get(args.name)
     stored.remove(memory.name)
     remove_views(root, memory.name)
@@ -143,9 +147,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from ego_ros.engine.figure import concept_figure, load_views
 
-    root = memory_dir(args)
-    stored = stored_concepts(root)
-    report_skipped(stored.skipped)
+    root, stored = _stored(args)
     memory = stored.get(args.name)
     views = load_views(root, memory.name, memory.num_views)
     figure = concept_figure(memory, views)

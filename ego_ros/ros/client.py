@@ -73,6 +73,32 @@ def register_request(name: str, views: Sequence = (), *, camera: str = "", num_v
     return request
 
 
+def answer_goal(question: str, *, image=None, camera: str = "", video_sec: float | None = None,
+                concepts: Iterable[str] = (), max_new_tokens: int = 0):
+    """An ``Answer`` goal about ``image`` (an RGB array) if given, else the last ``video_sec`` seconds of ``camera``
+    if given, else its latest frame."""
+    from ego_ros.action import Answer
+
+    goal = Answer.Goal(question=question, camera=camera, concepts=list(concepts), max_new_tokens=int(max_new_tokens))
+    if image is not None:
+        goal.source, goal.image = Answer.Goal.SOURCE_IMAGE, image_msg(image)
+    elif video_sec is not None:
+        goal.source, goal.window_sec = Answer.Goal.SOURCE_VIDEO, float(video_sec)
+    else:
+        goal.source = Answer.Goal.SOURCE_LATEST
+    return goal
+
+
+def recognize_request(image=None, *, camera: str = "", concepts: Iterable[str] = ()):
+    """A ``Recognize`` request about ``image`` (an RGB array) if given, else about the camera's latest frame."""
+    from ego_ros.srv import Recognize
+
+    request = Recognize.Request(camera=camera, concepts=list(concepts))
+    if image is not None:
+        request.camera, request.image = "", image_msg(image)
+    return request
+
+
 def sendable_name(name: str) -> str:
     """``name``, refused if it holds a NUL: a ROS string ends at the first one, so the node would get a cut name
     ("nul", NUL, "../x" arrives as "nul") and could act on another concept than the one meant."""
@@ -157,15 +183,8 @@ class EgoClient:
 
         from ego_ros.action import Answer
 
-        goal = Answer.Goal(question=question, camera=camera, concepts=list(concepts),
-                           max_new_tokens=int(max_new_tokens))
-        if image is not None:
-            goal.source, goal.image = Answer.Goal.SOURCE_IMAGE, image_msg(image)
-        elif video_sec is not None:
-            goal.source, goal.window_sec = Answer.Goal.SOURCE_VIDEO, float(video_sec)
-        else:
-            goal.source = Answer.Goal.SOURCE_LATEST
-
+        goal = answer_goal(question, image=image, camera=camera, video_sec=video_sec, concepts=concepts,
+                           max_new_tokens=max_new_tokens)
         endpoint = f"{self.node}/answer"
         if self._answer_client is None:
             self._answer_client = ActionClient(self._ros, Answer, endpoint)
@@ -201,9 +220,7 @@ class EgoClient:
         """``Recognize`` on ``image`` (an RGB array) if given, else on the camera's latest frame: name -> score."""
         from ego_ros.srv import Recognize
 
-        request = Recognize.Request(camera=camera, concepts=list(concepts))
-        if image is not None:
-            request.camera, request.image = "", image_msg(image)
+        request = recognize_request(image, camera=camera, concepts=concepts)
         response = self._succeeded(self._call(Recognize, "recognize", request))
         return {d.name: float(d.score) for d in response.detections}
 

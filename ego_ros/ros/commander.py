@@ -34,8 +34,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from ego_ros.ros.client import (DEFAULT_TIMEOUT, AskResult, NodeError, absent_error, image_msg, node_name,
-                                register_request, sendable_name)
+from ego_ros.ros.client import (DEFAULT_TIMEOUT, AskResult, NodeError, absent_error, answer_goal, node_name,
+                                recognize_request, register_request, sendable_name)
 
 # How often the commander's thread sends queued requests and checks deadlines and liveness (seconds).
 _TICK = 0.02
@@ -224,11 +224,7 @@ class EgoCommander:
     def recognize(self, image=None, *, camera: str = "", concepts: Iterable[str] = ()) -> Task:
         """``Recognize`` on ``image`` (an RGB array) if given, else on the camera's latest frame.
         Result: ``{name: score}``."""
-        from ego_ros.srv import Recognize
-
-        request = Recognize.Request(camera=camera, concepts=list(concepts))
-        if image is not None:
-            request.camera, request.image = "", image_msg(image)
+        request = recognize_request(image, camera=camera, concepts=concepts)
         return self.call("recognize", request,
                          lambda r: {d.name: float(d.score) for d in _succeeded(r).detections}, kind="recognize")
 
@@ -272,16 +268,8 @@ class EgoCommander:
         ``camera`` if given, else its latest frame. ``task.feedback`` is the latest ``Answer.Feedback``
         (``answer_so_far``, ``tokens``), also passed to ``on_feedback`` (on the commander's thread).
         Result: an :class:`~ego_ros.ros.client.AskResult`."""
-        from ego_ros.action import Answer
-
-        goal = Answer.Goal(question=question, camera=camera, concepts=list(concepts),
-                           max_new_tokens=int(max_new_tokens))
-        if image is not None:
-            goal.source, goal.image = Answer.Goal.SOURCE_IMAGE, image_msg(image)
-        elif video_sec is not None:
-            goal.source, goal.window_sec = Answer.Goal.SOURCE_VIDEO, float(video_sec)
-        else:
-            goal.source = Answer.Goal.SOURCE_LATEST
+        goal = answer_goal(question, image=image, camera=camera, video_sec=video_sec, concepts=concepts,
+                           max_new_tokens=max_new_tokens)
         task = Task("ask", self)
         endpoint = task._endpoint = f"{self.node}/answer"
         action = self.answer_action

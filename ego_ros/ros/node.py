@@ -542,7 +542,9 @@ class EgoNode(LifecycleNode):
                 image, header, to_sent = frame.image, frame.header, frame.to_sent
             else:
                 image, header = image_from_msg(request.image, limit_pixels=MAX_REQUEST_PIXELS), request.image.header
-                to_sent = tuple  # the box is in the given image's pixels already
+
+                def to_sent(box):  # the box is in the given image's pixels already
+                    return box
             concepts = self._known_concepts(request.concepts)
 
             def job():
