@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The instruction texts of the method, in one place so that they can be read (and tuned) together."""
 
 # The reserved token whose input-embedding rows are overwritten with a concept's memory vectors (soft tokens).

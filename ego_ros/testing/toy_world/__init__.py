@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The toy world: procedural scenes with exact ground truth, and a small Qwen2.5-VL trained on them here.
 
 It makes the method measurable on a machine without real weights: calibration data (images with masks), personal

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The toy world's command: write scenes with ground truth, or produce the trained toy model.
 
 Examples::

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A procedural world of coloured objects with exact ground truth: the data a small model can learn to see from.
 
 Objects are of a few *kinds* (ball, box, mug, bottle, star) in a few body *colours*; an object may carry a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the toy model is taught: questions about toy scenes in exactly the engine's prompt format, with answers.
 
 Every question is one of the engine's own prompts (``ego_ros.engine.prompts``), built into the chat template by

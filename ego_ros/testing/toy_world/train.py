@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Train a small Qwen2.5-VL on the toy world, on a CPU, into a hub-style checkpoint that ``Ego.load`` reads.
 
 The model is the real ``Qwen2_5_VLForConditionalGeneration`` (6 decoder layers of width 128, a 2-block vision
@@ -30,7 +31,7 @@ from ego_ros.engine import prompts
 from ego_ros.engine.backends import EncodedImage
 from ego_ros.engine.backends.qwen2_5_vl import Qwen2_5_VLBackend
 from ego_ros.engine.soft_tokens import injected_rows
-from ego_ros.testing import tiny_model
+from ego_ros.testing import tiny_qwen2_5_vl
 
 from . import scenes, tasks
 
@@ -67,7 +68,7 @@ def recipe_hash(recipe: Recipe, seed: int) -> str:
 
     digest = hashlib.sha256(json.dumps([asdict(recipe), seed, torch.__version__, transformers.__version__],
                                        default=str).encode())
-    for module in (scenes, tasks, tiny_model, prompts):
+    for module in (scenes, tasks, tiny_qwen2_5_vl, prompts):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -80,7 +81,7 @@ def toy_corpus() -> list[str]:
     answers = ["Yes", "No", "It is not in this image.", "Top left. Top. Top right. Left. Centre. Right.",
                "Bottom left. Bottom. Bottom right.", "A red mug with stripes, a blue ball and a green box.",
                " ".join(str(i) for i in range(101)), " ".join(words), ", ".join(words), *tasks._SYLLABLES]
-    return [line for line in tiny_model._CORPUS if line.strip()] + texts + answers
+    return [line for line in tiny_qwen2_5_vl._CORPUS if line.strip()] + texts + answers
 
 
 def model_dir(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: bool = True) -> Path:
@@ -101,7 +102,7 @@ def train(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: 
 
     torch.set_num_threads(recipe.threads)
     text_sizes, vision_sizes = recipe.model_sizes()
-    model, tokenizer, image_processor = tiny_model.make_qwen2_5_vl(
+    model, tokenizer, image_processor = tiny_qwen2_5_vl.make_qwen2_5_vl(
         seed=seed, max_pixels=scenes.SIZE * scenes.SIZE, placeholder=prompts.CONCEPT_PLACEHOLDER,
         text_overrides=text_sizes, vision_overrides={**vision_sizes, "out_hidden_size": text_sizes["hidden_size"]},
         corpus=toy_corpus())
@@ -133,7 +134,7 @@ def train(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: 
                             **{task: f"{np.mean(v[-200:]):.2f}" for task, v in sorted(task_losses.items())})
     model.eval()
 
-    tiny_model.save_checkpoint(out_dir, model, tokenizer, image_processor)
+    tiny_qwen2_5_vl.save_checkpoint(out_dir, model, tokenizer, image_processor)
     record = {"recipe_hash": recipe_hash(recipe, seed), "seed": seed, "recipe": asdict(recipe),
               "parameters": sum(p.numel() for p in model.parameters()),
               "seconds": round(time.perf_counter() - started, 1),
