@@ -100,7 +100,7 @@ class Qwen2_5_VLBackend:
             attention_mask=attention_mask.to(device),
             mm_token_type_ids=is_image.int().to(device),
             image_grid_thw=torch.tensor(grids, dtype=torch.long, device=device) if grids else None,
-            injected=torch.cat(injected).to(device, dtype) if injected else torch.zeros(0, 0),
+            injected=torch.cat([v.to(device, dtype) for v in injected]) if injected else torch.zeros(0, 0),
             pixel_values=torch.cat(pixels) if pixels else None,
             image_positions=[self._image_spans(row) for row in is_image],
         )

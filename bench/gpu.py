@@ -1,0 +1,175 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The engine at real model sizes with random weights: register, answer and recognition times, and peak memory.
+
+Builds each preset's architecture (``ego_ros/testing/presets``: the published Qwen2.5-VL-7B and 3B configs) with
+random weights directly on the device, in bf16, and runs the real engine on it: random weights give real timings,
+not real answers (a keyword answer is random text, so every view keeps K tokens: the slow case). Measures:
+
+- register: seconds per view (10 concepts of 1 view, and 1 concept of 5 views), after one warm-up registration;
+- ask with 10 concepts in context: time to the first answer token and to 64 answer tokens;
+- recognize 10 concepts per frame: frames per second;
+- peak GPU memory (``torch.cuda.max_memory_allocated``) over all of it, and the weights' share.
+
+On a CPU, ``--narrow`` builds the same layouts at 16 per head so the script can be checked end to end here.
+
+Examples::
+
+    python bench/gpu.py                                   # both presets, cuda, bf16
+    python bench/gpu.py --presets qwen2_5_vl_3b --json out.json
+    python bench/gpu.py --device cpu --dtype float32 --narrow --repeats 1   # a dry run on a laptop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ego_ros.engine import Ego  # noqa: E402
+from ego_ros.engine.config import EgoConfig  # noqa: E402
+from ego_ros.engine.loading import LoadedModel  # noqa: E402
+from ego_ros.testing.real_sizes import make_model, preset_names  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def frame(seed: int, width: int = 640, height: int = 480) -> np.ndarray:
+    """A camera-sized image with some structure (random pixels are the worst case for nothing, but look odd)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width, 3), rng.integers(60, 200, 3), dtype=np.uint8)
+    x, y = rng.integers(0, width // 2), rng.integers(0, height // 2)
+    image[y:y + height // 3, x:x + width // 3] = rng.integers(0, 255, 3)
+    return image
+
+
+class Clock:
+    """Wall time with the device's queue drained first, so asynchronous kernels are counted where they run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def measure(name: str, args) -> dict:
+    device = torch.device(args.device)
+    clock = Clock(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    started = clock.now()
+    model, tokenizer, image_processor = make_model(name, device=device, dtype=DTYPES[args.dtype], narrow=args.narrow)
+    built_s = clock.now() - started
+    weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
+    loaded = LoadedModel(model, tokenizer, image_processor, name, device, DTYPES[args.dtype])
+    result = {"preset": name, "narrow": args.narrow, "dtype": args.dtype, "build_s": round(built_s, 1),
+              "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+              "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    with tempfile.TemporaryDirectory() as scratch:
+        config = EgoConfig(max_concepts_in_context=args.concepts, max_image_pixels=640 * 480)
+        ego = Ego(loaded, config, Path(scratch) / "memory", calibration_dir=Path(scratch) / "calibration")
+        print(f"[{name}] built in {built_s:.1f} s; layers for scoring: {ego.layers}", flush=True)
+
+        ego.register("warm-up", [frame(0)])  # kernels compiled, allocator grown: not counted
+        ego.forget("warm-up")
+        per_view = []
+        for c in range(args.concepts):
+            start = clock.now()
+            ego.register(f"concept {c}", [frame(100 + c)])
+            per_view.append(clock.now() - start)
+        start = clock.now()
+        ego.register("five views", [frame(200 + v) for v in range(5)])
+        five_views_s = clock.now() - start
+        ego.forget("five views")
+        result["register_s_per_view"] = round(statistics.median(per_view), 3)
+        result["register_s_per_view_of_5"] = round(five_views_s / 5, 3)
+        print(f"[{name}] register: {result['register_s_per_view']} s/view (1 view), "
+              f"{result['register_s_per_view_of_5']} s/view (5 views)", flush=True)
+
+        question = "What is concept 0 doing, and where is concept 1?"
+        first_token, totals, tokens = [], [], []
+        for r in range(args.repeats + 1):
+            arrivals = []
+            start = clock.now()
+            answer = ego.ask(question, frame(300 + r), max_new_tokens=64,
+                             on_new_text=lambda text, count: arrivals.append(time.perf_counter()))
+            total = clock.now() - start
+            if r == 0:
+                continue  # warm-up
+            first_token.append((arrivals[0] if arrivals else total + start) - start)
+            totals.append(total)
+            tokens.append(answer.new_tokens)
+        result["concepts_in_context"] = len(answer.concepts)
+        result["prompt_tokens"] = answer.prompt_tokens
+        result["first_token_s"] = round(statistics.median(first_token), 3)
+        result["answer_s"] = round(statistics.median(totals), 3)
+        result["answer_tokens"] = int(statistics.median(tokens))
+        print(f"[{name}] ask ({result['concepts_in_context']} concepts, {answer.prompt_tokens} prompt tokens): "
+              f"first token {result['first_token_s']} s, {result['answer_tokens']} tokens in {result['answer_s']} s",
+              flush=True)
+
+        ego.recognize(frame(400))  # warm-up
+        start = clock.now()
+        frames = max(2, args.repeats * 2)
+        for f in range(frames):
+            scores = ego.recognize(frame(401 + f))
+        result["recognize_concepts"] = len(scores)
+        result["recognize_fps"] = round(frames / (clock.now() - start), 2)
+        print(f"[{name}] recognize {len(scores)} concepts: {result['recognize_fps']} frames/s", flush=True)
+    if cuda:
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result["weights_gib"] = round(weights_gib, 2)
+    del ego, model, loaded
+    return result
+
+
+def table(results: list[dict]) -> str:
+    rows = [("preset", "device", "register s/view", "first token s", "64 tokens s", "recognize fps (10)",
+             "peak GiB")]
+    for r in results:
+        rows.append((r["preset"] + (" (narrow)" if r["narrow"] else ""), r["device"],
+                     f"{r['register_s_per_view']} ({r['register_s_per_view_of_5']} of 5)", str(r["first_token_s"]),
+                     f"{r['answer_s']} ({r['answer_tokens']} tok)", str(r["recognize_fps"]),
+                     str(r.get("peak_gib", "-"))))
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["qwen2_5_vl_7b", "qwen2_5_vl_3b"], choices=preset_names())
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--narrow", action="store_true", help="16 per head: the layouts at a CPU's cost")
+    parser.add_argument("--concepts", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="timed answers (median); recognition frames: twice")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("CUDA is not available here: use --device cpu --dtype float32 --narrow for a dry run")
+    torch.manual_seed(0)
+    results = []
+    for name in args.presets:
+        results.append(measure(name, args))
+        if args.json:  # after each preset, so a run cut short keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
