@@ -132,8 +132,33 @@ def measure(name: str, args) -> dict:
     if cuda:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         result["weights_gib"] = round(weights_gib, 2)
+    if args.decode_probe:
+        result["decode_probe_64_tokens"] = decode_probe(model, tokenizer, clock)
+        print(f"[{name}] decode probe: {result['decode_probe_64_tokens']}", flush=True)
     del ego, model, loaded
     return result
+
+
+def decode_probe(model, tokenizer, clock: Clock, prompt_tokens: int = 1200, new_tokens: int = 64) -> dict:
+    """The model's own 64-token decode on a text-only prompt, outside the engine: with the default dynamic cache,
+    and with a static cache (which transformers compiles on a GPU, CUDA graphs included). Tells how much of an
+    answer's time is the decoding loop's per-step overhead rather than the engine's."""
+    device = next(model.parameters()).device
+    words = tokenizer("a small brown dog with floppy ears near the red sofa ", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([(words * prompt_tokens)[:prompt_tokens]], device=device)  # plain text: no image tokens
+    probe = {}
+    for label, extra in (("dynamic", {}), ("static_compiled", {"cache_implementation": "static"})):
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **extra)
+        try:
+            start = clock.now()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)  # warm-up / compile
+            first = clock.now() - start
+            start = clock.now()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            probe[label] = {"first_call_s": round(first, 2), "s": round(clock.now() - start, 3)}
+        except Exception as error:  # a probe: report why it could not run, keep the other figures
+            probe[label] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    return probe
 
 
 def table(results: list[dict]) -> str:
@@ -158,6 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concepts", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="timed answers (median); recognition frames: twice")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--decode-probe", action="store_true",
+                        help="also time the model's own 64-token decode, dynamic versus static (compiled) cache")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available here: use --device cpu --dtype float32 --narrow for a dry run")
