@@ -3,7 +3,8 @@
 
 1. Per 1280x720 frame: rclpy deserialisation, then the image callback's work (decode, downscale to
    max_image_pixels, insert) for a frame the buffer keeps, and for one decimation drops — for sensor_msgs/Image
-   rgb8 and for a JPEG sensor_msgs/CompressedImage.
+   rgb8 and for a JPEG sensor_msgs/CompressedImage; the callback's decode and downscale with OpenCV (the node's)
+   and with PIL (its path before OpenCV, kept here as the reference).
 2. ``~/list_concepts`` round trips from a client process: with the node idle, and while ``~/answer`` is
    generating a long answer on the tiny model (which keeps this machine's CPU busy).
 
@@ -27,6 +28,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def pil_rgb_from_msg(msg, max_pixels: int):
+    """The callback's decode and downscale as they were before OpenCV: PIL's JPEG decoder (draft at a reduced
+    scale) and its antialiased bilinear resize (the engine's own ``to_rgb``)."""
+    import io
+    import math
+
+    from PIL import Image
+
+    from ego_ros.engine.images import to_rgb
+    from ego_ros.ros.image_msgs import image_from_msg
+
+    if hasattr(msg, "format"):
+        image = Image.open(io.BytesIO(bytes(msg.data)), formats=["JPEG", "PNG"])
+        if image.width * image.height > max_pixels:
+            scale = math.sqrt(max_pixels / (image.width * image.height))
+            image.draft("RGB", (int(image.width * scale), int(image.height * scale)))
+        return np.asarray(to_rgb(image, max_pixels))
+    return np.asarray(to_rgb(image_from_msg(msg), max_pixels))
+
+
 def per_frame_costs(frames: int, max_pixels: int) -> list[tuple[str, float, float, float]]:
     from rclpy.serialization import deserialize_message, serialize_message
     from sensor_msgs.msg import CompressedImage, Image
@@ -46,18 +67,19 @@ def per_frame_costs(frames: int, max_pixels: int) -> list[tuple[str, float, floa
             received = deserialize_message(wire, type(msg))
         deserialise_ms = (time.perf_counter() - start) / frames * 1e3
 
-        buffer = FrameBuffer(seconds=10.0, fps=2.0, max_pixels=max_pixels)
-        kept_times, dropped_times = [], []
-        for i in range(frames):
-            stamp = i * 0.5  # one frame per buffer period: every one is kept
-            start = time.perf_counter()
-            buffer.offer(stamp, lambda: rgb_from_msg(received, max_pixels))
-            kept_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            buffer.offer(stamp + 0.01, lambda: rgb_from_msg(received, max_pixels))  # too soon: decimated
-            dropped_times.append(time.perf_counter() - start)
-        rows.append((f"{label} ({len(wire) / 1e6:.2f} MB on the wire)", deserialise_ms,
-                     statistics.median(kept_times) * 1e3, statistics.median(dropped_times) * 1e3))
+        for library, decode in (("OpenCV", rgb_from_msg), ("PIL, before", pil_rgb_from_msg)):
+            buffer = FrameBuffer(seconds=10.0, fps=2.0, max_pixels=max_pixels)
+            kept_times, dropped_times = [], []
+            for i in range(frames):
+                stamp = i * 0.5  # one frame per buffer period: every one is kept
+                start = time.perf_counter()
+                buffer.offer(stamp, lambda: decode(received, max_pixels))
+                kept_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                buffer.offer(stamp + 0.01, lambda: decode(received, max_pixels))  # too soon: decimated
+                dropped_times.append(time.perf_counter() - start)
+            rows.append((f"{label} ({len(wire) / 1e6:.2f} MB on the wire), {library}", deserialise_ms,
+                         statistics.median(kept_times) * 1e3, statistics.median(dropped_times) * 1e3))
     return rows
 
 
@@ -113,6 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=100, help="frames timed per message kind")
     parser.add_argument("--calls", type=int, default=50, help="list_concepts calls timed per condition")
     parser.add_argument("--max-pixels", type=int, default=640 * 480, help="the node's max_image_pixels")
+    parser.add_argument("--frames-only", action="store_true", help="only the per-frame table")
     args = parser.parse_args(argv)
 
     print(f"\nPer 1280x720 frame (median over {args.frames}; max_image_pixels {args.max_pixels}; buffer_fps 2)\n")
@@ -121,6 +144,8 @@ def main(argv=None) -> int:
     for label, deserialise, kept, dropped in per_frame_costs(args.frames, args.max_pixels):
         print(f"| {label} | {deserialise:.2f} | {kept:.2f} | {dropped:.3f} |")
 
+    if args.frames_only:
+        return 0
     idle, during, tokens = list_latency(args.calls)
     print(f"\n~/list_concepts round trip from another process, {args.calls} calls each (ms)\n")
     print("| node | median | p95 | max |")

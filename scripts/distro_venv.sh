@@ -22,6 +22,8 @@ dry_run=${2:-}
 [[ -z $dry_run || $dry_run == --dry-run ]] || die "unknown option $dry_run (usage: $0 VENV [--dry-run])"
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${EGO_ROS_PYTHON:-python3}
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 
 if [[ ! -x $venv/bin/python ]]; then
   step "creating $venv with $python -m venv --system-site-packages"
@@ -36,11 +38,17 @@ step "numpy seen by $venv: $numpy_before"
 extra=()
 "$venv/bin/python" -c 'import torch' 2>/dev/null || extra+=(torch==2.13.0)
 
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check -r "$repo/requirements.txt"
+requirements=$repo/requirements.txt
+if "$venv/bin/python" -c 'import cv2' 2>/dev/null; then
+  # The distro's OpenCV (python3-opencv, what cv_bridge is built with) stays: a second cv2 from PyPI would shadow it.
+  step "keeping the distro's OpenCV ($("$venv/bin/python" -c 'import cv2; print(cv2.__version__)')): opencv-python-headless is not installed"
+  requirements=$scratch/requirements.txt
+  grep -v '^opencv-python' "$repo/requirements.txt" > "$requirements"
+fi
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check -r "$requirements"
      -c "$repo/constraints-distro.txt" "${extra[@]}")
 if [[ -n $dry_run ]]; then
-  report=$(mktemp)
-  trap 'rm -f "$report"' EXIT
+  report=$scratch/report.json
   "${pip[@]}" --quiet --dry-run --report "$report"
   "$venv/bin/python" - "$report" <<'EOF'
 import json

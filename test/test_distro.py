@@ -30,7 +30,7 @@ ROSDEP = {"rclpy": "rclpy", "rcl_interfaces": "rcl_interfaces", "launch": "launc
           "sensor_msgs": "sensor_msgs", "std_msgs": "std_msgs", "diagnostic_msgs": "diagnostic_msgs",
           "lifecycle_msgs": "lifecycle_msgs", "action_msgs": "action_msgs", "builtin_interfaces": "builtin_interfaces",
           "std_srvs": "std_srvs", "py_trees": "py_trees", "numpy": "python3-numpy", "PIL": "python3-pil",
-          "yaml": "python3-yaml"}
+          "yaml": "python3-yaml", "cv_bridge": "cv_bridge", "cv2": "python3-opencv"}
 # Python module -> its distribution in requirements.txt (the pip step), for modules with no rosdep key.
 PIP = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
        "tqdm": "tqdm", "matplotlib": "matplotlib", "pycocotools": "pycocotools", "cv2": "opencv-python-headless",
@@ -63,11 +63,12 @@ def test_package_xml_declares_every_imported_ros_package_and_system_module():
     runtime = {d.name for d in package.build_depends + package.exec_depends + package.build_export_depends}
     requirements = (REPO / "requirements.txt").read_text()
     for module, where in sorted(imported_modules().items()):
-        if module in ROSDEP:
+        assert module in ROSDEP or module in PIP, \
+            f"{module} (imported by {sorted(where)}): add its rosdep key or pip requirement"
+        if module in ROSDEP:  # cv2 is both: python3-opencv on a distro, the PyPI wheel in the venv
             assert ROSDEP[module] in runtime, f"{module} (imported by {sorted(where)}) needs " \
                                               f"<exec_depend>{ROSDEP[module]}</exec_depend> in package.xml"
-        else:
-            assert module in PIP, f"{module} (imported by {sorted(where)}): add its rosdep key or pip requirement"
+        if module in PIP:
             assert f"\n{PIP[module]}==" in "\n" + requirements or PIP[module] == "torch", \
                 f"{module}: {PIP[module]} is not pinned in requirements.txt"
     tests = {d.name for d in package.test_depends}
@@ -128,6 +129,18 @@ def test_distro_pip_step_keeps_the_distro_numpy(distro_numpy):
     assert "would install torch==2.13.0" in out and "would install transformers==5.24.0" in out
     assert "would install numpy" not in out
     assert "ok (dry run): the distro's numpy (1.26.4) stays" in out
+    assert "would install opencv-python-headless==" in out  # no OpenCV on this distro yet: the wheel comes
+
+    # With the distro's OpenCV (python3-opencv, what cv_bridge links) the wheel is left out: one cv2, the distro's.
+    # Its stand-in is a cv2 package in the distro's dist-packages, as apt lays it out.
+    (dist_packages / "cv2").mkdir()
+    (dist_packages / "cv2" / "__init__.py").write_text('__version__ = "4.6.0"\n')
+    done = subprocess.run(["bash", str(REPO / "scripts" / "distro_venv.sh"), str(venv), "--dry-run"],
+                          capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env=dict(os.environ, EGO_ROS_PYTHON=python))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "keeping the distro's OpenCV (4.6.0)" in done.stdout
+    assert "would install opencv" not in done.stdout and "would install transformers==5.24.0" in done.stdout
 
 
 def test_distro_pip_step_refuses_a_venv_that_does_not_see_the_distro(tmp_path):

@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` <-> (H, W, 3) uint8 RGB arrays, without cv_bridge.
+"""``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` <-> (H, W, 3) uint8 RGB arrays.
 
-cv_bridge is not installable beside the ROS wheels (the PyPI package of that name is ROS 1's), and a message is untrusted input anyway: a
-request can claim 100000 x 100000 pixels with ten bytes of data. So every field is checked against the others
-*before* anything is allocated, and each error says what is wrong and what would be accepted (the node returns it
-as ``success=false``). All errors are :class:`ego_ros.engine.images.InvalidImage` (a ValueError).
+A message is untrusted input: a request can claim 100000 x 100000 pixels with ten bytes of data. So every field is
+checked against the others *before* anything is allocated, and each error says what is wrong and what would be
+accepted (the node returns it as ``success=false``). All errors are :class:`ego_ros.engine.images.InvalidImage` (a
+ValueError). Only then are the pixels converted: by cv_bridge where it is installed (a ROS 2 distro), by this
+module's own converter where it is not (the PyPI-wheel venv, where the PyPI package named cv_bridge is ROS 1's).
+Compressed frames are decoded and every frame is downscaled with OpenCV: in ``bench/node_costs.py`` that is
+faster than PIL for both (a JPEG frame decoded at a reduced scale where that still gives the pixels wanted).
 
 Messages are duck-typed: anything with ``height, width, encoding, is_bigendian, step, data`` (Image) or ``format,
 data`` (CompressedImage) works, and builders take the message class as an argument, so this module never imports
@@ -22,10 +25,16 @@ import io
 import math
 from typing import Callable
 
+import cv2
 import numpy as np
 from PIL import Image
 
-from ego_ros.engine.images import InvalidImage, to_rgb
+from ego_ros.engine.images import InvalidImage
+
+try:  # a ROS 2 distro's cv_bridge (apt: ros-$ROS_DISTRO-cv-bridge); absent from the PyPI-wheel venv
+    from cv_bridge import CvBridge
+except ImportError:  # pragma: no cover - depends on the install
+    CvBridge = None
 
 # Larger than any camera (a 8K frame is 33 MP); a claim above this is a bug or an attack, refused before allocating.
 MAX_MESSAGE_PIXELS = 64_000_000
@@ -96,8 +105,10 @@ def image_from_msg(msg, *, limit_pixels: int = MAX_MESSAGE_PIXELS) -> np.ndarray
     if bpp == 2 and encoding not in ("mono16", "16UC1") and width % 2:
         raise InvalidImage(f"{encoding} packs pixels in pairs: width must be even, got {width}")
     data = _bytes_of(msg.data, expected=step * height)
-    rows = np.frombuffer(data, dtype=np.uint8).reshape(height, step)[:, : width * bpp]  # drop row padding
-    rgb = decode(rows.reshape(height, width, bpp), bool(getattr(msg, "is_bigendian", False)))
+    rgb = _bridged(msg, encoding) if _BRIDGE is not None else None
+    if rgb is None:
+        rows = np.frombuffer(data, dtype=np.uint8).reshape(height, step)[:, : width * bpp]  # drop row padding
+        rgb = decode(rows.reshape(height, width, bpp), bool(getattr(msg, "is_bigendian", False)))
     if rgb.flags.writeable:
         rgb.setflags(write=False)  # it may alias msg.data (array.array is mutable)
     return rgb
@@ -119,19 +130,20 @@ def compressed_from_msg(msg, max_pixels: int | None = None, *,
         raise InvalidImage("CompressedImage has no data")
     what = f"CompressedImage (format {_shown(fmt)}, {len(data)} bytes)"
     try:
-        image = Image.open(io.BytesIO(data), formats=["JPEG", "PNG"])  # reads the header only
-        width, height = image.size
-        if max_pixels is not None and image.format == "JPEG" and width * height > max_pixels:
-            scale = math.sqrt(max_pixels / (width * height))
-            image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
-        if image.width * image.height > limit_pixels:
-            raise InvalidImage(f"{what} claims {width}x{height} pixels, more than the {limit_pixels} accepted")
-        image.load()
-    except InvalidImage:
-        raise
+        header = Image.open(io.BytesIO(data), formats=["JPEG", "PNG"])  # reads the header only: the claimed size
     except Exception as error:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
         raise InvalidImage(f"cannot decode {what} as JPEG or PNG: {error}") from None
-    return np.asarray(to_rgb(image, max_pixels or limit_pixels), dtype=np.uint8)
+    width, height = header.size
+    reduction = 1
+    if max_pixels is not None and header.format == "JPEG" and width * height > max_pixels:
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free: take the largest that still gives max_pixels.
+        reduction = max(r for r in (1, 2, 4, 8) if (width // r) * (height // r) >= max_pixels)
+    if (width // reduction) * (height // reduction) > limit_pixels:
+        raise InvalidImage(f"{what} claims {width}x{height} pixels, more than the {limit_pixels} accepted")
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _IMREAD[reduction])
+    if bgr is None or bgr.ndim != 3:
+        raise InvalidImage(f"cannot decode {what} as JPEG or PNG: its data is corrupt or truncated")
+    return shrink(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), max_pixels)
 
 
 def rgb_from_msg(msg, max_pixels: int | None = None, *, limit_pixels: int = MAX_MESSAGE_PIXELS) -> np.ndarray:
@@ -140,10 +152,18 @@ def rgb_from_msg(msg, max_pixels: int | None = None, *, limit_pixels: int = MAX_
     ``limit_pixels``: a larger claimed size is refused before decoding."""
     if hasattr(msg, "format") and not hasattr(msg, "encoding"):
         return compressed_from_msg(msg, max_pixels, limit_pixels=limit_pixels)
-    rgb = image_from_msg(msg, limit_pixels=limit_pixels)
-    if max_pixels is not None and rgb.shape[0] * rgb.shape[1] > max_pixels:
-        rgb = np.asarray(to_rgb(rgb, max_pixels), dtype=np.uint8)
-    return rgb
+    return shrink(image_from_msg(msg, limit_pixels=limit_pixels), max_pixels)
+
+
+def shrink(rgb: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    """``rgb`` downscaled (never enlarged) to at most ``max_pixels``, aspect kept, to the size the engine's own
+    downscale gives; area averaging, so a frame shrunk here and one shrunk by the engine look alike."""
+    height, width = rgb.shape[:2]
+    if max_pixels is None or height * width <= max_pixels:
+        return rgb
+    scale = math.sqrt(max_pixels / (height * width))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return cv2.resize(np.ascontiguousarray(rgb), size, interpolation=cv2.INTER_AREA)
 
 
 def is_compressed_topic(topic: str) -> bool:
@@ -196,6 +216,23 @@ def compressed_to_msg(image: np.ndarray, msg_cls, header=None, fmt: str = "jpeg"
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+
+_IMREAD = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+           8: cv2.IMREAD_REDUCED_COLOR_8}
+_BRIDGE = CvBridge() if CvBridge is not None else None
+_bridge_failed: set[str] = set()  # encodings cv_bridge refused once: this module converts them from then on
+
+
+def _bridged(msg, encoding: str) -> np.ndarray | None:
+    """cv_bridge's RGB of a message already checked here, or None where it cannot convert it (a duck-typed
+    message, an encoding it refuses): then this module's converter does, with the same checks behind it."""
+    if encoding in _bridge_failed or type(msg).__module__.split(".")[0] != "sensor_msgs":
+        return None
+    try:
+        return _BRIDGE.imgmsg_to_cv2(msg, desired_encoding="rgb8")
+    except Exception:  # CvBridgeError and whatever its conversion raises: ours is validated and total
+        _bridge_failed.add(encoding)
+        return None
 
 
 def _shown(value, limit: int = 40) -> str:
