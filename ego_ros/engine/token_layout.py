@@ -35,7 +35,7 @@ def canvas_size(grid_thw: Sequence[int], patch_size: int = PATCH_SIZE) -> tuple[
 
 
 def has_thumbnail(tiles: Tiles) -> bool:
-    """InternVL adds the thumbnail only when it cut the image into more than one tile."""
+    """Whether there is a thumbnail: InternVL adds one only when it cut the image into more than one tile."""
     return tiles is not None and tiles[0] * tiles[1] > 1
 
 

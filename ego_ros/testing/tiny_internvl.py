@@ -25,21 +25,21 @@ INTERNVL_NAMED_TOKENS = {
 }
 INTERNVL_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + tuple(INTERNVL_NAMED_TOKENS.values())
 
-# The chat template of the converted InternVL3 checkpoints (transformers' convert_internvl_weights_to_hf): each
-# image is one <IMG_CONTEXT> and a new line, which the processor (and the engine) expand to
-# <img> + <IMG_CONTEXT> * (tokens of all tiles) + </img>.
+# The chat template of the converted InternVL3 checkpoints (transformers' convert_internvl_weights_to_hf; 481
+# characters, the size of the -hf repositories' chat_template.jinja): each image is one <IMG_CONTEXT> and a new
+# line, which the processor (and the engine) expand to <img> + <IMG_CONTEXT> * (tokens of all tiles) + </img>.
 INTERNVL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
-    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{{'<|im_end|>\\n'}}"
+    "{{'<|im_end|>\n'}}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
 
 TILE_SIZE = 112  # px a side of a tile (InternVL3: 448)
