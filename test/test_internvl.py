@@ -198,3 +198,29 @@ def test_register_ask_recognize_end_to_end(ego, internvl_dir):
     assert figure.size[0] >= 224
     # A memory of this model family does not load into another's store (another fingerprint).
     assert memory.fingerprint == ego.fingerprint
+
+
+def test_batched_recognition_equals_one_prompt_at_a_time(internvl_dir, tmp_path):
+    # Left padding with plain 1-D positions: a padded prompt's positions shift, which RoPE (relative) must not see.
+    ego = Ego.load(str(internvl_dir), memory_dir=tmp_path, max_image_pixels=MAX_PIXELS, recognition_batch_size=8)
+    ego.register("mug", [wide_view(20)], area_percent=10.0)
+    ego.register("a much longer concept name", [wide_view(21), wide_view(22, 300, 300)], area_percent=60.0)
+    frame = wide_view(23)
+    batched = ego.recognize(frame)
+    assert set(batched) == {"mug", "a much longer concept name"}
+    for name in batched:
+        assert batched[name] == pytest.approx(ego.recognize(frame, [name])[name], abs=1e-5)
+
+
+def test_calibration_counts_subject_tokens_on_tiles_and_thumbnail(ego):
+    view = wide_view(24)
+    mask = np.zeros((200, 448), dtype=bool)
+    mask[:, 224:] = True  # the right half: the right tile's 16 tokens and the thumbnail's right half (8)
+    result = ego.calibrate([(view, mask)], max_layers=2)
+    assert result.num_layers == 4 and result.num_skipped == 0 and 1 <= len(result.layers) <= 2
+
+
+def test_an_internvl_with_another_decoder_is_refused_clearly(tmp_path):
+    folder = build("internvl", tmp_path / "qwen3", text_overrides={"model_type": "qwen3", "head_dim": 16})
+    with pytest.raises(ValueError, match="InternVL with a 'qwen3' decoder is not supported yet; supported: qwen2"):
+        Ego.load(str(folder), memory_dir=tmp_path / "memory")
