@@ -26,19 +26,26 @@ import numpy as np
 import torch
 
 from .backends import EncodedImage
+from .token_layout import fine_raster
 
 CUT = 1 / 3  # of the way from the peak similarity down to the median: what counts as the concept's region
 CELL_PX = 4  # resolution of the upsampled similarity map, in pixels of the frame
 
 
 def match_map(frame: EncodedImage, memory: torch.Tensor) -> torch.Tensor:
-    """(rows, cols): each frame token's cosine with the memory's mean vector, both centred on the frame's mean."""
-    _, h, w = frame.grid_thw
-    features = frame.features.float()
+    """(rows, cols): each frame token's cosine with the memory's mean vector, both centred on the frame's mean.
+
+    Note (InternVL): the map is made of the tiles' tokens laid out over the whole image; the thumbnail's tokens
+    are left out (of the map and of the mean). They see the same image at a coarser scale (a thumbnail cell is
+    columns x rows tile cells), so they add no place the tiles do not cover, and a box cut from cells that large
+    would be coarser than the tiles allow.
+    """
+    order = torch.from_numpy(fine_raster(frame.grid_thw, frame.tiles))  # (rows, cols) token indices
+    features = frame.features[order.flatten().to(frame.features.device)].float()
     centre = features.mean(dim=0)
     tokens = torch.nn.functional.normalize(features - centre, dim=-1)
     prototype = torch.nn.functional.normalize(memory.to(features.device).float().mean(dim=0) - centre, dim=0)
-    return (tokens @ prototype).reshape(h // 2, w // 2).cpu()
+    return (tokens @ prototype).reshape(order.shape).cpu()
 
 
 def region_box(similarity: torch.Tensor, size: tuple[int, int]) -> tuple[int, int, int, int]:

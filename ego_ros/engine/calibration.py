@@ -41,6 +41,7 @@ from PIL import Image
 
 from .config import default_layers
 from .figure import MERGE_SIZE, PATCH_SIZE, processed_size
+from .token_layout import token_cells
 from .memory import _atomic_write  # the store's write: temp file in the same folder, fsync, os.replace
 
 log = logging.getLogger("ego_ros.calibration")
@@ -114,17 +115,19 @@ def input_size(image) -> tuple[int, int]:
 
 
 def subject_tokens(mask: np.ndarray, grid_thw: Sequence[int], patch_size: int = PATCH_SIZE,
-                   merge_size: int = MERGE_SIZE) -> np.ndarray:
-    """Which visual tokens of an image with patch grid ``grid_thw`` are subject tokens: bool (N,), raster order.
+                   merge_size: int = MERGE_SIZE, tiles=None) -> np.ndarray:
+    """Which visual tokens of an image with patch grid ``grid_thw`` (and ``tiles``) are subject tokens: bool (N,).
 
     The mask (of the image before the processor) is resized, area-averaged, to the processed image (gw*14 x gh*14
-    px); a token is a subject token when at least :data:`SUBJECT_SHARE` of its 28x28 block is mask.
+    px); a token is a subject token when at least :data:`SUBJECT_SHARE` of its cell (``token_layout``: a 28x28
+    block, or a thumbnail's coarse cell) is mask.
     """
     width, height = processed_size(grid_thw, patch_size)
-    cell = patch_size * merge_size
-    resized = Image.fromarray(mask.astype(np.float32)).resize((width, height), Image.Resampling.BOX)
-    share = np.asarray(resized).reshape(height // cell, cell, width // cell, cell).mean(axis=(1, 3))
-    return (share >= SUBJECT_SHARE - 1e-6).flatten()  # rows of cells, as token_cell numbers them
+    resized = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((width, height), Image.Resampling.BOX))
+    integral = np.pad(resized.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    x0, y0, x1, y1 = token_cells(grid_thw, tiles, patch_size, merge_size).T
+    share = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / ((x1 - x0) * (y1 - y0))
+    return share >= SUBJECT_SHARE - 1e-6
 
 
 # --- the measure and the rules (pure) ---------------------------------------------------------------------------

@@ -210,7 +210,7 @@ class Ego:
         records = [
             ViewRecord(grid_thw=t.image.grid_thw, indices=t.selected.tolist(), keywords=t.keywords,
                        area_percent=t.area_percent, area_parsed=t.area_parsed, num_visual_tokens=t.image.num_tokens,
-                       layers=list(t.layers))
+                       layers=list(t.layers), tiles=t.image.tiles)
             for t in traces
         ]
         now = time.time()
@@ -272,7 +272,7 @@ class Ego:
                            self.config.min_tokens_per_view)
         ranked = scores
         if region is not None:
-            inside = tokens_inside(region, image.grid_thw, image.size).to(scores.device)
+            inside = tokens_inside(region, image.grid_thw, image.size, image.tiles).to(scores.device)
             ranked = scores.masked_fill(~inside, float("-inf"))
             k = min(k, int(inside.sum()))
         return ViewTrace(
@@ -357,7 +357,7 @@ class Ego:
             rgb = to_rgb(image, self.config.max_image_pixels)
             mask = calib.as_mask(mask, index, calib.input_size(image))
             (encoded,) = self.backend.encode([rgb])
-            subject = calib.subject_tokens(mask, encoded.grid_thw)
+            subject = calib.subject_tokens(mask, encoded.grid_thw, tiles=encoded.tiles)
             if 0 < subject.sum() < subject.size:
                 per_image.append(self.layer_scores(encoded).numpy())
                 subjects.append(subject)

@@ -11,9 +11,11 @@ under ``<memory_dir>/views/<file_stem(name)>/<k>.png`` (k = the view's index in 
 :func:`save_views`). A concept whose views were not saved (copied without them, or the write failed) has its token
 grid drawn on a grey canvas instead, and the figure says so.
 
-Cell geometry (Qwen2.5-VL): visual token i of patch grid (t, gh, gw) covers merged-grid row ``i // (gw // 2)``,
-column ``i % (gw // 2)``: the 28x28 px block (two 14 px patches a side) of the processed image of size
-(gw * 14, gh * 14), computed from the stored grid alone.
+Cell geometry (``token_layout``, from the stored grid and tiling alone): Qwen2.5-VL's visual token i of patch grid
+(t, gh, gw) covers merged-grid row ``i // (gw // 2)``, column ``i % (gw // 2)``: the 28x28 px block (two 14 px
+patches a side) of the processed image of size (gw * 14, gh * 14). InternVL's tokens cover 28x28 px blocks of
+their tile, drawn at the tile's place on the tiles side by side; a kept thumbnail token is a coarse cell of the
+whole view, outlined in another colour and left dimmed (lit, it would hide which fine cells were kept).
 """
 
 from __future__ import annotations
@@ -27,10 +29,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from .memory import ConceptMemory, ViewRecord, file_stem
-
-# Geometry of the vision encoder (Qwen2.5-VL: 14 px patches, 2x2 merged into one visual token).
-PATCH_SIZE = 14
-MERGE_SIZE = 2
+from .token_layout import MERGE_SIZE, PATCH_SIZE, canvas_size, thumbnail_tokens, token_cells
 
 # Layout, in pixels. Width: MARGIN + sum(panel width + MARGIN) with panel width = max(view width, MIN_PANEL_WIDTH);
 # height: MARGIN + HEADER_HEIGHT + tallest view + TEXT_GAP + TEXT_LINES * LINE_HEIGHT + MARGIN.
@@ -49,6 +48,7 @@ BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 NOTE = (170, 40, 40)
 OUTLINE = (255, 214, 0)  # kept cells
+THUMBNAIL_OUTLINE = (0, 200, 255)  # kept thumbnail cells (InternVL): coarse cells of the whole view
 OUTLINE_WIDTH = 2  # drawn inside the cell, so a cell's outline never covers its neighbour
 DIM = 0.4  # brightness factor of the cells that were not kept
 CANVAS = (128, 128, 128)  # stands in for a view whose image was not saved
@@ -61,20 +61,15 @@ VIEWS_FOLDER = "views"
 # --- geometry ---------------------------------------------------------------------------------------------------
 
 
-def processed_size(grid_thw: Sequence[int], patch_size: int = PATCH_SIZE) -> tuple[int, int]:
-    """(width, height) of the image the vision encoder saw, from its patch grid (t, gh, gw)."""
-    _, gh, gw = grid_thw
-    return gw * patch_size, gh * patch_size
+processed_size = canvas_size  # (width, height) of the image the vision encoder saw, from its patch grid
 
 
 def token_cell(
-    grid_thw: Sequence[int], index: int, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE
+    grid_thw: Sequence[int], index: int, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
+    tiles=None,
 ) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the block visual token ``index`` covers, in processed-image pixels."""
-    _, _, gw = grid_thw
-    cell = patch_size * merge_size
-    row, col = divmod(index, gw // merge_size)
-    return col * cell, row * cell, (col + 1) * cell, (row + 1) * cell
+    return tuple(int(v) for v in token_cells(grid_thw, tiles, patch_size, merge_size)[index])
 
 
 def panel_width(view: ViewRecord, patch_size: int = PATCH_SIZE) -> int:
@@ -115,8 +110,10 @@ def concept_figure(
     for k, record in enumerate(memory.views):
         image = views[k] if k < len(views) else None
         size = processed_size(record.grid_thw, patch_size)
-        if image is not None and not _matches(image.size, size):
-            image = None  # a stale copy (the concept was replaced outside the CLI): better no picture than a wrong one
+        # A stale copy (the concept was replaced outside the CLI): better no picture than a wrong one. A tiling
+        # stretches the view to whole tiles, so there the aspect says nothing.
+        if image is not None and record.tiles is None and not _matches(image.size, size):
+            image = None
         if image is None:
             missing += 1
             tile = _grid_on_canvas(record, size, patch_size, merge_size)
@@ -126,7 +123,12 @@ def concept_figure(
         figure.paste(tile, (x + (panel - size[0]) // 2, top))
 
         area = f"area {record.area_percent:.0f}%" + ("" if record.area_parsed else " (no estimate: the default)")
-        lines = [f"view {k + 1}: {len(record.indices)} kept of {record.num_visual_tokens} tokens", area]
+        kept = f"view {k + 1}: {len(record.indices)} kept of {record.num_visual_tokens} tokens"
+        if record.tiles is not None:
+            columns, rows = record.tiles
+            coarse = int(thumbnail_tokens(record.grid_thw, record.tiles)[record.indices].sum())
+            kept += f", {columns}x{rows} tiles" + (f", {coarse} of the thumbnail" if coarse else "")
+        lines = [kept, area]
         lines += _wrap("keywords: " + (", ".join(record.keywords) or "(none)"), text_font, panel, TEXT_LINES - 2)
         for i, line in enumerate(lines):
             draw.text((x, text_top + i * LINE_HEIGHT), _fit(line, text_font, panel), font=text_font, fill=TEXT)
@@ -148,25 +150,41 @@ def concept_figure(
 def _kept_over_view(record: ViewRecord, image: Image.Image, size, patch_size: int, merge_size: int) -> Image.Image:
     shown = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)  # as the processor resized it
     tile = ImageEnhance.Brightness(shown).enhance(DIM)
-    boxes = [token_cell(record.grid_thw, i, patch_size, merge_size) for i in record.indices]
-    for box in boxes:
+    fine, coarse = _kept_cells(record, patch_size, merge_size)
+    for box in fine:
         tile.paste(shown.crop(box), box[:2])
     draw = ImageDraw.Draw(tile)
-    for left, top, right, bottom in boxes:
-        draw.rectangle((left, top, right - 1, bottom - 1), outline=OUTLINE, width=OUTLINE_WIDTH)
+    for boxes, colour in ((fine, OUTLINE), (coarse, THUMBNAIL_OUTLINE)):
+        for left, top, right, bottom in boxes:
+            draw.rectangle((left, top, right - 1, bottom - 1), outline=colour, width=OUTLINE_WIDTH)
     return tile
+
+
+def _kept_cells(record: ViewRecord, patch_size: int, merge_size: int) -> tuple[list[tuple], list[tuple]]:
+    """The kept tokens' cells in processed-image pixels: (tile or grid cells, thumbnail cells)."""
+    cells = token_cells(record.grid_thw, record.tiles, patch_size, merge_size)
+    thumbnail = thumbnail_tokens(record.grid_thw, record.tiles, merge_size)
+    fine = [tuple(int(v) for v in cells[i]) for i in record.indices if not thumbnail[i]]
+    coarse = [tuple(int(v) for v in cells[i]) for i in record.indices if thumbnail[i]]
+    return fine, coarse
 
 
 def _grid_on_canvas(record: ViewRecord, size, patch_size: int, merge_size: int) -> Image.Image:
     tile = Image.new("RGB", size, CANVAS)
     draw = ImageDraw.Draw(tile)
     kept = set(record.indices)
+    cells = token_cells(record.grid_thw, record.tiles, patch_size, merge_size)
+    thumbnail = thumbnail_tokens(record.grid_thw, record.tiles, merge_size)
     for i in range(record.num_visual_tokens):
-        left, top, right, bottom = token_cell(record.grid_thw, i, patch_size, merge_size)
+        left, top, right, bottom = (int(v) for v in cells[i])
+        if thumbnail[i]:
+            continue  # coarse cells over the whole view: only the kept ones are drawn, below
         if i in kept:
             draw.rectangle((left, top, right - 1, bottom - 1), fill=CANVAS_KEPT, outline=OUTLINE, width=OUTLINE_WIDTH)
         else:
             draw.rectangle((left, top, right - 1, bottom - 1), outline=CANVAS_GRID, width=1)
+    for left, top, right, bottom in _kept_cells(record, patch_size, merge_size)[1]:
+        draw.rectangle((left, top, right - 1, bottom - 1), outline=THUMBNAIL_OUTLINE, width=OUTLINE_WIDTH)
     return tile
 
 

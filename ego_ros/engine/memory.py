@@ -45,7 +45,8 @@ STALE_TMP_SEC = 600.0
 MAX_NAME_LENGTH = 64
 # What the JSON record holds of a memory and of each view; the tensor file holds the rest (vectors, indices, grids).
 _RECORD_FIELDS = ("name", "model", "fingerprint", "layers", "max_tokens_per_view", "created", "updated")
-_VIEW_FIELDS = ("keywords", "area_percent", "area_parsed", "num_visual_tokens", "layers")
+_VIEW_FIELDS = ("keywords", "area_percent", "area_parsed", "num_visual_tokens", "layers", "tiles")
+_OPTIONAL_VIEW_FIELDS = ("layers", "tiles")  # absent from records written before they existed
 _NAME_RULES = (
     f"a name is 1-{MAX_NAME_LENGTH} characters of ordinary text (letters in any script, digits, spaces, punctuation, "
     "emoji) with no leading or trailing whitespace, no control characters, no '/' or '\\', and not '.' or '..'"
@@ -120,10 +121,16 @@ class ViewRecord:
     # The decoder layers whose attention scored this view (eq. 3). Views appended later may have been scored with
     # other layers than the first ones; None only in records written before views kept their own.
     layers: list[int] | None = None
+    # InternVL: the (columns, rows) tiles the view was cut into (see token_layout); None for an untiled grid
+    tiles: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.layers is not None:
             self.layers = [int(layer) for layer in self.layers]
+        if self.tiles is not None:
+            self.tiles = tuple(int(x) for x in self.tiles)
+            if len(self.tiles) != 2 or min(self.tiles) < 1:
+                raise ValueError(f"tiles: expected two positive ints (columns, rows), got {self.tiles}")
         self.grid_thw = tuple(int(x) for x in self.grid_thw)
         self.indices = [int(i) for i in self.indices]
         if len(self.grid_thw) != 3 or min(self.grid_thw) < 1:
@@ -459,7 +466,8 @@ class MemoryStore:
             raise _Skip("the record's views do not match the tensor file")
         views = [
             ViewRecord(grid_thw=grid, indices=indices.tolist(),
-                       **{field: view.get(field) if field == "layers" else view[field] for field in _VIEW_FIELDS})
+                       **{field: view.get(field) if field in _OPTIONAL_VIEW_FIELDS else view[field]
+                          for field in _VIEW_FIELDS})
             for grid, indices, view in zip(tensors["grids"].tolist(), tensors["indices"].split(sizes), record["views"])
         ]
         fields = {field: record[field] for field in _RECORD_FIELDS}

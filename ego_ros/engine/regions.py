@@ -27,6 +27,8 @@ from typing import Sequence
 
 import torch
 
+from .token_layout import Tiles, thumbnail_tokens, token_boxes
+
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in the view's pixels; x1, y1 exclusive
 
 
@@ -69,20 +71,25 @@ def scaled(region: Box, from_size: tuple[int, int], to_size: tuple[int, int]) ->
     return (region[0] * sx, region[1] * sy, region[2] * sx, region[3] * sy)
 
 
-def tokens_inside(region: Box, grid_thw: tuple[int, int, int], size: tuple[int, int]) -> torch.Tensor:
-    """(N,) bool, raster order: the visual tokens whose centre lies inside ``region`` of a ``size`` image; for a
-    box smaller than a token, the token under the box's centre."""
-    _, h, w = grid_thw
-    rows, cols = h // 2, w // 2
-    centre_y = (torch.arange(rows) + 0.5) * size[1] / rows
-    centre_x = (torch.arange(cols) + 0.5) * size[0] / cols
-    inside = (((centre_y[:, None] >= region[1]) & (centre_y[:, None] < region[3]))
-              & ((centre_x[None] >= region[0]) & (centre_x[None] < region[2])))
+def tokens_inside(region: Box, grid_thw: tuple[int, int, int], size: tuple[int, int],
+                  tiles: Tiles = None) -> torch.Tensor:
+    """(N,) bool, in token order: the visual tokens whose cell's centre lies inside ``region`` of a ``size`` image;
+    for a box smaller than a token, the finest token under the box's centre.
+
+    Note (InternVL): a thumbnail token counts by the same rule as a tile token, its centre inside the box. The box
+    says where the object is, not at which scale the model looks at it; a coarse cell centred inside the box is
+    mostly the object (a small box holds none), and eq. 3 then ranks both scales together, as it does for a view
+    without a box.
+    """
+    boxes = torch.from_numpy(token_boxes(grid_thw, tiles, size))
+    centre_x, centre_y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    inside = (centre_x >= region[0]) & (centre_x < region[2]) & (centre_y >= region[1]) & (centre_y < region[3])
     if not inside.any():
-        row = min(rows - 1, int((region[1] + region[3]) / 2 * rows / size[1]))
-        col = min(cols - 1, int((region[0] + region[2]) / 2 * cols / size[0]))
-        inside[row, col] = True
-    return inside.reshape(-1)
+        x, y = (region[0] + region[2]) / 2, (region[1] + region[3]) / 2
+        under = (boxes[:, 0] <= x) & (x < boxes[:, 2]) & (boxes[:, 1] <= y) & (y < boxes[:, 3])
+        under &= ~torch.from_numpy(thumbnail_tokens(grid_thw, tiles))
+        inside[int(under.nonzero()[0])] = True  # the tiles cover the image: a clipped box's centre is on one
+    return inside
 
 
 def _is_box(value) -> bool:

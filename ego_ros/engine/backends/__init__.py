@@ -14,21 +14,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from ..token_layout import Tiles, token_boxes
 
 
 @dataclass
 class EncodedImage:
-    """One image as the LLM sees it: its visual tokens (already in the LLM's embedding space) and its grid."""
+    """One image as the LLM sees it: its visual tokens (already in the LLM's embedding space) and where they lie."""
 
     features: torch.Tensor  # (N, D): projector outputs, N visual tokens
-    grid_thw: tuple[int, int, int]  # patch grid (t, h, w) before the 2x2 merge
-    pixel_values: torch.Tensor  # (t*h*w, C*T*P*P): the processor's output, kept for independent re-computation
+    grid_thw: tuple[int, int, int]  # patch grid (t, h, w) before the 2x2 merge (of the tiles side by side)
+    pixel_values: torch.Tensor  # the processor's output, kept for independent re-computation
     size: tuple[int, int]  # (width, height) of the image given to the processor
+    tiles: Tiles = None  # (columns, rows) of an InternVL tiling (+ a thumbnail when more than one); see token_layout
 
     @property
     def num_tokens(self) -> int:
         return self.features.shape[0]
+
+    def token_boxes(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(N, 4): each visual token's cell (x0, y0, x1, y1) in pixels of this image at ``size`` (default: as
+        given to the processor); a thumbnail token's cell is a coarse block of the whole image."""
+        return token_boxes(self.grid_thw, self.tiles, size or self.size)
 
 
 # A prompt is a sequence of parts: text, an image, or soft tokens (a concept memory, (n, D) vectors).
@@ -66,4 +75,8 @@ def backend_for(model, tokenizer, image_processor, *, placeholder: str, max_pixe
         return Qwen2_5_VLBackend(
             model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels
         )
-    raise ValueError(f"model type {model_type!r} is not supported yet; supported: qwen2_5_vl")
+    if model_type == "internvl":
+        from .internvl import InternVLBackend
+
+        return InternVLBackend(model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels)
+    raise ValueError(f"model type {model_type!r} is not supported yet; supported: qwen2_5_vl, internvl")
