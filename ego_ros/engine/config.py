@@ -42,6 +42,10 @@ class EgoConfig:
     max_concepts_in_context: int = 8  # beyond this, the most similar concepts are chosen (paper §3.5)
     max_new_tokens: int = 128
     recognition_batch_size: int = 8  # concepts scored per forward pass in recognize()
+    # Decode with a fixed-size KV cache, which transformers compiles on a GPU (CUDA graphs): a decoding step's
+    # Python and launch overhead, most of an answer's time there (bench/gpu.py), mostly goes; each new prompt
+    # shape pays a compile first. Off on the CPU, where nothing is compiled and it only costs memory.
+    static_cache: bool = False
 
     def __post_init__(self):
         positive = ("max_tokens_per_view", "min_tokens_per_view", "keyword_max_new_tokens", "area_max_new_tokens",

@@ -539,7 +539,9 @@ class Ego:
             kwargs["streamer"] = TextCallbackStreamer(self.tokenizer, on_text, on_new_text)
         if cancel is not None:
             kwargs["stopping_criteria"] = [CancelCriteria(cancel)]
-        with injected_rows(self.model, self.backend.injected_token_ids, batch.injected):
+        if self.config.static_cache:
+            kwargs["cache_implementation"] = "static"
+        with injected_rows(self.model, self.backend.injected_token_ids, batch.injected, once=True):
             output = self.model.generate(**batch.model_inputs(), **kwargs)
         rows = []
         for new in output[:, batch.input_ids.shape[1] :].tolist():

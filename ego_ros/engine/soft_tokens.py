@@ -16,10 +16,16 @@ import torch
 
 
 @contextmanager
-def injected_rows(model, token_ids: Sequence[int], vectors: torch.Tensor):
-    """While active, every forward whose input holds ``token_ids`` gets ``vectors`` (R, D) at those rows."""
+def injected_rows(model, token_ids: Sequence[int], vectors: torch.Tensor, *, once: bool = False):
+    """While active, every forward whose input holds ``token_ids`` gets ``vectors`` (R, D) at those rows.
+
+    ``once``: the hook removes itself after the first forward that placed the vectors (a generation's prefill), so
+    the decoding steps run the model without it: nothing to place there, and a compiled decoding step (a static
+    cache on a GPU) is not broken up by a Python hook.
+    """
     embed = model.get_input_embeddings()
     ids = torch.tensor(list(token_ids), device=embed.weight.device)
+    handle = None
 
     def overwrite(module, args, output):
         mask = torch.isin(args[0], ids)  # (B, S)
@@ -28,6 +34,8 @@ def injected_rows(model, token_ids: Sequence[int], vectors: torch.Tensor):
             return output
         if count != vectors.shape[0]:
             raise RuntimeError(f"{count} placeholder rows in the input but {vectors.shape[0]} vectors to place")
+        if once:
+            handle.remove()
         return output.masked_scatter(mask.unsqueeze(-1), vectors.to(output.dtype))
 
     handle = embed.register_forward_hook(overwrite)
