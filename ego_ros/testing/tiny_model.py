@@ -22,6 +22,7 @@ from pathlib import Path
 # text_overrides) and returns the folder it wrote.
 BUILDERS = {
     "qwen2_5_vl": ("ego_ros.testing.tiny_qwen2_5_vl", "build_qwen2_5_vl"),
+    "qwen3_vl": ("ego_ros.testing.tiny_qwen3_vl", "build_qwen3_vl"),
 }
 ARCHS = tuple(BUILDERS)
 
