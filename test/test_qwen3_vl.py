@@ -229,3 +229,15 @@ def test_backend_for_lists_the_families(tiny_model_dir, tmp_path):
     with pytest.raises(UnsupportedModel, match="qwen2_5_vl, qwen3_vl"):
         backend_for(model, None, None, placeholder="<|concept|>", max_pixels=TEST_MAX_PIXELS)
     assert list(BACKENDS)[:2] == ["qwen2_5_vl", "qwen3_vl"]
+
+
+def test_the_evaluations_ego_introduction_carries_the_memorys_deepstack(qwen3_ego, make_view):
+    from ego_ros.evaluation.methods import introduction
+
+    info = qwen3_ego.register("mug", [make_view(56), make_view(57)])
+    memory = qwen3_ego.store.get("mug")
+    ego_intro, full = introduction("ego", info, views=2)[0], introduction("full", info, views=1)[0]
+    assert isinstance(ego_intro, SoftTokens) and isinstance(full, SoftTokens)
+    torch.testing.assert_close(ego_intro.vectors, memory.vectors, atol=0, rtol=0)
+    torch.testing.assert_close(ego_intro.deepstack, memory.deepstack, atol=0, rtol=0)
+    torch.testing.assert_close(full.deepstack, info.traces[0].image.deepstack, atol=0, rtol=0)
