@@ -62,8 +62,8 @@ class Qwen3VLBackend(Qwen2_5_VLBackend):
         plain = [[p.vectors if isinstance(p, SoftTokens) else p for p in parts] for parts in prompts]
         batch = super().build(plain, responses)
         stacks = [self._deepstack_rows(part) for parts in prompts for part in parts if not isinstance(part, str)]
-        if stacks:
-            batch.deepstack = torch.cat(stacks, dim=1).to(self.model.device, self.model.dtype)
+        if stacks:  # each piece on the model's device first: memories live on the host, frames on the GPU
+            batch.deepstack = torch.cat(stacks, dim=1)
         return batch
 
     def _deepstack_rows(self, part) -> torch.Tensor:
@@ -73,12 +73,13 @@ class Qwen3VLBackend(Qwen2_5_VLBackend):
             rows, stack = part.vectors.shape[0], part.deepstack
         else:
             rows, stack = part.shape[0], None
+        device, dtype = self.model.device, self.model.dtype
         if stack is None:
-            return torch.zeros(self.deepstack_layers, rows, self.hidden_size)
+            return torch.zeros(self.deepstack_layers, rows, self.hidden_size, device=device, dtype=dtype)
         if tuple(stack.shape) != (self.deepstack_layers, rows, self.hidden_size):
             raise ValueError(f"DeepStack features of shape {tuple(stack.shape)} for {rows} rows; this model needs "
                              f"({self.deepstack_layers}, {rows}, {self.hidden_size}): made by another model?")
-        return stack.cpu()
+        return stack.to(device, dtype)
 
     # --- injection ----------------------------------------------------------------------------------------------
 
