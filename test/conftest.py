@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared fixtures: one tiny Qwen2.5-VL per test session, built offline and loaded with from_pretrained."""
+"""Shared fixtures: one tiny model per family and test session, built offline and loaded with from_pretrained."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build("qwen2_5_vl", tmp_path_factory.mktemp("tiny-qwen2_5_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory):
+    """A tiny Qwen3-VL (DeepStack, q/k norms, 32 px visual tokens), built like the Qwen2.5-VL one."""
+    return build("qwen3_vl", tmp_path_factory.mktemp("tiny-qwen3_vl"))
+
+
+@pytest.fixture
+def qwen3_ego(tiny_qwen3_vl_dir, tmp_path):
+    from ego_ros.engine import Ego
+
+    return Ego.load(str(tiny_qwen3_vl_dir), memory_dir=tmp_path / "memory", max_image_pixels=TEST_MAX_PIXELS)
 
 
 @pytest.fixture(scope="session")

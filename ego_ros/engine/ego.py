@@ -39,7 +39,6 @@ from .loading import fingerprint, load_model
 from .memory import ConceptExists, ConceptMemory, MemoryStore, UnknownConcept, ViewRecord, validate_name
 from .regions import Box, box_share, check_region, regions_per_view, scaled, tokens_inside
 from .scoring import score_visual_tokens, score_visual_tokens_per_layer, select_tokens, tokens_to_keep
-from .soft_tokens import injected_rows
 
 log = logging.getLogger("ego_ros.engine")
 
@@ -114,7 +113,7 @@ class Ego:
         self.layers_source: str = choice.source  # for people: "set explicitly", "calibrated on ...", "default: ..."
         self.calibration: calib.Calibration | None = choice.calibration  # the one in use, if any
         self.hidden_size = self.model.get_input_embeddings().weight.shape[1]
-        self.store = MemoryStore(memory_dir, self.fingerprint, self.hidden_size)
+        self.store = MemoryStore(memory_dir, self.fingerprint, self.hidden_size, self.backend.deepstack_layers)
         self._special_texts = [t for t in self.tokenizer.all_special_tokens if t] + [prompts.CONCEPT_PLACEHOLDER]
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -207,6 +206,9 @@ class Ego:
                 on_view(len(traces), len(images))
 
         vectors = torch.cat([t.image.features[t.selected] for t in traces]).detach().cpu()
+        # A DeepStack model's kept tokens keep their DeepStack features too (see backends/qwen3_vl.py).
+        deepstack = (torch.cat([t.image.deepstack[:, t.selected] for t in traces], dim=1).detach().cpu()
+                     if self.backend.deepstack_layers else None)
         records = [
             ViewRecord(grid_thw=t.image.grid_thw, indices=t.selected.tolist(), keywords=t.keywords,
                        area_percent=t.area_percent, area_parsed=t.area_parsed, num_visual_tokens=t.image.num_tokens,
@@ -216,6 +218,8 @@ class Ego:
         now = time.time()
         if existing is not None:
             vectors = torch.cat([existing.vectors, vectors.to(existing.vectors.dtype)])
+            if deepstack is not None:
+                deepstack = torch.cat([existing.deepstack, deepstack.to(existing.deepstack.dtype)], dim=1)
             records = existing.views + records
         memory = ConceptMemory(
             name=name, vectors=vectors, views=records, layers=self.layers,
@@ -223,6 +227,7 @@ class Ego:
             max_tokens_per_view=max(self.config.max_tokens_per_view, existing.max_tokens_per_view if existing else 0),
             model=self.model_name,
             fingerprint=self.fingerprint, created=existing.created if existing else now, updated=now,
+            deepstack=deepstack,
         )
         self.store.put(memory, expected=existing)
         try:  # the views as the model saw them, so `ego-ros show` can draw the kept tokens on them
@@ -439,7 +444,7 @@ class Ego:
         if names:
             parts.append(prompts.CONCEPTS_HEADER)
             for name in names:
-                parts += [prompts.CONCEPT_INTRO.format(name=name), memories[name].vectors, ".\n"]
+                parts += [prompts.CONCEPT_INTRO.format(name=name), memories[name].soft_tokens, ".\n"]
         if len(encoded) > 1:
             newest = times[-1] if times is not None else 0.0
             parts.append(prompts.VIDEO_HEADER + "\n")
@@ -476,7 +481,7 @@ class Ego:
         if not memories:
             return {}
         encoded, size = self._encode_one(image)
-        scores = self.yes_probabilities(encoded, {name: [memory.vectors] for name, memory in memories.items()})
+        scores = self.yes_probabilities(encoded, {name: [memory.soft_tokens] for name, memory in memories.items()})
         if not boxes:
             return scores
         return {name: (p, concept_box(encoded, memories[name].vectors, size)) for name, p in scores.items()}
@@ -512,7 +517,7 @@ class Ego:
                 + [image, prompts.RECOGNIZE.format(name=n)]
                 for n in chunk
             ])
-            with injected_rows(self.model, self.backend.injected_token_ids, batch.injected):
+            with self.backend.injecting(batch):
                 logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
             answer = torch.cat([logits[:, yes], logits[:, no]], dim=-1).float().softmax(dim=-1)  # (B, |yes|+|no|)
             for name, p_yes in zip(chunk, answer[:, : len(yes)].sum(dim=-1).tolist()):
@@ -541,7 +546,7 @@ class Ego:
             kwargs["stopping_criteria"] = [CancelCriteria(cancel)]
         if self.config.static_cache:
             kwargs["cache_implementation"] = "static"
-        with injected_rows(self.model, self.backend.injected_token_ids, batch.injected, once=True):
+        with self.backend.injecting(batch, once=True):  # once: a generation's prefill is its only forward to fill
             output = self.model.generate(**batch.model_inputs(), **kwargs)
         rows = []
         for new in output[:, batch.input_ids.shape[1] :].tolist():

@@ -57,7 +57,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def load_model(name: str | os.PathLike, *, device: str, dtype: str | torch.dtype, placeholder: str) -> LoadedModel:
     """Model, tokenizer and image processor of ``name``, on ``device`` in ``dtype``, in eval mode."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from .backends import UnsupportedModel, check_supported
 
     name = str(name)
     local = Path(name).expanduser()
@@ -72,9 +74,14 @@ def load_model(name: str | os.PathLike, *, device: str, dtype: str | torch.dtype
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     try:
+        # The family first, from config.json alone: an unsupported checkpoint is refused before any weight is read.
+        model_type = AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
+        check_supported(model_type)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=target_dtype, local_files_only=local_only)
+    except UnsupportedModel as error:
+        raise ModelLoadError(f"cannot load model {name!r}: {error}") from None
     except (OSError, ValueError, ImportError) as error:
         if source == name and not local.exists():
             raise ModelLoadError(

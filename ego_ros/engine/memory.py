@@ -9,7 +9,9 @@ other model.
 On disk, under one root folder, each concept is two files:
 
     {stem}.json                      the commit record: name, model, layers, K, views, and which tensor file is current
-    {stem}.{revision}.safetensors    vectors (T, D), indices (T,), view_sizes (V,), grids (V, 3)
+    {stem}.{revision}.safetensors    vectors (T, D), indices (T,), view_sizes (V,), grids (V, 3), and for a model
+                                     with DeepStack (Qwen3-VL) deepstack (L, T, D): each kept token's features of
+                                     the L DeepStack layers (see engine/backends/qwen3_vl.py)
 
 Writes are atomic: the new tensor file is written under a fresh revision name first, then the JSON is replaced in
 one rename (the commit point), and only then is the old tensor file deleted. A crash at any point leaves the last
@@ -36,6 +38,8 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+
+from .backends import SoftTokens
 
 logger = logging.getLogger("ego_ros.memory")
 
@@ -161,6 +165,9 @@ class ConceptMemory:
     fingerprint: str
     created: float  # unix seconds
     updated: float
+    # (L, T, D) for a model with DeepStack (Qwen3-VL): what the model adds at each kept token's row after decoder
+    # layers 0..L-1, so the token enters the decoder as the model saw it; None for other families.
+    deepstack: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.name = validate_name(self.name)
@@ -182,6 +189,12 @@ class ConceptMemory:
                 raise ValueError(f"views[{i}].indices: {len(view.indices)} tokens > max_tokens_per_view")
         if not self.fingerprint:
             raise ValueError("fingerprint: must not be empty")
+        if self.deepstack is not None and (
+                not isinstance(self.deepstack, torch.Tensor) or self.deepstack.dim() != 3
+                or self.deepstack.shape[0] < 1 or self.deepstack.shape[1:] != self.vectors.shape):
+            shape = tuple(getattr(self.deepstack, "shape", ()))
+            raise ValueError(f"deepstack: expected (L, {self.vectors.shape[0]}, {self.vectors.shape[1]}) beside "
+                             f"vectors {tuple(self.vectors.shape)}, got {shape}")
 
     @property
     def num_views(self) -> int:
@@ -198,6 +211,15 @@ class ConceptMemory:
     @property
     def area_percent(self) -> float:
         return sum(v.area_percent for v in self.views) / len(self.views)
+
+    @property
+    def deepstack_layers(self) -> int:
+        return 0 if self.deepstack is None else self.deepstack.shape[0]
+
+    @property
+    def soft_tokens(self) -> SoftTokens:
+        """The memory as a prompt part: vectors, and DeepStack features where the model has them."""
+        return SoftTokens(self.vectors, self.deepstack)
 
     def view_vectors(self, i: int) -> torch.Tensor:
         """Rows of `vectors` kept from view i: (len(views[i].indices), D)."""
@@ -253,10 +275,12 @@ class MemoryStore:
     without loading a model) and refuses to write: a memory is only ever written by the model that made it.
     """
 
-    def __init__(self, root: Path | str, fingerprint: str | None, hidden_size: int | None = None):
+    def __init__(self, root: Path | str, fingerprint: str | None, hidden_size: int | None = None,
+                 deepstack_layers: int | None = None):
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.hidden_size = hidden_size
+        self.deepstack_layers = deepstack_layers  # the model's DeepStack layers (0: none); None: any
         self.skipped: list[tuple[Path, str]] = []
         self._memories: dict[str, ConceptMemory] = {}
         self._tensor_files: dict[str, str] = {}  # name -> committed tensor file name
@@ -338,13 +362,18 @@ class MemoryStore:
         """
         # A copy, validated again (the dataclass is mutable), that is what a reload would give: vectors on CPU.
         vectors = memory.vectors.detach().to("cpu").contiguous()
-        memory = dataclasses.replace(memory, vectors=vectors, views=[dataclasses.replace(v) for v in memory.views])
+        deepstack = memory.deepstack.detach().to("cpu").contiguous() if memory.deepstack is not None else None
+        memory = dataclasses.replace(memory, vectors=vectors, deepstack=deepstack,
+                                     views=[dataclasses.replace(v) for v in memory.views])
         if self.fingerprint is None:
             raise ValueError("this store reads every model's concepts and cannot write; open it with a fingerprint")
         if memory.fingerprint != self.fingerprint:
             raise ValueError(f"fingerprint: memory made by {memory.fingerprint!r}, this store is {self.fingerprint!r}")
         if self.hidden_size is not None and vectors.shape[1] != self.hidden_size:
             raise ValueError(f"vectors: width {vectors.shape[1]} != store hidden_size {self.hidden_size}")
+        if self.deepstack_layers is not None and memory.deepstack_layers != self.deepstack_layers:
+            raise ValueError(f"deepstack: the memory has {memory.deepstack_layers} DeepStack layers, this model "
+                             f"{self.deepstack_layers}")
         name, stem = memory.name, file_stem(memory.name)
         json_path = self.root / f"{stem}.json"
         with self._lock:
@@ -367,6 +396,7 @@ class MemoryStore:
                     "indices": torch.tensor([i for v in memory.views for i in v.indices], dtype=torch.int64),  # (T,)
                     "view_sizes": torch.tensor([len(v.indices) for v in memory.views], dtype=torch.int64),  # (V,)
                     "grids": torch.tensor([v.grid_thw for v in memory.views], dtype=torch.int64).reshape(-1, 3),
+                    **({"deepstack": deepstack} if deepstack is not None else {}),  # (L, T, D)
                 },
                 metadata={"name": name, "fingerprint": self.fingerprint},
             )
@@ -438,7 +468,7 @@ class MemoryStore:
         if name != record["name"] or json_path.name != f"{file_stem(name)}.json":
             raise _Skip(f"the record for {name!r} belongs in {file_stem(name)}.json, not {json_path.name}")
         if self.fingerprint is not None and record["fingerprint"] != self.fingerprint:
-            raise _Skip(f"made by another model: fingerprint {record['fingerprint']!r}, "
+            raise _Skip(f"made by another model ({record.get('model')!r}, fingerprint {record['fingerprint']!r}); "
                         f"this store expects {self.fingerprint!r}")
         tensor_name = record["tensors"]
         if not isinstance(tensor_name, str) or _revision(file_stem(name), tensor_name) is None:
@@ -460,6 +490,10 @@ class MemoryStore:
         vectors = tensors["vectors"]  # (T, D)
         if self.hidden_size is not None and (vectors.dim() != 2 or vectors.shape[1] != self.hidden_size):
             raise _Skip(f"vectors have shape {tuple(vectors.shape)}, but the model's hidden size is {self.hidden_size}")
+        deepstack = tensors.get("deepstack")  # (L, T, D) or absent
+        layers = 0 if deepstack is None else deepstack.shape[0]
+        if self.deepstack_layers is not None and layers != self.deepstack_layers:
+            raise _Skip(f"it holds {layers} DeepStack layers per token, but this model has {self.deepstack_layers}")
         sizes = tensors["view_sizes"].tolist()
         grids_shape, num_indices = tuple(tensors["grids"].shape), tensors["indices"].numel()
         if len(record["views"]) != len(sizes) or grids_shape != (len(sizes), 3) or sum(sizes) != num_indices:
@@ -471,7 +505,7 @@ class MemoryStore:
             for grid, indices, view in zip(tensors["grids"].tolist(), tensors["indices"].split(sizes), record["views"])
         ]
         fields = {field: record[field] for field in _RECORD_FIELDS}
-        return ConceptMemory(vectors=vectors, views=views, **fields), tensor_name
+        return ConceptMemory(vectors=vectors, views=views, deepstack=deepstack, **fields), tensor_name
 
     def _names(self) -> list[str]:  # call with the lock held
         return [m.name for m in sorted(self._memories.values(), key=lambda m: (m.created, m.name))]

@@ -25,7 +25,6 @@ from contextlib import contextmanager
 import torch
 
 from .backends import Batch
-from .soft_tokens import injected_rows
 
 
 class _DeepestLayerDone(Exception):
@@ -77,7 +76,7 @@ def score_visual_tokens_per_layer(
     device = batch.input_ids.device
     rows, cols = keyword_positions.to(device), visual_positions.to(device)
     with keyword_attention(backend, layers, rows, cols) as captured:
-        with injected_rows(model, backend.injected_token_ids, batch.injected):
+        with backend.injecting(batch):
             try:
                 model(**batch.model_inputs(), use_cache=False)
             except _DeepestLayerDone:

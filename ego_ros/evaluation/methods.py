@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ego_ros.engine.backends import EncodedImage
+from ego_ros.engine.backends import EncodedImage, SoftTokens
 from ego_ros.engine.ego import ConceptInfo
 from ego_ros.engine.memory import ConceptMemory
 
@@ -45,23 +45,33 @@ def introduction(method: str, concept: ConceptInfo, views: int, seed: int = 0) -
     if len(traces) < views:
         raise ValueError(f"{concept.name!r} has {len(concept.traces)} introduced views, {views} asked for")
     if method == "ego":
-        return [torch.cat([t.image.features[t.selected] for t in traces])]
+        return [_soft_tokens([(t.image, t.selected) for t in traces])]
     if method == "none":
         return []
     if method == "keywords":
         words = list(dict.fromkeys(word for t in traces for word in t.keywords))
         return [", ".join(words)] if words else []
     if method == "full":
-        return [torch.cat([t.image.features for t in traces])]
+        return [_soft_tokens([(t.image, None) for t in traces])]
     if method == "random":
         rng = np.random.default_rng([seed, views])
         picks = []
         for t in traces:
             n = t.image.num_tokens
             chosen = np.sort(rng.choice(n, max(1, round(RANDOM_SHARE * n)), replace=False))
-            picks.append(t.image.features[torch.from_numpy(chosen)])
-        return [torch.cat(picks)]
+            picks.append((t.image, torch.from_numpy(chosen)))
+        return [_soft_tokens(picks)]
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _soft_tokens(picks: list[tuple[EncodedImage, torch.Tensor | None]]) -> torch.Tensor | SoftTokens:
+    """The picked tokens (None: all) of each image, concatenated, as a memory holds them: bare vectors, or for a
+    DeepStack family (Qwen3-VL) the vectors with their DeepStack features."""
+    vectors = torch.cat([image.features if rows is None else image.features[rows] for image, rows in picks])
+    if picks[0][0].deepstack is None:
+        return vectors
+    return SoftTokens(vectors, torch.cat([image.deepstack if rows is None else image.deepstack[:, rows]
+                                          for image, rows in picks], dim=1))
 
 
 @dataclass

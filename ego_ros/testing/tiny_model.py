@@ -23,6 +23,7 @@ from pathlib import Path
 BUILDERS = {
     "qwen2_5_vl": ("ego_ros.testing.tiny_qwen2_5_vl", "build_qwen2_5_vl"),
     "internvl": ("ego_ros.testing.tiny_internvl", "build_internvl"),
+    "qwen3_vl": ("ego_ros.testing.tiny_qwen3_vl", "build_qwen3_vl"),
 }
 ARCHS = tuple(BUILDERS)
 

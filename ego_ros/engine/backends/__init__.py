@@ -8,16 +8,27 @@ A backend provides:
     ``build(prompts) -> Batch``                   token ids, masks and the rows to overwrite, left-padded
     ``decoder_layers``                            the LLM's decoder layers (hook points for scoring)
     ``query_attention(layer, hidden, position_embeddings, rows)``  softmax rows of one layer, (B, H, R, S)
+    ``injecting(batch)``                          context: every forward inside gets the batch's vectors in place
+
+The backend is chosen by the checkpoint's ``config.model_type`` in :data:`BACKENDS`, one line per family.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..token_layout import Tiles, token_boxes
+
+# The supported families: the checkpoint's config.model_type -> (module, backend class). One line per family.
+BACKENDS = {
+    "qwen2_5_vl": ("ego_ros.engine.backends.qwen2_5_vl", "Qwen2_5_VLBackend"),
+    "qwen3_vl": ("ego_ros.engine.backends.qwen3_vl", "Qwen3VLBackend"),
+    "internvl": ("ego_ros.engine.backends.internvl", "InternVLBackend"),
+}
 
 
 @dataclass
@@ -29,6 +40,9 @@ class EncodedImage:
     pixel_values: torch.Tensor  # the processor's output, kept for independent re-computation
     size: tuple[int, int]  # (width, height) of the image given to the processor
     tiles: Tiles = None  # (columns, rows) of an InternVL tiling (+ a thumbnail when more than one); see token_layout
+    # (L, N, D): for DeepStack families (Qwen3-VL), what the model adds to the hidden states of the first L decoder
+    # layers at this image's rows, from L intermediate vision layers; None for the others.
+    deepstack: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -40,8 +54,17 @@ class EncodedImage:
         return token_boxes(self.grid_thw, self.tiles, size or self.size)
 
 
-# A prompt is a sequence of parts: text, an image, or soft tokens (a concept memory, (n, D) vectors).
-Part = str | EncodedImage | torch.Tensor
+@dataclass
+class SoftTokens:
+    """A concept memory as a prompt part: its vectors, and for DeepStack families their DeepStack features."""
+
+    vectors: torch.Tensor  # (T, D): kept projector outputs, placed at the input embeddings
+    deepstack: torch.Tensor | None = None  # (L, T, D): added after decoder layers 0..L-1 at the same rows
+
+
+# A prompt is a sequence of parts: text, an image, or soft tokens (a concept memory: SoftTokens, or bare (n, D)
+# vectors, which for a DeepStack family get nothing added in the early layers).
+Part = str | EncodedImage | SoftTokens | torch.Tensor
 
 
 @dataclass
@@ -55,6 +78,7 @@ class Batch:
     injected: torch.Tensor  # (R, D): rows for every placeholder/image token, in row-major order
     pixel_values: torch.Tensor | None = None  # concatenated processor outputs, for reference computations
     image_positions: list[list[torch.Tensor]] = field(default_factory=list)  # per prompt, per image: (N,) positions
+    deepstack: torch.Tensor | None = None  # (L, R, D): DeepStack rows beside ``injected`` (DeepStack families only)
 
     def model_inputs(self) -> dict:
         """The keyword arguments of ``model(...)``/``model.generate(...)``; images arrive through ``injected``."""
@@ -66,17 +90,21 @@ class Batch:
         return inputs
 
 
+class UnsupportedModel(ValueError):
+    """A checkpoint of a family ego_ros has no backend for."""
+
+
+def check_supported(model_type: str) -> None:
+    """Raise UnsupportedModel, listing the supported families, unless ``model_type`` is one of them."""
+    if model_type not in BACKENDS:
+        raise UnsupportedModel(f"model type {model_type!r} is not supported; supported families (config "
+                               f"model_type): {', '.join(BACKENDS)}")
+
+
 def backend_for(model, tokenizer, image_processor, *, placeholder: str, max_pixels: int):
-    """The backend of ``model``'s family, or a ValueError listing the families we support."""
+    """The backend of ``model``'s family, or UnsupportedModel (a ValueError) listing the families we support."""
     model_type = model.config.model_type
-    if model_type == "qwen2_5_vl":
-        from .qwen2_5_vl import Qwen2_5_VLBackend
-
-        return Qwen2_5_VLBackend(
-            model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels
-        )
-    if model_type == "internvl":
-        from .internvl import InternVLBackend
-
-        return InternVLBackend(model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels)
-    raise ValueError(f"model type {model_type!r} is not supported yet; supported: qwen2_5_vl, internvl")
+    check_supported(model_type)
+    module, name = BACKENDS[model_type]
+    backend = getattr(importlib.import_module(module), name)
+    return backend(model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels)

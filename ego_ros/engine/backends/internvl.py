@@ -17,7 +17,8 @@ import torch
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
-from . import Batch, EncodedImage, Part
+from ..soft_tokens import injected_rows
+from . import Batch, EncodedImage, Part, SoftTokens
 
 # Decoders whose attention query_attention reproduces (q/k projections with bias, RoPE, GQA, causal softmax).
 TEXT_MODELS = ("qwen2",)
@@ -25,6 +26,7 @@ TEXT_MODELS = ("qwen2",)
 
 class InternVLBackend:
     family = "internvl"
+    deepstack_layers = 0  # no vision features beside the input embeddings
 
     def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int):
         text_type = model.config.text_config.model_type
@@ -100,6 +102,11 @@ class InternVLBackend:
                     images.append(part)
                     vectors.append(part.features)
                 else:  # soft tokens: one placeholder per memory vector
+                    if isinstance(part, SoftTokens):
+                        if part.deepstack is not None:
+                            raise ValueError(f"soft tokens with DeepStack features, which {self.family} has no use "
+                                             "for: the memory was made by another model family")
+                        part = part.vectors
                     content.append({"type": "text", "text": self.placeholder * part.shape[0]})
                     vectors.append(part)
             text = self.tokenizer.apply_chat_template(
@@ -167,6 +174,11 @@ class InternVLBackend:
 
     def attention_module(self, layer_index: int):
         return self.decoder_layers[layer_index].self_attn
+
+    def injecting(self, batch: Batch, *, once: bool = False):
+        """Context: every forward of the model inside it gets ``batch.injected`` at the placeholder/image rows (with
+        ``once``, only the first forward that holds them: a generation's prefill; see soft_tokens)."""
+        return injected_rows(self.model, self.injected_token_ids, batch.injected, once=once)
 
     @staticmethod
     def query_attention(attn, hidden_states, position_embeddings, rows: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
 
-from . import Batch, EncodedImage, Part
+from ..soft_tokens import injected_rows
+from . import Batch, EncodedImage, Part, SoftTokens
 
 
 class Qwen2_5_VLBackend:
     family = "qwen2_5_vl"
     merge_size = 2  # spatial merge of the projector: one visual token per 2x2 patches
+    deepstack_layers = 0  # decoder layers that get vision features beside the input embeddings (Qwen3-VL: 3)
 
     def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int):
         self.model = model
@@ -50,9 +52,14 @@ class Qwen2_5_VLBackend:
         features = output.pooler_output if hasattr(output, "pooler_output") else output
         per_image_pixels = torch.split(pixel_values, grids.prod(-1).tolist())
         return [
-            EncodedImage(features=f, grid_thw=tuple(g.tolist()), pixel_values=p, size=image.size)
-            for f, g, p, image in zip(features, grids, per_image_pixels, images)
+            EncodedImage(features=f, grid_thw=tuple(g.tolist()), pixel_values=p, size=image.size, deepstack=d)
+            for f, g, p, image, d in zip(features, grids, per_image_pixels, images, self._deepstack(output, len(grids)))
         ]
+
+    @staticmethod
+    def _deepstack(output, num_images: int) -> list[torch.Tensor | None]:
+        """Each image's DeepStack features (L, N, D) from the vision tower's output: none in this family."""
+        return [None] * num_images
 
     # --- prompts ------------------------------------------------------------------------------------------------
 
@@ -69,6 +76,11 @@ class Qwen2_5_VLBackend:
                     images.append(part)
                     vectors.append(part.features)
                 else:  # soft tokens: one placeholder per memory vector
+                    if isinstance(part, SoftTokens):
+                        if part.deepstack is not None:
+                            raise ValueError(f"soft tokens with DeepStack features, which {self.family} has no use "
+                                             "for: the memory was made by another model family")
+                        part = part.vectors
                     content.append({"type": "text", "text": self.placeholder * part.shape[0]})
                     vectors.append(part)
             text = self.tokenizer.apply_chat_template(
@@ -137,21 +149,32 @@ class Qwen2_5_VLBackend:
     def attention_module(self, layer_index: int):
         return self.decoder_layers[layer_index].self_attn
 
-    @staticmethod
-    def query_attention(attn, hidden_states, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
+    def injecting(self, batch: Batch, *, once: bool = False):
+        """Context: every forward of the model inside it gets ``batch.injected`` at the placeholder/image rows (with
+        ``once``, only the first forward that holds them: a generation's prefill; see soft_tokens)."""
+        return injected_rows(self.model, self.injected_token_ids, batch.injected, once=once)
+
+    @classmethod
+    def query_attention(cls, attn, hidden_states, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
         """Causal softmax attention of query ``rows`` over all keys on one layer, (B, H, R, S), in float32.
 
         The same computation as the layer's eager attention (q/k projections, M-RoPE, GQA, scaling, causal mask,
         softmax), restricted to the rows we need, so the other layers keep their fast attention kernel.
         """
         batch, seq, _ = hidden_states.shape
-        head_dim = attn.head_dim
         cos, sin = position_embeddings  # (B, S, head_dim), M-RoPE sections already interleaved
-        q = attn.q_proj(hidden_states[:, rows]).view(batch, len(rows), -1, head_dim).transpose(1, 2)  # (B,H,R,d)
-        k = attn.k_proj(hidden_states).view(batch, seq, -1, head_dim).transpose(1, 2)  # (B,Hkv,S,d)
+        q, k = cls.queries_and_keys(attn, hidden_states, rows)
         q = q * cos[:, rows].unsqueeze(1) + rotate_half(q) * sin[:, rows].unsqueeze(1)
         k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query: share each kv head
         logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B,H,R,S)
         future = torch.arange(seq, device=rows.device)[None, :] > rows[:, None]  # (R,S) causal mask
         return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+    @staticmethod
+    def queries_and_keys(attn, hidden_states, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's queries of ``rows`` (B, H, R, d) and keys of every position (B, Hkv, S, d), before RoPE."""
+        batch, seq, _ = hidden_states.shape
+        q = attn.q_proj(hidden_states[:, rows]).view(batch, len(rows), -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(hidden_states).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        return q, k
