@@ -5,7 +5,8 @@ Builds each preset's architecture (``ego_ros/testing/presets``: the published Qw
 random weights directly on the device, in bf16, and runs the real engine on it: random weights give real timings,
 not real answers (a keyword answer is random text, so every view keeps K tokens: the slow case). Measures:
 
-- register: seconds per view (10 concepts of 1 view, and 1 concept of 5 views), after one warm-up registration;
+- register: seconds per view (10 concepts of 1 view, and 1 concept of 5 views), after a warm-up (a registration,
+  an appended view and an answer: kernels chosen, a static cache's compile paid);
 - ask with 10 concepts in context: time to the first answer token and to 64 answer tokens;
 - recognize 10 concepts per frame: frames per second;
 - peak GPU memory (``torch.cuda.max_memory_allocated``) over all of it, and the weights' share.
@@ -16,6 +17,7 @@ Examples::
 
     python bench/gpu.py                                   # both presets, cuda, bf16
     python bench/gpu.py --presets qwen2_5_vl_3b --json out.json
+    python bench/gpu.py --variants default static_cache --decode-probe   # engine settings side by side
     python bench/gpu.py --device cpu --dtype float32 --narrow --repeats 1   # a dry run on a laptop
 """
 
@@ -63,7 +65,15 @@ class Clock:
         return time.perf_counter()
 
 
-def measure(name: str, args) -> dict:
+# Engine settings compared on the same model: EgoConfig fields over the defaults.
+VARIANTS = {
+    "default": {},
+    "static_cache": {"static_cache": True},
+}
+
+
+def measure(name: str, args) -> list[dict]:
+    """Every variant of ``args.variants`` on one model of preset ``name``: one result row each."""
     device = torch.device(args.device)
     clock = Clock(device)
     cuda = device.type == "cuda"
@@ -75,16 +85,44 @@ def measure(name: str, args) -> dict:
     built_s = clock.now() - started
     weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     loaded = LoadedModel(model, tokenizer, image_processor, name, device, DTYPES[args.dtype])
-    result = {"preset": name, "narrow": args.narrow, "dtype": args.dtype, "build_s": round(built_s, 1),
+    common = {"preset": name, "narrow": args.narrow, "dtype": args.dtype, "build_s": round(built_s, 1),
               "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
-              "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
-    with tempfile.TemporaryDirectory() as scratch:
-        config = EgoConfig(max_concepts_in_context=args.concepts, max_image_pixels=640 * 480)
-        ego = Ego(loaded, config, Path(scratch) / "memory", calibration_dir=Path(scratch) / "calibration")
-        print(f"[{name}] built in {built_s:.1f} s; layers for scoring: {ego.layers}", flush=True)
+              "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+              "weights_gib": round(weights_gib, 2) if cuda else None}
+    print(f"[{name}] built in {built_s:.1f} s", flush=True)
+    rows = []
+    for variant in args.variants:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        row = {**common, "variant": variant}
+        try:
+            row.update(engine_figures(loaded, EgoConfig(max_concepts_in_context=args.concepts,
+                                                        max_image_pixels=640 * 480, **VARIANTS[variant]),
+                                      clock, args, f"{name}, {variant}"))
+        except Exception as error:  # one variant failing (a compile, say) must not lose the others' figures
+            row["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+            print(f"[{name}, {variant}] failed: {row['error']}", flush=True)
+        if cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        rows.append(row)
+    if args.decode_probe:
+        rows[-1]["decode_probe_64_tokens"] = decode_probe(model, tokenizer, clock)
+        print(f"[{name}] decode probe: {rows[-1]['decode_probe_64_tokens']}", flush=True)
+    del model, loaded
+    return rows
 
+
+def engine_figures(loaded, config: EgoConfig, clock: Clock, args, label: str) -> dict:
+    result = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        ego = Ego(loaded, config, Path(scratch) / "memory", calibration_dir=Path(scratch) / "calibration")
+        print(f"[{label}] layers for scoring: {ego.layers}", flush=True)
+        start = clock.now()
         ego.register("warm-up", [frame(0)])  # kernels compiled, allocator grown: not counted
+        ego.register("warm-up", [frame(1)], append=True)
+        ego.ask("Where is warm-up?", frame(2), max_new_tokens=64)
         ego.forget("warm-up")
+        result["warm_up_s"] = round(clock.now() - start, 1)
         per_view = []
         for c in range(args.concepts):
             start = clock.now()
@@ -96,19 +134,17 @@ def measure(name: str, args) -> dict:
         ego.forget("five views")
         result["register_s_per_view"] = round(statistics.median(per_view), 3)
         result["register_s_per_view_of_5"] = round(five_views_s / 5, 3)
-        print(f"[{name}] register: {result['register_s_per_view']} s/view (1 view), "
+        print(f"[{label}] register: {result['register_s_per_view']} s/view (1 view), "
               f"{result['register_s_per_view_of_5']} s/view (5 views)", flush=True)
 
         question = "What is concept 0 doing, and where is concept 1?"
         first_token, totals, tokens = [], [], []
-        for r in range(args.repeats + 1):
+        for r in range(args.repeats):
             arrivals = []
             start = clock.now()
             answer = ego.ask(question, frame(300 + r), max_new_tokens=64,
                              on_new_text=lambda text, count: arrivals.append(time.perf_counter()))
             total = clock.now() - start
-            if r == 0:
-                continue  # warm-up
             first_token.append((arrivals[0] if arrivals else total + start) - start)
             totals.append(total)
             tokens.append(answer.new_tokens)
@@ -117,7 +153,7 @@ def measure(name: str, args) -> dict:
         result["first_token_s"] = round(statistics.median(first_token), 3)
         result["answer_s"] = round(statistics.median(totals), 3)
         result["answer_tokens"] = int(statistics.median(tokens))
-        print(f"[{name}] ask ({result['concepts_in_context']} concepts, {answer.prompt_tokens} prompt tokens): "
+        print(f"[{label}] ask ({result['concepts_in_context']} concepts, {answer.prompt_tokens} prompt tokens): "
               f"first token {result['first_token_s']} s, {result['answer_tokens']} tokens in {result['answer_s']} s",
               flush=True)
 
@@ -128,14 +164,7 @@ def measure(name: str, args) -> dict:
             scores = ego.recognize(frame(401 + f))
         result["recognize_concepts"] = len(scores)
         result["recognize_fps"] = round(frames / (clock.now() - start), 2)
-        print(f"[{name}] recognize {len(scores)} concepts: {result['recognize_fps']} frames/s", flush=True)
-    if cuda:
-        result["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        result["weights_gib"] = round(weights_gib, 2)
-    if args.decode_probe:
-        result["decode_probe_64_tokens"] = decode_probe(model, tokenizer, clock)
-        print(f"[{name}] decode probe: {result['decode_probe_64_tokens']}", flush=True)
-    del ego, model, loaded
+        print(f"[{label}] recognize {len(scores)} concepts: {result['recognize_fps']} frames/s", flush=True)
     return result
 
 
@@ -162,12 +191,16 @@ def decode_probe(model, tokenizer, clock: Clock, prompt_tokens: int = 1200, new_
 
 
 def table(results: list[dict]) -> str:
-    rows = [("preset", "device", "register s/view", "first token s", "64 tokens s", "recognize fps (10)",
+    rows = [("preset", "engine", "device", "register s/view", "first token s", "64 tokens s", "recognize fps (10)",
              "peak GiB")]
     for r in results:
-        rows.append((r["preset"] + (" (narrow)" if r["narrow"] else ""), r["device"],
-                     f"{r['register_s_per_view']} ({r['register_s_per_view_of_5']} of 5)", str(r["first_token_s"]),
-                     f"{r['answer_s']} ({r['answer_tokens']} tok)", str(r["recognize_fps"]),
+        name = r["preset"] + (" (narrow)" if r["narrow"] else "")
+        if "error" in r:
+            rows.append((name, r["variant"], r["device"], f"failed: {r['error'][:60]}", "", "", "", ""))
+            continue
+        register = f"{r['register_s_per_view']} ({r['register_s_per_view_of_5']} of 5)"
+        rows.append((name, r["variant"], r["device"], register,
+                     str(r["first_token_s"]), f"{r['answer_s']} ({r['answer_tokens']} tok)", str(r["recognize_fps"]),
                      str(r.get("peak_gib", "-"))))
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
@@ -181,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--narrow", action="store_true", help="16 per head: the layouts at a CPU's cost")
     parser.add_argument("--concepts", type=int, default=10)
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=VARIANTS,
+                        help="engine settings to compare on the same model")
     parser.add_argument("--repeats", type=int, default=3, help="timed answers (median); recognition frames: twice")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--decode-probe", action="store_true",
@@ -191,7 +226,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     results = []
     for name in args.presets:
-        results.append(measure(name, args))
+        results.extend(measure(name, args))
         if args.json:  # after each preset, so a run cut short keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
     print(table(results))
