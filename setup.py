@@ -22,7 +22,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["ego_ros", "ego_ros.*"]),
-    package_data={"ego_ros.ros": ["tools.json"]},  # the services as LLM tools (ego_ros/ros/tools.py)
+    package_data={"ego_ros.ros": ["tools.json"],  # the services as LLM tools (ego_ros/ros/tools.py)
+                  "ego_ros.web": ["static/*"]},  # the teleop page's HTML, CSS and JavaScript (ego-ros web)
     install_requires=requirements,
     entry_points={"console_scripts": ["ego-ros = ego_ros.cli:main"]},
 )
