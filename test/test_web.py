@@ -226,7 +226,7 @@ def register_by_box(page, name: str, description: str = ""):
 
 
 def ensure_star(graph) -> None:
-    """"my star" on the node (registered by the first test; again here when a test runs alone)."""
+    """The concept "my star" on the node (registered by the first test; again here when a test runs alone)."""
     if "my star" not in concepts(graph["client"]):
         frame = wait_for(lambda: api(graph["url"], "/api/status")[1]["frame"], 60, "a frame")["id"]
         status, answer = api(graph["url"], "/api/register", {"frame": frame, "box": [30, 30, 190, 190],
