@@ -88,8 +88,10 @@ def test_requests_start_at_once_run_side_by_side_and_reuse_the_clients(graph):
 
 def test_the_node_parameters_are_read_through_the_commander(graph):
     _, commander, _ = graph
-    values = commander.parameters(["recognition_threshold", "camera_topics", "no_such_parameter"]).result(60.0)
-    assert values == {"recognition_threshold": 0.0, "camera_topics": [CAMERA], "no_such_parameter": None}
+    values = commander.parameters(["recognition_threshold", "camera_topics"]).result(60.0)
+    assert values == {"recognition_threshold": 0.0, "camera_topics": [CAMERA]}
+    with pytest.raises(NodeError, match="does not have all of the parameters"):
+        commander.parameters(["recognition_threshold", "no_such_parameter"]).result(60.0)
 
 
 def test_ask_streams_feedback_and_is_cancelled_on_the_node(graph):

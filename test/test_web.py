@@ -496,3 +496,23 @@ def test_no_node_and_no_camera_are_said_on_the_page(graph, page):
     finally:
         stop(web)
     assert concepts(graph["client"]) == before, "nothing changed on the real node"
+
+
+def test_an_address_that_cannot_be_served_is_one_error_line():
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for args, says in ((["--port", taken.getsockname()[1]], "address already in use"),
+                           (["--port", "70000"], "expected a TCP port"),
+                           (["--host", "192.0.2.1", "--port", "0"], "cannot serve on 192.0.2.1:0")):
+            done = subprocess.run([sys.executable, "-m", "ego_ros.cli", "web", *map(str, args)], cwd=REPO,
+                                  env=ros_env(free_domain()), capture_output=True, text=True, timeout=120)
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode in (1, 2) and len(lines) == 1, (args, done.stderr)
+            assert lines[0].startswith("ego-ros: error: ") and says in lines[0], lines
+            assert done.stdout == ""
+    finally:
+        taken.close()

@@ -246,14 +246,18 @@ class EgoCommander:
 
     def parameters(self, names: Iterable[str]) -> Task:
         """The node's parameters ``names`` (its ``get_parameters`` service, answered in any lifecycle state).
-        Result: ``{name: value}`` (a Python value; None for a parameter the node does not have)."""
+        Result: ``{name: value}`` (Python values; None for one declared without a value). Fails naming them when
+        the node lacks any of them (ROS then answers with no values at all)."""
         from rcl_interfaces.srv import GetParameters
         from rclpy.parameter import parameter_value_to_python
 
         names = list(names)
-        return self.call("get_parameters", GetParameters.Request(names=names),
-                         lambda r: {n: parameter_value_to_python(v) for n, v in zip(names, r.values)},
-                         kind="parameters")
+
+        def values(response) -> dict:
+            if len(response.values) != len(names):
+                raise NodeError(f"the node {self.node} does not have all of the parameters {names}")
+            return {n: parameter_value_to_python(v) for n, v in zip(names, response.values)}
+        return self.call("get_parameters", GetParameters.Request(names=names), values, kind="parameters")
 
     def call(self, service: str, request, convert: Callable[[Any], Any] = lambda r: r, *, kind: str = "") -> Task:
         """Any of the node's services (``register_concept``, ``recognize``, ``list_concepts``, ``forget_concept``,
