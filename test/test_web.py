@@ -81,6 +81,37 @@ def test_the_guard_keeps_other_sites_and_tokenless_requests_out():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
 
 
+def test_frames_are_decoded_once_when_looked_at_and_held_frames_outlive_the_rolling_ones():
+    from ego_ros.web.frames import FrameGone, FrameStore
+
+    decoded = []
+
+    def frame_of(value):
+        def decode():
+            decoded.append(value)
+            return np.full((4, 6, 3), value, np.uint8)
+        return decode
+    store = FrameStore(max_recent=3, max_served=2, max_held=2)
+    frames = [store.add(float(i), "camera", frame_of(i)) for i in range(3)]
+    assert [f.id for f in frames] == [1, 2, 3] and store.latest() is frames[-1] and decoded == []
+    assert store.get(2).size == (6, 4) and store.get(2).pixels()[0, 0, 0] == 1 and decoded == [1]
+    assert store.get(2).jpeg()[:2] == b"\xff\xd8" and decoded == [1]  # a JPEG, from the pixels decoded once
+    store.hold(1)
+    store.served(store.get(2))
+    for i in range(3, 9):
+        store.add(float(i), "camera", frame_of(i))
+    assert store.get(1).pixels()[0, 0, 0] == 0, "held"
+    assert store.get(2).id == 2, "still shown on a page"
+    with pytest.raises(FrameGone, match="frame 3 is no longer kept"):
+        store.get(3)
+    store.hold(7)
+    store.hold(8)  # a third hold lets the oldest go
+    with pytest.raises(FrameGone):
+        store.get(1)
+    store.release(7)
+    assert store.get(8).id == 8
+
+
 # --- the graph: node, camera, pages --------------------------------------------------------------------------
 
 
@@ -479,7 +510,8 @@ def test_beyond_localhost_every_request_needs_the_printed_token_and_a_phone_regi
 
 def test_no_node_and_no_camera_are_said_on_the_page(graph, page):
     before = concepts(graph["client"])
-    web, url = start_web(graph["domain"], "--node", "/nobody", "--camera", "/no_camera/image_raw")
+    web, url = start_web(graph["domain"], "--node", "/nobody", "--camera", "/no_camera/image_raw",
+                         "--timeout", "2")
     try:
         page.goto(url)
         page.wait_for_function("() => document.getElementById('status').textContent.includes('not running')")

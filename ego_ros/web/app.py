@@ -107,6 +107,7 @@ class Api:
         try:
             jpeg = await asyncio.to_thread(frame.jpeg)
             width, height = frame.size
+            self.frames.served(frame)
         except ValueError as bad:  # a frame the converter refuses (an encoding it does not know, a wrong size)
             return error(503, f"the camera's frames cannot be shown: {bad}")
         return web.Response(body=jpeg, content_type="image/jpeg", headers={
@@ -177,7 +178,7 @@ class Api:
         pixels = await asyncio.to_thread(frame.pixels)
         height, width = pixels.shape[:2]
         box = inputs.box(body, width, height)
-        self._require_node()
+        await self._require_node()
         registering = self.bridge.commander.register(name, [pixels], regions=[box], description=description)
         concept = await self._node(registering)
         self.frames.release(frame.id)
@@ -193,7 +194,7 @@ class Api:
         body = await json_body(request)
         frame = self.frames.get(inputs.frame_id(body))
         pixels = await asyncio.to_thread(frame.pixels)
-        self._require_node()
+        await self._require_node()
         response = await self._node(self.bridge.commander.call("recognize", recognize_request(pixels)))
         if not response.success:
             return error(422, response.message)
@@ -202,7 +203,7 @@ class Api:
     async def forget(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         name = inputs.name(body)
-        self._require_node()
+        await self._require_node()
         message = await self._node(self.bridge.commander.forget(name))
         return web.json_response({"message": message})
 
@@ -215,7 +216,7 @@ class Api:
         pixels = None
         if wanted is not None:
             pixels = await asyncio.to_thread(self.frames.get(wanted).pixels)
-        self._require_node()
+        await self._require_node()
         queue: asyncio.Queue = asyncio.Queue()
         loop = self._loop
 
@@ -247,10 +248,15 @@ class Api:
 
     # -- the node
 
-    def _require_node(self) -> None:
-        if not self.bridge.node_ready():
-            raise NodeAbsent(f"the ego node {self.bridge.node} is not running or not active (start it with "
-                             "'ego-ros node', or wait for it to load its model)")
+    async def _require_node(self) -> None:
+        """Wait (up to the command's --timeout) for the node's services to be seen: just after start, or after the
+        node restarted, discovery takes a moment."""
+        deadline = time.monotonic() + self.bridge.commander.timeout
+        while not self.bridge.node_ready():
+            if time.monotonic() > deadline:
+                raise NodeAbsent(f"the ego node {self.bridge.node} is not running or not active (start it with "
+                                 "'ego-ros node', or wait for it to load its model)")
+            await asyncio.sleep(0.1)
 
     async def _node(self, task):
         """The task's result; its failure becomes the page's message (:func:`node_message`)."""

@@ -3,9 +3,12 @@
 
 Each frame gets an id of its own (increasing; stamps may repeat or be zero) and is kept as it arrived, decoded only
 when someone looks at it (a JPEG for the page, pixels for a registration), so frames nobody watches cost their
-storage alone. The recent ones roll over after ``keep_seconds``; the page *holds* the frame it freezes on when the
-user starts a box, so that typing a name may take as long as it takes: at most ``max_held`` are held, the oldest
-hold let go first. No ROS here: the bridge feeds it from its subscription.
+storage alone. Three bounded sets, so that memory stays bounded whatever the camera's rate and size (a 1280x720
+frame is 2.7 MB): the last ``max_recent`` frames that arrived; the last ``max_served`` frames sent to a page (each
+page asks for the next frame once it has drawn the last, so these are what the pages are showing); and the frames
+*held* by a page, which holds the frame it freezes on when the user starts a box, so that typing a name may take
+as long as it takes (at most ``max_held``, the oldest hold let go first). No ROS here: the bridge feeds it from its
+subscription.
 """
 
 from __future__ import annotations
@@ -67,9 +70,10 @@ class Frame:
 class FrameStore:
     """Recent frames (thread-safe: the ROS thread adds, the web handlers read), and the frames held by pages."""
 
-    def __init__(self, keep_seconds: float = 5.0, max_recent: int = 150, max_held: int = 16):
-        self.keep_seconds, self.max_held = keep_seconds, max_held
+    def __init__(self, max_recent: int = 8, max_served: int = 32, max_held: int = 16):
+        self.max_held = max_held
         self._recent: collections.deque[Frame] = collections.deque(maxlen=max_recent)
+        self._served: collections.deque[Frame] = collections.deque(maxlen=max_served)
         self._held: collections.OrderedDict[int, Frame] = collections.OrderedDict()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -79,8 +83,6 @@ class FrameStore:
         frame = Frame(next(self._ids), stamp, camera_frame, decode)
         with self._lock:
             self._recent.append(frame)
-            while self._recent and frame.arrived - self._recent[0].arrived > self.keep_seconds:
-                self._recent.popleft()
             listeners = list(self._listeners)
         for listener in listeners:
             listener(frame)
@@ -95,13 +97,20 @@ class FrameStore:
         with self._lock:
             return self._recent[-1] if self._recent else None
 
-    def get(self, frame_id: int) -> Frame:
-        """The frame ``frame_id``, held or recent; FrameGone when it is neither."""
+    def served(self, frame: Frame) -> None:
+        """``frame`` was sent to a page: keep it while pages may still be showing it."""
         with self._lock:
-            frame = self._held.get(frame_id) or next((f for f in self._recent if f.id == frame_id), None)
+            if frame not in self._served:
+                self._served.append(frame)
+
+    def get(self, frame_id: int) -> Frame:
+        """The frame ``frame_id``, held, shown or recent; FrameGone when it is none of them."""
+        with self._lock:
+            frame = self._held.get(frame_id) or next(
+                (f for f in (*self._served, *self._recent) if f.id == frame_id), None)
         if frame is None:
-            raise FrameGone(f"frame {frame_id} is no longer kept (frames are kept {self.keep_seconds:g} s unless a "
-                            "page holds them): draw the box again on the live view")
+            raise FrameGone(f"frame {frame_id} is no longer kept (a page holds the frame it pauses on; others go "
+                            "as new ones come): draw the box again on the live view")
         return frame
 
     def hold(self, frame_id: int) -> Frame:
