@@ -306,6 +306,14 @@ def test_a_box_dragged_on_the_live_view_registers_that_frame_and_the_concept_app
     from ego_ros.engine.figure import views_dir
 
     open_page(page, graph["url"])
+    shown = page.evaluate("""() => new Promise((done) => {  // frames drawn on the page in 3 s
+        let count = 0;
+        const watch = new MutationObserver(() => count++);
+        watch.observe(document.getElementById('live'), {attributes: true, attributeFilter: ['data-frame']});
+        setTimeout(() => { watch.disconnect(); done(count); }, 3000);
+    })""")
+    print(f"the page drew {shown} frames in 3 s (the toy camera publishes 10 per second)")
+    assert shown >= 3
     published = graph["published"]
     x0, y0, x1, y1 = wait_for_instance(page, published, "Rex")  # a red star with stripes
     drag_box(page, (x0, y0), (x1, y1))
@@ -376,9 +384,12 @@ def test_an_answer_streams_into_the_page_before_it_is_complete(graph, page):
             .observe(answer, {childList: true, subtree: true, characterData: true});
     }""")
     page.fill("#question", "Describe this image in one short sentence.")
+    asked = page.evaluate("performance.now()")
     page.click("#ask")
     page.wait_for_selector("body[data-asking=done]", timeout=120_000)
     log = page.evaluate("window.egoAskLog")
+    print(f"first piece of the answer on the page {log[0]['at'] - asked:.0f} ms after the click, the whole answer "
+          f"{log[-1]['at'] - asked:.0f} ms after it ({len(log) - 1} pieces)")
     kinds = [entry["kind"] for entry in log]
     assert kinds[-1] == "done" and kinds.count("done") == 1, kinds
     pieces = [entry for entry in log if entry["kind"] == "text"]
