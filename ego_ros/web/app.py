@@ -241,8 +241,10 @@ class Api:
                                               "frame": wanted})
             else:
                 await send(response, "error", {"error": node_message(failure, self.bridge.node)})
-        except (ConnectionError, asyncio.CancelledError):
-            task.cancel()  # the page went away: stop generating on the node
+        except ConnectionError:  # the page went away (closed, or Stop): stop generating on the node
+            task.cancel()
+        except asyncio.CancelledError:  # the server is stopping
+            task.cancel()
             raise
         return response
 
