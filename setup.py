@@ -23,7 +23,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ego_ros", "ego_ros.*"]),
     package_data={"ego_ros.ros": ["tools.json"],  # the services as LLM tools (ego_ros/ros/tools.py)
-                  "ego_ros.testing": ["presets/*.json"]},  # real architectures for benchmarks (real_sizes.py)
+                  "ego_ros.testing": ["presets/*.json"],  # real architectures for benchmarks (real_sizes.py)
+                  "ego_ros.web": ["static/*"]},  # the teleop page's HTML, CSS and JavaScript (ego-ros web)
     install_requires=requirements,
     entry_points={"console_scripts": ["ego-ros = ego_ros.cli:main"]},
 )

@@ -9,6 +9,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${EGO_ROS_VENV:-$repo/.venv}
 bash "$repo/scripts/setup.sh"
+bash "$repo/scripts/test_browser.sh"
 cd "$repo"
 # The trained toy model that the quality tests measure the method on: trained here once (about 10 minutes on two
 # cores, with a progress bar), then reused until the toy world, the trainer or the prompts change.

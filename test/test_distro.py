@@ -30,11 +30,11 @@ ROSDEP = {"rclpy": "rclpy", "rcl_interfaces": "rcl_interfaces", "launch": "launc
           "sensor_msgs": "sensor_msgs", "std_msgs": "std_msgs", "diagnostic_msgs": "diagnostic_msgs",
           "lifecycle_msgs": "lifecycle_msgs", "action_msgs": "action_msgs", "builtin_interfaces": "builtin_interfaces",
           "std_srvs": "std_srvs", "py_trees": "py_trees", "numpy": "python3-numpy", "PIL": "python3-pil",
-          "yaml": "python3-yaml", "cv_bridge": "cv_bridge", "cv2": "python3-opencv"}
+          "yaml": "python3-yaml", "cv_bridge": "cv_bridge", "cv2": "python3-opencv", "aiohttp": "python3-aiohttp"}
 # Python module -> its distribution in requirements.txt (the pip step), for modules with no rosdep key.
 PIP = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
        "tqdm": "tqdm", "matplotlib": "matplotlib", "pycocotools": "pycocotools", "cv2": "opencv-python-headless",
-       "huggingface_hub": "transformers"}  # huggingface_hub comes with transformers
+       "huggingface_hub": "transformers", "aiohttp": "aiohttp"}  # huggingface_hub comes with transformers
 
 
 def imported_modules() -> dict[str, set]:

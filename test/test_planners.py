@@ -68,7 +68,7 @@ def _try_register(commander):
 def test_requests_start_at_once_run_side_by_side_and_reuse_the_clients(graph):
     _, commander, _ = graph
     clients = len(list(commander.ros_node.clients))
-    assert clients == 5, "one client per service, made once"
+    assert clients == 6, "one client per service (the node's five and its get_parameters), made once"
     for _ in range(2):
         started = time.monotonic()
         tasks = {"list": commander.list_concepts(), "recognize": commander.recognize(camera=CAMERA),
@@ -84,6 +84,14 @@ def test_requests_start_at_once_run_side_by_side_and_reuse_the_clients(graph):
         with pytest.raises(NodeError, match="nobody"):
             tasks["forget"].result()
     assert len(list(commander.ros_node.clients)) == clients, "no client per call"
+
+
+def test_the_node_parameters_are_read_through_the_commander(graph):
+    _, commander, _ = graph
+    values = commander.parameters(["recognition_threshold", "camera_topics"]).result(60.0)
+    assert values == {"recognition_threshold": 0.0, "camera_topics": [CAMERA]}
+    with pytest.raises(NodeError, match="does not have all of the parameters"):
+        commander.parameters(["recognition_threshold", "no_such_parameter"]).result(60.0)
 
 
 def test_ask_streams_feedback_and_is_cancelled_on_the_node(graph):

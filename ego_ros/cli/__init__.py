@@ -41,12 +41,14 @@ Examples::
     ego-ros recognize --camera camera/image_raw      # a camera as named in the node's camera_topics
     ego-ros list
     ego-ros watch                                    # recognition events, one line each, until Ctrl-C
+    ego-ros web                                      # the teleop page: http://127.0.0.1:8080/ (--host 0.0.0.0:
+                                                     # the robot's network, with the token it prints)
 
 mode:
     register, ask, recognize, list and forget work OFFLINE (this machine's model and memory folder, no ROS) when a
     model is given (--model or $EGO_ROS_MODEL), or --memory-dir, or --offline; otherwise they are clients of the
     running node --node (default $EGO_ROS_NODE, else /ego). An explicit --node asks the node even when
-    $EGO_ROS_MODEL is set. show and calibrate are always offline; node, watch and camera always use ROS.
+    $EGO_ROS_MODEL is set. show and calibrate are always offline; node, watch, camera and web always use ROS.
 
 Errors a user can fix (a missing file, an unknown concept, a taken name, a model that does not load) print one
 line, ``ego-ros: error: ...``, and exit with 1 (2 for a wrong command line), never a traceback.

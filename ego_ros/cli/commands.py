@@ -7,7 +7,8 @@ a live half (:mod:`ego_ros.cli.live`) side by side, with one command line that h
 machine, no ROS) when a model is given (``--model`` or ``$EGO_ROS_MODEL``), or ``--memory-dir``, or ``--offline``;
 otherwise a client of the running node ``--node`` (default ``$EGO_ROS_NODE``, else ``/ego``). An explicit ``--node``
 asks the node even when ``$EGO_ROS_MODEL`` is set, and is refused next to ``--model``, ``--memory-dir`` or
-``--offline``. ``show`` and ``calibrate`` are always offline; ``node``, ``watch`` and ``camera`` always use ROS.
+``--offline``. ``show`` and ``calibrate`` are always offline; ``node``, ``watch``, ``camera`` and ``web`` always use
+ROS.
 """
 
 from __future__ import annotations
@@ -279,6 +280,31 @@ def camera_arguments(p: argparse.ArgumentParser) -> None:
                    help="the rest goes to the camera's ROS node, e.g. --ros-args -r __ns:=/robot1")
 
 
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535 (0: any free one), got {text!r}")
+    return value
+
+
+def web_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=live.WEB_HOST, metavar="H",
+                   help=f"the address to serve on (default: {live.WEB_HOST}, this machine only; 0.0.0.0: every "
+                        "network of the robot, and then every request needs the token printed at start)")
+    p.add_argument("--port", type=port, default=live.WEB_PORT, metavar="P",
+                   help=f"the TCP port (default: {live.WEB_PORT}; 0: any free one, printed)")
+    p.add_argument("--camera", default=live.CAMERA_TOPIC, metavar="TOPIC",
+                   help=f"the camera the page shows and registers from (default: {live.CAMERA_TOPIC}, the node's "
+                        "camera in config/ego.yaml; .../compressed: a CompressedImage topic)")
+    p.add_argument("--memory-dir", type=Path, default=None, metavar="DIR",
+                   help="where the node keeps its concepts, for their pictures (default: the node's memory_dir "
+                        "parameter)")
+    add_node_options(p, offline=False)
+
+
 COMMANDS: dict[str, Command] = {
     "register": Command("introduce a concept: from image files, or from the node's camera (--camera)",
                         register_arguments, register),
@@ -299,4 +325,6 @@ COMMANDS: dict[str, Command] = {
                      live.cmd_watch),
     "camera": Command("publish a camera device, a video file, a folder of images or the toy world as a ROS 2 "
                       "camera (sensor_msgs/Image)", camera_arguments, live.cmd_camera),
+    "web": Command("serve the teleop page: the live camera with what the node recognises, register by drawing a "
+                   "box, ask, forget; from any browser, a phone's included", web_arguments, live.cmd_web),
 }

@@ -31,6 +31,8 @@ WITH_STORE = "pass --offline to use this machine's memory folder"
 CHECK_NAME = "check --node and $ROS_DOMAIN_ID"
 CAMERA_TOPIC = "camera/image_raw"  # = ego_ros.ros.camera.DEFAULT_TOPIC, and the node's camera_topics in ego.yaml
 CAMERA_FRAME_ID = "camera"
+WEB_HOST = "127.0.0.1"  # = ego_ros.web.server.DEFAULT_HOST (that module imports aiohttp)
+WEB_PORT = 8080
 
 
 def run_live(run: Callable[[argparse.Namespace, EgoClient], int], args: argparse.Namespace, offline_hint: str) -> int:
@@ -258,3 +260,24 @@ def cmd_camera(args: argparse.Namespace) -> int:
     publish(source, topic=args.topic, rate=args.rate or source.rate or DEFAULT_RATE, frame_id=args.frame_id,
             compressed=args.compressed, count=args.count, ros_args=rest[1:] if rest[:1] == ["--ros-args"] else rest)
     return 0
+
+
+# --- web --------------------------------------------------------------------------------------------------------
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    """The teleop page (:mod:`ego_ros.web`), a client of the node like the others; runs until Ctrl-C."""
+    try:
+        from ego_ros.web.server import serve
+    except ModuleNotFoundError as error:
+        if error.name != "aiohttp":
+            raise
+        raise UsageError("ego-ros web needs aiohttp: pip install -r requirements.txt") from None
+    try:
+        return serve(host=args.host, port=args.port, node=args.node, camera=args.camera,
+                     memory_dir=args.memory_dir, timeout=args.timeout)
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith(("rclpy", "ego_ros.msg", "ego_ros.srv", "ego_ros.action")):
+            raise
+        raise UsageError(f"ROS 2 is not usable here ({error}): build the venv with scripts/setup.sh, or source a "
+                         "ROS 2 install with ego_ros built") from None

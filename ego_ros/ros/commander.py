@@ -41,7 +41,8 @@ from ego_ros.ros.client import (DEFAULT_TIMEOUT, AskResult, NodeError, absent_er
 _TICK = 0.02
 _LIVENESS_PERIOD = 1.0
 
-_SERVICES = ("register_concept", "recognize", "list_concepts", "forget_concept", "ask")
+# The node's own services, and its parameter service (what a client may read of its settings: memory_dir...).
+_SERVICES = ("register_concept", "recognize", "list_concepts", "forget_concept", "ask", "get_parameters")
 
 
 class TaskStatus(enum.Enum):
@@ -146,6 +147,7 @@ class EgoCommander:
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from rcl_interfaces.srv import GetParameters
         from rclpy.signals import SignalHandlerOptions
 
         from ego_ros import srv
@@ -166,7 +168,8 @@ class EgoCommander:
             self.ros_node = rclpy.create_node(f"ego_commander_{os.getpid()}_{id(self):x}", context=self._context,
                                               start_parameter_services=False, enable_rosout=False)
             types = {"register_concept": srv.RegisterConcept, "recognize": srv.Recognize,
-                     "list_concepts": srv.ListConcepts, "forget_concept": srv.ForgetConcept, "ask": srv.Ask}
+                     "list_concepts": srv.ListConcepts, "forget_concept": srv.ForgetConcept, "ask": srv.Ask,
+                     "get_parameters": GetParameters}
             self.services = {name: self.ros_node.create_client(types[name], f"{self.node}/{name}")
                              for name in _SERVICES}
             self.answer_action = ActionClient(self.ros_node, Answer, f"{self.node}/answer")
@@ -241,9 +244,24 @@ class EgoCommander:
         request = ForgetConcept.Request(name=sendable_name(name))
         return self.call("forget_concept", request, lambda r: _succeeded(r).message, kind="forget")
 
+    def parameters(self, names: Iterable[str]) -> Task:
+        """The node's parameters ``names`` (its ``get_parameters`` service, answered in any lifecycle state).
+        Result: ``{name: value}`` (Python values; None for one declared without a value). Fails naming them when
+        the node lacks any of them (ROS then answers with no values at all)."""
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.parameter import parameter_value_to_python
+
+        names = list(names)
+
+        def values(response) -> dict:
+            if len(response.values) != len(names):
+                raise NodeError(f"the node {self.node} does not have all of the parameters {names}")
+            return {n: parameter_value_to_python(v) for n, v in zip(names, response.values)}
+        return self.call("get_parameters", GetParameters.Request(names=names), values, kind="parameters")
+
     def call(self, service: str, request, convert: Callable[[Any], Any] = lambda r: r, *, kind: str = "") -> Task:
         """Any of the node's services (``register_concept``, ``recognize``, ``list_concepts``, ``forget_concept``,
-        ``ask``) with a ready request; the result is ``convert(response)``."""
+        ``ask``, ``get_parameters``) with a ready request; the result is ``convert(response)``."""
         client = self.services[service]
         task = Task(kind or service, self)
         task._endpoint = f"{self.node}/{service}"
