@@ -8,6 +8,19 @@ A backend provides:
     ``build(prompts) -> Batch``                   token ids, masks and the rows to overwrite, left-padded
     ``decoder_layers``                            the LLM's decoder layers (hook points for scoring)
     ``query_attention(layer, hidden, position_embeddings, rows)``  softmax rows of one layer, (B, H, R, S)
+
+For prompts that continue a cached prefix (engine/prefix_cache.py: the concept block of a question, the frame of
+image-first recognition):
+    ``prefix_ids(parts) -> list[int]``            the ids every prompt beginning with ``parts`` starts with, as
+                                                  ``build`` tokenises it (system turn, user turn's opening, parts)
+    ``rope_positions(batch) -> Tensor``           the position ids the model's forward computes for ``batch`` (its
+                                                  own rope index over the whole, left-padded prompts), in the shape
+                                                  its forward takes as ``position_ids``; the engine passes their
+                                                  continuation columns with the cache
+    ``forget_positions()``                        drop any position state the model keeps between calls (Qwen's
+                                                  ``rope_deltas``) before ``generate`` continues a cache; a no-op for
+                                                  a model without such state
+    ``pad_id``                                    the id of padding rows (masked out)
 """
 
 from __future__ import annotations
