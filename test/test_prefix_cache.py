@@ -66,6 +66,15 @@ def test_a_question_from_the_cached_prefix_equals_the_whole_prompt(ego, make_vie
     assert cached.text == whole.text and cached.new_tokens == whole.new_tokens
 
 
+def test_a_clip_question_from_the_cached_prefix_equals_the_whole_prompt(ego, make_view):
+    ego.register("Rex", [make_view(40)])
+    clip = [make_view(53), make_view(54), make_view(55)]
+    whole, cached = ask_both_ways(ego, clip, "What did Rex just do?", times=[10.0, 10.5, 11.0])
+    assert ego.prefixes.misses == 1 and cached.text == whole.text and cached.new_tokens == whole.new_tokens
+    whole, cached = ask_both_ways(ego, clip, "And now?", times=[10.0, 10.5, 11.0])
+    assert ego.prefixes.hits == 1 and cached.text == whole.text
+
+
 def test_the_suffix_gets_the_models_own_positions_of_the_whole_prompt(ego, make_view):
     ego.register("Rex", [make_view(40)])
     (encoded,) = ego.backend.encode([to_rgb(make_view(50), TEST_MAX_PIXELS)])
