@@ -195,16 +195,20 @@ def test_no_concepts_or_the_cache_off_prefill_the_whole_prompt(ego, make_view):
     assert len(ego.prefixes) == 0
 
 
-def test_prefix_cache_key_is_the_memory_objects_not_their_names(make_view):
+def test_prefix_cache_key_is_the_model_and_memory_objects_not_their_names():
     cache = PrefixCache()
+    model, other_model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
     a = torch.zeros(2, 4)
     memory = type("Memory", (), {"vectors": a})()
     twin = type("Memory", (), {"vectors": a.clone()})()
-    cache.put([1, 2, 3], [memory], cache=_empty_cache())
-    assert cache.get([1, 2, 3], [memory]) is not None
-    assert cache.get([1, 2, 3], [twin]) is None  # equal content, other object: a concept re-read or re-made
-    assert cache.get([1, 2], [memory]) is None
-    assert cache.get([1, 2, 3], []) is None
+    cache.put(model, [1, 2, 3], [memory], cache=_empty_cache())
+    assert cache.get(model, [1, 2, 3], [memory]) is not None
+    assert cache.get(model, [1, 2, 3], [twin]) is None  # equal content, other object: a concept re-read or re-made
+    assert cache.get(other_model, [1, 2, 3], [memory]) is None
+    assert cache.get(model, [1, 2], [memory]) is None
+    assert cache.get(model, [1, 2, 3], []) is None
+    a.add_(1.0)  # edited in place
+    assert cache.get(model, [1, 2, 3], [memory]) is None
 
 
 def _empty_cache():

@@ -584,10 +584,10 @@ class Ego:
             log.debug("the concept block's tokens merge with what follows: prefilling the whole prompt")
             return None
         rows = sum(part.shape[0] for part in parts if isinstance(part, torch.Tensor))
-        cache = self.prefixes.get(ids, memories)
+        cache = self.prefixes.get(self.model, ids, memories)
         if cache is None:
             cache = prefill(self.model, self.backend, prefix_batch(batch, length, batch.injected[:rows], []))
-            self.prefixes.put(ids, memories, cache)
+            self.prefixes.put(self.model, ids, memories, cache)
             cache = fork(cache)
         return length, rows, cache
 

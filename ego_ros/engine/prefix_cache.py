@@ -37,6 +37,7 @@ from .soft_tokens import injected_rows
 
 @dataclass
 class _Entry:
+    model: object  # the model that computed it (an Ego whose model is replaced must not use it)
     ids: tuple[int, ...]
     memories: tuple  # the ConceptMemory objects themselves: holding them keeps their identity meaningful
     versions: tuple[int, ...]  # their vectors' in-place modification counters
@@ -59,11 +60,13 @@ class PrefixCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, ids: Sequence[int], memories: Sequence) -> DynamicCache | None:
-        """A private copy of the cache of exactly this prefix (its tensors shared, never modified), or None."""
+    def get(self, model, ids: Sequence[int], memories: Sequence) -> DynamicCache | None:
+        """A private copy of the cache of exactly this prefix of ``model`` (its tensors shared, never modified), or
+        None."""
         with self._lock:
             entry = self._entry
-            if (entry is None or entry.ids != tuple(ids) or len(entry.memories) != len(memories)
+            if (entry is None or entry.model is not model or entry.ids != tuple(ids)
+                    or len(entry.memories) != len(memories)
                     or any(a is not b for a, b in zip(entry.memories, memories))
                     or entry.versions != _versions(memories)):
                 self.misses += 1
@@ -71,10 +74,11 @@ class PrefixCache:
             self.hits += 1
             return fork(entry.cache)
 
-    def put(self, ids: Sequence[int], memories: Sequence, cache: DynamicCache) -> None:
-        """Keep ``cache`` (the caller must not extend it: use :func:`fork`) as the prefix ``ids`` of ``memories``."""
+    def put(self, model, ids: Sequence[int], memories: Sequence, cache: DynamicCache) -> None:
+        """Keep ``cache`` (the caller must not extend it: use :func:`fork`) as ``model``'s prefix ``ids`` of
+        ``memories``."""
         with self._lock:
-            self._entry = _Entry(tuple(ids), tuple(memories), _versions(memories), cache)
+            self._entry = _Entry(model, tuple(ids), tuple(memories), _versions(memories), cache)
 
     def clear(self) -> None:
         with self._lock:
