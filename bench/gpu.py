@@ -67,8 +67,10 @@ class Clock:
 
 # Engine settings compared on the same model: EgoConfig fields over the defaults.
 VARIANTS = {
-    "default": {},
-    "static_cache": {"static_cache": True},
+    "default": {},  # the concept prefix cache on, one prompt per concept in recognition
+    "no_prefix_cache": {"prefix_cache": False},
+    "image_first": {"recognition_order": "image_first"},  # one image pass for all concepts
+    "static_cache": {"static_cache": True},  # compiled decoding (replaces the prefix cache in generation)
 }
 
 

@@ -11,6 +11,7 @@ Examples::
     python bench/quality.py
     python bench/quality.py --model build/toy-model --concepts 10 --out bench/out
     python bench/quality.py --figures docs      # also regenerate the README's pictures
+    python bench/quality.py --recognition-orders   # only recognition, concept first versus image first
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ego_ros.engine import Ego  # noqa: E402
 from ego_ros.engine.calibration import MEASURE, RULES  # noqa: E402
 from ego_ros.engine.calibration_plot import plot_calibration  # noqa: E402
 from ego_ros.engine.config import default_layers  # noqa: E402
+from ego_ros.engine.ego import RECOGNITION_ORDERS  # noqa: E402
 from ego_ros.evaluation import toy  # noqa: E402
 from ego_ros.evaluation.methods import METHODS  # noqa: E402
 from ego_ros.testing import toy_world  # noqa: E402
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--region-concepts", type=int, default=30, help="instances registered from a box")
     parser.add_argument("--filter-concepts", type=int, default=24, help="concepts registered for the §3.5 filter")
     parser.add_argument("--figures", type=Path, help="write the pictures into this folder (e.g. docs)")
+    parser.add_argument("--recognition-orders", action="store_true",
+                        help="only the recognition test, with the concept before the frame and after it")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = toy_world.model_dir(args.model)
@@ -56,6 +60,10 @@ def main(argv=None) -> int:
     results: dict = {"model": str(model), "recipe": json.loads((model / "toy_world.json").read_text())}
     try:
         ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
+        if args.recognition_orders:
+            results["recognition_orders"] = recognition_orders(ego, args)
+            (args.out / "recognition_orders.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+            return 0
         if args.figures:
             args.figures.mkdir(parents=True, exist_ok=True)
             draw_scenes(args.figures / "toy_world.png")
@@ -129,6 +137,41 @@ def recognise(ego: Ego, args) -> dict:
                                       "accuracy": score.accuracy}
     print(f"\n(introducing a concept from 5 views: {seconds_per_concept:.2f} s on this CPU)")
     return {"runs": table, "seconds_per_concept": seconds_per_concept}
+
+
+def recognition_orders(ego: Ego, args) -> dict:
+    """The recognition test of :func:`recognise` with both prompt orders, on the same concepts and test images."""
+    data = toy.recognition_set(args.concepts, seed=3, views=5)
+    with tqdm(total=len(data.concepts), desc="introducing concepts") as bar:
+        introduced = toy.introduce(ego, data, on_concept=lambda done: bar.update(1))
+    scores, seconds = {}, {}
+    for order in RECOGNITION_ORDERS:
+        ego.config.recognition_order = order
+        started = time.perf_counter()
+        with tqdm(total=len(data.tests), desc=f"recognition, {order}") as bar:
+            scores[order] = toy.recognition(ego, data, introduced, RUNS, on_image=lambda done: bar.update(1))
+        seconds[order] = time.perf_counter() - started
+    for name in data.concepts:
+        ego.forget(name)
+    positives = sum(data.present(s, n) for s in data.tests for n in data.concepts)
+    print(f"\n### Recognition, concept before the frame versus after it ({len(data.concepts)} concepts, "
+          f"{len(data.tests)} test images, {positives} positive of {len(data.tests) * len(data.concepts)} questions)"
+          "\n")
+    print("| method | views | F1, concept first | F1, image first | accuracy, concept first | accuracy, image first |"
+          "\n|---|---|---|---|---|---|")
+    table = {}
+    for run in RUNS:
+        first, after = scores["concept_first"][run], scores["image_first"][run]
+        print(f"| {METHODS[run[0]]} | {run[1]} | {100 * first.f1:.1f} | {100 * after.f1:.1f} | "
+              f"{100 * first.accuracy:.1f} | {100 * after.accuracy:.1f} |")
+        table[f"{run[0]}/{run[1]}"] = {order: {"precision": scores[order][run].precision,
+                                               "recall": scores[order][run].recall, "f1": scores[order][run].f1,
+                                               "accuracy": scores[order][run].accuracy}
+                                       for order in RECOGNITION_ORDERS}
+    print(f"\n(all {len(RUNS)} runs over the test images: {seconds['concept_first']:.0f} s concept first, "
+          f"{seconds['image_first']:.0f} s image first, on this CPU)")
+    return {"runs": table, "seconds": seconds, "positives": positives,
+            "questions": len(data.tests) * len(data.concepts)}
 
 
 def boxes(ego: Ego, args) -> dict:

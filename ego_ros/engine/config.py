@@ -44,8 +44,15 @@ class EgoConfig:
     recognition_batch_size: int = 8  # concepts scored per forward pass in recognize()
     # Decode with a fixed-size KV cache, which transformers compiles on a GPU (CUDA graphs): a decoding step's
     # Python and launch overhead, most of an answer's time there (bench/gpu.py), mostly goes; each new prompt
-    # shape pays a compile first. Off on the CPU, where nothing is compiled and it only costs memory.
+    # shape pays a compile first. Off on the CPU, where nothing is compiled and it only costs memory. It replaces
+    # the prefix cache in generation (transformers allocates the static cache itself).
     static_cache: bool = False
+    # Keep the KV cache of the concept block that begins every question and reuse it while the concepts in
+    # context stay the same (the answers are the same either way; see engine/prefix_cache.py).
+    prefix_cache: bool = True
+    # Recognition prompt: "concept_first" (each concept's memory, then the frame: one whole prompt per concept) or
+    # "image_first" (the frame, then each concept: the frame is prefilled once for all concepts).
+    recognition_order: str = "concept_first"
 
     def __post_init__(self):
         positive = ("max_tokens_per_view", "min_tokens_per_view", "keyword_max_new_tokens", "area_max_new_tokens",
@@ -54,6 +61,8 @@ class EgoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.recognition_order not in ("concept_first", "image_first"):
+            raise ValueError(f"recognition_order must be concept_first or image_first, got {self.recognition_order!r}")
         if self.min_tokens_per_view > self.max_tokens_per_view:
             raise ValueError(
                 f"min_tokens_per_view ({self.min_tokens_per_view}) exceeds max_tokens_per_view "

@@ -16,6 +16,7 @@ prompt as soft tokens, and reference images are never re-encoded at question tim
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 
 from . import prompts
-from .backends import Batch, EncodedImage, backend_for
+from .backends import Batch, EncodedImage, SoftTokens, backend_for
 from .boxes import concept_box
 from . import calibration as calib
 from .config import EgoConfig, default_calibration_dir, default_memory_dir
@@ -37,10 +38,14 @@ from .figure import remove_views, save_views
 from .images import MAX_DECODE_PIXELS, ImageInput, downscale, to_rgb
 from .loading import fingerprint, load_model
 from .memory import ConceptExists, ConceptMemory, MemoryStore, UnknownConcept, ViewRecord, validate_name
+from .prefix_cache import PrefixCache, fork, prefill, prefix_batch, prefix_length, score_continuations
 from .regions import Box, box_share, check_region, regions_per_view, scaled, tokens_inside
 from .scoring import score_visual_tokens, score_visual_tokens_per_layer, select_tokens, tokens_to_keep
 
 log = logging.getLogger("ego_ros.engine")
+
+# Where recognition puts the concept relative to the frame (see Ego.yes_probabilities).
+RECOGNITION_ORDERS = ("concept_first", "image_first")
 
 
 @dataclass
@@ -122,6 +127,10 @@ class Ego:
         self._never_generate = sorted(special - self._eos_ids)
         self._yes_ids = self._first_token_ids(prompts.YES_WORDS)
         self._no_ids = self._first_token_ids(prompts.NO_WORDS) - self._yes_ids
+        self.prefixes = PrefixCache()  # the KV of the latest questions' concept block (see prefix_cache)
+        # Continuing a cached prefix needs the backend's prefix contract (backends/__init__.py), and rows without
+        # DeepStack features: a continuation would have to carry the prefix's DeepStack rows too (not done yet).
+        self._continues_prefixes = hasattr(self.backend, "prefix_ids") and not self.backend.deepstack_layers
 
     @classmethod
     def load(
@@ -155,6 +164,7 @@ class Ego:
     def forget(self, name: str) -> None:
         self.store.remove(name)
         remove_views(self.store.root, name)
+        self.prefixes.clear()  # only to free it: a prefix is keyed on its memories and would not match again
 
     def register(
         self,
@@ -439,25 +449,10 @@ class Ego:
         # One consistent read of the memories: a concept forgotten meanwhile on another thread is simply not there.
         memories = self.store.snapshot(self._known_names(concepts) if concepts is not None else None)
         names = self.concepts_for(question, encoded, memories=memories)
-
-        parts: list = []
-        if names:
-            parts.append(prompts.CONCEPTS_HEADER)
-            for name in names:
-                parts += [prompts.CONCEPT_INTRO.format(name=name), memories[name].soft_tokens, ".\n"]
-        if len(encoded) > 1:
-            newest = times[-1] if times is not None else 0.0
-            parts.append(prompts.VIDEO_HEADER + "\n")
-            for i, image in enumerate(encoded):
-                seconds = (times[i] - newest) if times is not None else float(i - len(encoded) + 1)
-                parts += [prompts.FRAME_LABEL.format(seconds=seconds), image, "\n"]
-        else:
-            parts.append(encoded[0])
-        parts.append(question)
-
-        batch = self.backend.build([parts])
+        batch, concept_parts = self._question_prompt(question, encoded, times, names, memories)
+        prefix = self._concept_prefix(batch, concept_parts, [memories[name] for name in names])
         (answer_ids,) = self._generate(batch, max_new_tokens or self.config.max_new_tokens, on_text, cancel,
-                                       on_new_text)
+                                       on_new_text, prefix=prefix)
         done = time.perf_counter()
         return Answer(
             text=self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),
@@ -467,10 +462,31 @@ class Ego:
             new_tokens=len(answer_ids),
         )
 
+    def _question_prompt(self, question: str, encoded: list[EncodedImage], times, names: list[str],
+                         memories: dict[str, ConceptMemory]) -> tuple[Batch, list]:
+        """The prompt of :meth:`ask` and its concept block's parts, which it begins with (the cached prefix)."""
+        parts: list = []
+        if names:
+            parts.append(prompts.CONCEPTS_HEADER)
+            for name in names:
+                parts += [prompts.CONCEPT_INTRO.format(name=name), memories[name].soft_tokens, ".\n"]
+        concept_parts = list(parts)
+        if len(encoded) > 1:
+            newest = times[-1] if times is not None else 0.0
+            parts.append(prompts.VIDEO_HEADER + "\n")
+            for i, image in enumerate(encoded):
+                seconds = (times[i] - newest) if times is not None else float(i - len(encoded) + 1)
+                parts += [prompts.FRAME_LABEL.format(seconds=seconds), image, "\n"]
+        else:
+            parts.append(encoded[0])
+        parts.append(question)
+        return self.backend.build([parts]), concept_parts
+
     @torch.no_grad()
     def recognize(self, image: ImageInput | EncodedImage, concepts: Sequence[str] | None = None, *,
                   boxes: bool = False) -> dict[str, float] | dict[str, tuple[float, Box]]:
-        """{name: probability that the concept is in ``image``}, from the yes/no logits of one prompt per concept.
+        """{name: probability that the concept is in ``image``}, from the yes/no logits of one prompt per concept
+        (in the config's ``recognition_order``: see :meth:`yes_probabilities`).
 
         With ``boxes``: {name: (probability, box)}, the box (x0, y0, x1, y1) where the image's visual tokens match
         the concept's memory best (``boxes``), in the pixels of ``image`` as given (of a file, as shown to the model).
@@ -501,28 +517,61 @@ class Ego:
         return encoded, size or shown.size
 
     @torch.no_grad()
-    def yes_probabilities(self, image: EncodedImage, introductions: dict[str, list]) -> dict[str, float]:
+    def yes_probabilities(self, image: EncodedImage, introductions: dict[str, list], *,
+                          order: str | None = None) -> dict[str, float]:
         """P(yes) to "Is NAME in this image?" for each name, its concept introduced by ``introductions[name]``.
 
         An introduction is a list of prompt parts after "NAME is ": a memory (soft tokens) as in
         :meth:`recognize`, or text, or encoded images; an empty one leaves the name alone, with no introduction.
         This is the recognition prompt with the concept given in other ways (the evaluation's baselines).
+
+        ``order`` (default: the config's ``recognition_order``): "concept_first" puts each introduction before
+        the image, one whole prompt per concept; "image_first" puts the image first, prefills it once and scores
+        every concept's continuation (introduction and question) from its KV cache.
         """
+        order = order or self.config.recognition_order
+        if order not in RECOGNITION_ORDERS:
+            raise ValueError(f"recognition order {order!r}: use one of {', '.join(RECOGNITION_ORDERS)}")
         yes, no = sorted(self._yes_ids), sorted(self._no_ids)
         names, result = list(introductions), {}
+        image_prefix = None  # (token ids, KV cache) of the image, prefilled at the first chunk
         for start in range(0, len(names), self.config.recognition_batch_size):
             chunk = names[start : start + self.config.recognition_batch_size]
-            batch = self.backend.build([
-                ([prompts.CONCEPT_INTRO.format(name=n), *introductions[n], ".\n"] if introductions[n] else [])
-                + [image, prompts.RECOGNIZE.format(name=n)]
+            intros = [
+                [prompts.CONCEPT_INTRO.format(name=n), *introductions[n], ".\n"] if introductions[n] else []
                 for n in chunk
-            ])
-            with self.backend.injecting(batch):
-                logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
+            ]
+            if order == "concept_first":
+                batch = self.backend.build([intro + [image, prompts.RECOGNIZE.format(name=n)]
+                                            for n, intro in zip(chunk, intros)])
+            else:
+                batch = self.backend.build([[image, *intro, prompts.RECOGNIZE.format(name=n)]
+                                            for n, intro in zip(chunk, intros)])
+                if image_prefix is None:
+                    image_prefix = self._image_prefix(image, batch)
+            if order == "image_first" and image_prefix[1] is not None:
+                ids, cache = image_prefix
+                vectors = [_vectors_of(p) for intro in intros for p in intro if not isinstance(p, str)]
+                vectors = torch.cat(vectors).to(self.device, self.model.dtype) if vectors else torch.zeros(0, 0)
+                logits = score_continuations(self.model, self.backend, batch, len(ids), cache, vectors)
+            else:
+                with self.backend.injecting(batch):
+                    logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
             answer = torch.cat([logits[:, yes], logits[:, no]], dim=-1).float().softmax(dim=-1)  # (B, |yes|+|no|)
             for name, p_yes in zip(chunk, answer[:, : len(yes)].sum(dim=-1).tolist()):
                 result[name] = p_yes
         return result
+
+    def _image_prefix(self, image: EncodedImage, batch: Batch):
+        """(the token ids every image-first recognition prompt begins with, their KV cache), the cache None if a
+        prompt of ``batch`` does not begin with those ids (then each prompt is run whole)."""
+        if not self._continues_prefixes:
+            return (), None
+        ids = self.backend.prefix_ids([image])
+        if any(prefix_length(batch, row, ids) is None for row in range(batch.input_ids.shape[0])):
+            return ids, None
+        return ids, prefill(self.model, self.backend, prefix_batch(batch, len(ids), batch.injected[: image.num_tokens],
+                                                                   [image]))
 
     @torch.no_grad()
     def complete(self, parts: list, max_new_tokens: int | None = None) -> str:
@@ -533,9 +582,35 @@ class Ego:
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
+    def _concept_prefix(self, batch: Batch, parts: list, memories: list[ConceptMemory]):
+        """(prefix length, its placeholder rows, a private copy of its KV cache) for a question whose prompt
+        ``batch`` begins with the concept block ``parts`` of ``memories``; None without concepts, with the cache
+        off, or if the prompt's tokens do not begin with the block's own (then the whole prompt is prefilled)."""
+        if not memories or not self.config.prefix_cache or not self._continues_prefixes:
+            return None
+        if self.config.static_cache:  # a static cache is allocated by generate itself: it cannot start from ours
+            return None
+        ids = self.backend.prefix_ids(parts)
+        length = prefix_length(batch, 0, ids)
+        if length is None:
+            log.debug("the concept block's tokens merge with what follows: prefilling the whole prompt")
+            return None
+        rows = sum(_vectors_of(part).shape[0] for part in parts if not isinstance(part, str))
+        cache = self.prefixes.get(self.model, ids, memories)
+        if cache is None:
+            cache = prefill(self.model, self.backend, prefix_batch(batch, length, batch.injected[:rows], []))
+            self.prefixes.put(self.model, ids, memories, cache)
+            cache = fork(cache)
+        return length, rows, cache
+
     def _generate(self, batch: Batch, max_new_tokens: int, on_text=None, cancel=None,
-                  on_new_text=None) -> list[list[int]]:
-        """Greedy generation with the batch's vectors in place; returns each row's new tokens up to EOS."""
+                  on_new_text=None, prefix=None, logits: list | None = None) -> list[list[int]]:
+        """Greedy generation with the batch's vectors in place; returns each row's new tokens up to EOS.
+
+        ``prefix``: (length, placeholder rows, KV cache) of the tokens the (single) prompt begins with, from
+        :meth:`_concept_prefix`; only the rest of the prompt is prefilled. ``logits``: a list to receive each
+        step's logits, (B, V) (for the tests that compare paths).
+        """
         from .streaming import CancelCriteria, TextCallbackStreamer
 
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -544,10 +619,20 @@ class Ego:
             kwargs["streamer"] = TextCallbackStreamer(self.tokenizer, on_text, on_new_text)
         if cancel is not None:
             kwargs["stopping_criteria"] = [CancelCriteria(cancel)]
-        if self.config.static_cache:
+        continued = batch
+        if prefix is not None:
+            _, rows, kwargs["cache"] = prefix
+            continued = dataclasses.replace(batch, injected=batch.injected[rows:])  # the prefix's rows are cached
+            self.backend.forget_positions()  # positions come from the whole prompt, not from the last call's state
+        elif self.config.static_cache:
             kwargs["cache_implementation"] = "static"
-        with self.backend.injecting(batch, once=True):  # once: a generation's prefill is its only forward to fill
+        if logits is not None:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        with self.backend.injecting(continued, once=True):  # once: the prefill is the only forward with rows to fill
             output = self.model.generate(**batch.model_inputs(), **kwargs)
+        if logits is not None:
+            logits.extend(output.logits)
+            output = output.sequences
         rows = []
         for new in output[:, batch.input_ids.shape[1] :].tolist():
             end = next((i for i, t in enumerate(new) if t in self._eos_ids), len(new))
@@ -618,6 +703,13 @@ class Ego:
         if isinstance(images, (list, tuple)):
             return list(images)
         return [images]
+
+
+def _vectors_of(part) -> torch.Tensor:
+    """The (n, D) rows a prompt part puts at the input embeddings: an image's features, a memory's vectors."""
+    if isinstance(part, EncodedImage):
+        return part.features
+    return part.vectors if isinstance(part, SoftTokens) else part
 
 
 def named_in(question: str, names: Iterable[str]) -> list[str]:

@@ -11,6 +11,20 @@ A backend provides:
     ``injecting(batch)``                          context: every forward inside gets the batch's vectors in place
 
 The backend is chosen by the checkpoint's ``config.model_type`` in :data:`BACKENDS`, one line per family.
+
+For prompts that continue a cached prefix (engine/prefix_cache.py: the concept block of a question, the frame of
+image-first recognition):
+    ``prefix_ids(parts) -> list[int]``            the ids every prompt beginning with ``parts`` starts with, as
+                                                  ``build`` tokenises it (system turn, user turn's opening, parts)
+    ``rope_positions(batch) -> Tensor``           the position ids the model's forward computes for ``batch`` (its
+                                                  own rope index over the whole, left-padded prompts), in the shape
+                                                  its forward takes as ``position_ids``; the engine passes their
+                                                  continuation columns with the cache
+    ``forget_positions()``                        drop any position state the model keeps between calls (Qwen's
+                                                  ``rope_deltas``) before ``generate`` continues a cache; a no-op for
+                                                  a model without such state
+    ``pad_id``                                    the id of padding rows (masked out)
+A backend without ``prefix_ids`` (InternVL) or with DeepStack rows (Qwen3-VL) has its prompts prefilled whole.
 """
 
 from __future__ import annotations

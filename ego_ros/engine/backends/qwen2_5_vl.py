@@ -117,6 +117,45 @@ class Qwen2_5_VLBackend:
             image_positions=[self._image_spans(row) for row in is_image],
         )
 
+    def prefix_ids(self, parts: list[Part]) -> list[int]:
+        """The token ids that every prompt beginning with ``parts`` starts with, as :meth:`build` tokenises it.
+
+        The chat template is rendered over ``parts`` and a marker, and cut at the marker: the system turn, the
+        user turn's opening and ``parts``. A caller must still check that a built prompt begins with these ids (the
+        tokeniser could merge the last token of ``parts`` with the text after it).
+        """
+        marker = "\x00prefix-end\x00"
+        content, images = [], []
+        for part in parts:
+            if isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            elif isinstance(part, EncodedImage):
+                content.append({"type": "image"})
+                images.append(part)
+            else:  # soft tokens, bare or with their DeepStack features
+                rows = (part.vectors if isinstance(part, SoftTokens) else part).shape[0]
+                content.append({"type": "text", "text": self.placeholder * rows})
+        content.append({"type": "text", "text": marker})
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        if text.count(marker) != 1:
+            raise ValueError("the chat template did not keep the prompt's text in one place")
+        ids = self.tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"]
+        return self._expand_images(ids, images)
+
+    def rope_positions(self, batch: Batch) -> torch.Tensor:
+        """The model's own M-RoPE positions of ``batch``, (3, B, S): the ones its forward would compute."""
+        return self.model.model.get_rope_index(
+            batch.input_ids, mm_token_type_ids=batch.mm_token_type_ids, image_grid_thw=batch.image_grid_thw,
+            attention_mask=batch.attention_mask,
+        )[0]
+
+    def forget_positions(self) -> None:
+        """Drop the position state the model keeps between calls (Qwen2.5-VL's ``rope_deltas``): ``generate``
+        continuing a cache would otherwise reuse the previous prompt's offset for a prompt without new images."""
+        self.model.model.rope_deltas = None
+
     def _expand_images(self, ids: list[int], images: list[EncodedImage]) -> list[int]:
         """Replace each single ``<|image_pad|>`` of the chat template by the image's number of visual tokens."""
         out, queue = [], iter(images)
