@@ -160,9 +160,10 @@ def test_action_streams_feedback_and_honours_cancel(graph):
     result = _result(handle)
     assert result.status == 4  # SUCCEEDED
     assert result.result.success and result.result.answer
-    texts = [f.feedback.answer_so_far for f in feedback]
-    assert len(texts) >= 2 and texts[-1].strip() == result.result.answer
-    assert "".join(f.feedback.new_text for f in feedback) == texts[-1]  # each feedback's new text, in order
+    assert len(feedback) >= 2
+    # Each feedback carries only what its token added (never the whole text so far): joined in order, the answer.
+    assert set(Answer.Feedback.get_fields_and_field_types()) == {"new_text", "tokens"}
+    assert "".join(f.feedback.new_text for f in feedback).strip() == result.result.answer
     tokens, n = [f.feedback.tokens for f in feedback], len(feedback)
     # One feedback per token, and a last one with the same count when a held-back rest is delivered at the end.
     assert tokens in (list(range(1, n + 1)), list(range(1, n)) + [n - 1]) and tokens[-1] <= 6

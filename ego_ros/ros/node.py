@@ -677,15 +677,10 @@ class EgoNode(LifecycleNode):
         cancel = self._goal_events.setdefault(key, threading.Event())
         if goal_handle.is_cancel_requested:
             cancel.set()
-        tokens = 0
-
-        so_far = ""
 
         def on_new_text(text: str, count: int) -> None:
-            nonlocal tokens, so_far
-            tokens = count
-            so_far += text
-            goal_handle.publish_feedback(Answer.Feedback(new_text=text, answer_so_far=so_far, tokens=tokens))
+            # Only the new text: resending the whole answer at every token was quadratic in its length.
+            goal_handle.publish_feedback(Answer.Feedback(new_text=text, tokens=count))
             if goal_handle.is_cancel_requested:
                 cancel.set()
 
