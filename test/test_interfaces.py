@@ -111,7 +111,7 @@ FIELDS = {
     ForgetConcept.Response: {"success": "boolean", "message": "string"},
     Answer.Goal: ASK_FIELDS,
     Answer.Result: ANSWER_FIELDS,
-    Answer.Feedback: {"new_text": "string", "answer_so_far": "string", "tokens": "uint32"},
+    Answer.Feedback: {"new_text": "string", "tokens": "uint32"},
 }
 
 
@@ -204,7 +204,7 @@ def test_requests_and_results_hold_their_values():
 
     goal = Answer.Goal(question="What did Rex just do?", source=Answer.Goal.SOURCE_VIDEO, window_sec=4.0)
     assert (goal.source, goal.window_sec) == (1, 4.0)
-    assert Answer.Feedback(answer_so_far="He", tokens=1).tokens == 1
+    assert Answer.Feedback(new_text="He", tokens=1).tokens == 1
     assert Answer.Result(success=True, answer="He jumped.").answer == "He jumped."
 
 
@@ -308,7 +308,7 @@ def test_answer_action_round_trip(node):
     def execute(goal_handle):
         words = ["Rex", "jumped", "twice."]
         for i in range(len(words)):
-            goal_handle.publish_feedback(Answer.Feedback(answer_so_far=" ".join(words[: i + 1]), tokens=i + 1))
+            goal_handle.publish_feedback(Answer.Feedback(new_text=(" " if i else "") + words[i], tokens=i + 1))
         goal_handle.succeed()
         return Answer.Result(
             success=True, answer=" ".join(words), concepts_used=[goal_handle.request.concepts[0]], latency_sec=0.1

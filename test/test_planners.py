@@ -106,6 +106,8 @@ def test_ask_streams_feedback_and_is_cancelled_on_the_node(graph):
     assert task.status is TaskStatus.CANCELED
     assert cancelled.value.partial is not None and cancelled.value.partial.tokens < 2000
     assert seen and seen[-1].tokens == task.feedback.tokens
+    # task.text joins the feedback's new_text pieces: what the node generated before the cancel begins with it.
+    assert task.text and cancelled.value.partial.answer.strip().startswith(task.text.strip())
     # The node is free again at once: a short question is answered.
     assert commander.ask("Again?", camera=CAMERA, max_new_tokens=2).result(60.0).answer
 

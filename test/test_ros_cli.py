@@ -164,14 +164,14 @@ class ProtocolServer:
                     goal_handle.canceled()
                     return Answer.Result(success=False, message="cancelled", answer=text)
                 text += "la "
-                goal_handle.publish_feedback(Answer.Feedback(answer_so_far=text, tokens=tokens))
+                goal_handle.publish_feedback(Answer.Feedback(new_text="la ", tokens=tokens))
                 time.sleep(0.05)
             goal_handle.abort()
             return Answer.Result(success=False, message="never cancelled")
         parts = ["The mug", " is on", " the table"]
         for tokens in range(1, len(parts) + 1):
             time.sleep(0.1)
-            goal_handle.publish_feedback(Answer.Feedback(answer_so_far="".join(parts[:tokens]), tokens=tokens))
+            goal_handle.publish_feedback(Answer.Feedback(new_text=parts[tokens - 1], tokens=tokens))
         if goal.source == Answer.Goal.SOURCE_IMAGE:
             source = f"image {goal.image.width}x{goal.image.height} {goal.image.encoding}"
         elif goal.source == Answer.Goal.SOURCE_VIDEO:

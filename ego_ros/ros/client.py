@@ -176,8 +176,9 @@ class EgoClient:
     def ask(self, question: str, *, image=None, camera: str = "", video_sec: float | None = None,
             concepts: Iterable[str] = (), max_new_tokens: int = 0,
             on_text: Callable[[str], None] | None = None) -> AskResult:
-        """The ``answer`` action. ``on_text`` gets the whole answer so far at each feedback. Source: ``image`` (an RGB
-        array) if given, else the last ``video_sec`` seconds of ``camera`` if given, else its latest frame."""
+        """The ``answer`` action. ``on_text`` gets the whole answer so far at each feedback (joined here from each
+        feedback's ``new_text``). Source: ``image`` (an RGB array) if given, else the last ``video_sec`` seconds of
+        ``camera`` if given, else its latest frame."""
         from action_msgs.msg import GoalStatus
         from rclpy.action import ActionClient
 
@@ -189,13 +190,14 @@ class EgoClient:
         if self._answer_client is None:
             self._answer_client = ActionClient(self._ros, Answer, endpoint)
         client = self._answer_client
-        tokens = None
+        tokens, pieces = None, []
 
         def feedback(message) -> None:
             nonlocal tokens
             tokens = message.feedback.tokens
+            pieces.append(message.feedback.new_text)
             if on_text is not None:
-                on_text(message.feedback.answer_so_far)
+                on_text("".join(pieces))
 
         accepted = goal_handle = None
         try:

@@ -10,7 +10,7 @@ the same time::
         seen = ego.wait_for_concept("my mug", timeout=30.0)   # completes on a recognition event naming it
         question = ego.ask("Where is my mug?")                # the answer action: streamed, cancellable
         while not question.done():
-            print(question.feedback.answer_so_far if question.feedback else "...")
+            print(question.text or "...")                     # the answer so far
             time.sleep(0.1)
         print(question.result().answer)
 
@@ -73,7 +73,8 @@ class Task:
         self._future: concurrent.futures.Future = concurrent.futures.Future()
         self._status = TaskStatus.PENDING
         self._cancel_requested = False
-        self.feedback = None  # ask: the latest Answer.Feedback (answer_so_far, tokens); else None
+        self.feedback = None  # ask: the latest Answer.Feedback (new_text, tokens); else None
+        self._pieces: list[str] = []  # ask: every feedback's new_text, in order
         # Set on the commander's thread while running:
         self._on_cancel: Callable[[], None] | None = None
         self._alive: Callable[[], bool] | None = None
@@ -81,6 +82,11 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.kind} {self._status.value}>"
+
+    @property
+    def text(self) -> str:
+        """ask: the answer so far, joined from the feedback's ``new_text`` pieces ("" before the first)."""
+        return "".join(self._pieces)
 
     @property
     def status(self) -> TaskStatus:
@@ -284,7 +290,8 @@ class EgoCommander:
             on_feedback: Callable[[Any], None] | None = None) -> Task:
         """The ``answer`` action: about ``image`` (an RGB array) if given, else the last ``video_sec`` seconds of
         ``camera`` if given, else its latest frame. ``task.feedback`` is the latest ``Answer.Feedback``
-        (``answer_so_far``, ``tokens``), also passed to ``on_feedback`` (on the commander's thread).
+        (``new_text``: what its token added, ``tokens``), also passed to ``on_feedback`` (on the commander's
+        thread); ``task.text`` is the answer so far.
         Result: an :class:`~ego_ros.ros.client.AskResult`."""
         goal = answer_goal(question, image=image, camera=camera, video_sec=video_sec, concepts=concepts,
                            max_new_tokens=max_new_tokens)
@@ -293,6 +300,7 @@ class EgoCommander:
         action = self.answer_action
 
         def feedback(message) -> None:
+            task._pieces.append(message.feedback.new_text)
             task.feedback = message.feedback
             if on_feedback is not None:
                 on_feedback(message.feedback)

@@ -8,7 +8,7 @@ A managed lifecycle node, thin plumbing over :class:`ego_ros.engine.Ego`:
     activate    model loaded (a failure fails the transition, with the reason, and leaves nothing behind), worker
                 started, then the camera subscriptions, services, the ``~/answer`` action and the recognition timer
     deactivate  generation cancelled, every caller answered, the worker joined, all of those destroyed, camera
-                buffers emptied, model and GPU memory released
+                buffers emptied, model and GPU memory released, the freed heap given back to the system
     cleanup     publishers and buffers dropped
     error       (an exception in a transition) everything above released: the node is back to unconfigured
 
@@ -66,6 +66,7 @@ from ego_ros.msg import ConceptDetection, ConceptInfo, RecognitionEvent
 from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterConcept
 
 from .frame_buffer import FrameBuffer
+from .heap import limit_arenas, trim_heap
 from .hysteresis import PresenceTracker
 from .debug_image import annotated
 from .image_msgs import image_from_msg, image_to_msg, is_compressed_topic, rgb_from_msg
@@ -389,6 +390,7 @@ class EgoNode(LifecycleNode):
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+        trim_heap()  # the freed model's pages stay in malloc's arenas until given back (see heap.py)
 
     # --- cameras ----------------------------------------------------------------------------------------------
 
@@ -677,15 +679,10 @@ class EgoNode(LifecycleNode):
         cancel = self._goal_events.setdefault(key, threading.Event())
         if goal_handle.is_cancel_requested:
             cancel.set()
-        tokens = 0
-
-        so_far = ""
 
         def on_new_text(text: str, count: int) -> None:
-            nonlocal tokens, so_far
-            tokens = count
-            so_far += text
-            goal_handle.publish_feedback(Answer.Feedback(new_text=text, answer_so_far=so_far, tokens=tokens))
+            # Only the new text: resending the whole answer at every token was quadratic in its length.
+            goal_handle.publish_feedback(Answer.Feedback(new_text=text, tokens=count))
             if goal_handle.is_cancel_requested:
                 cancel.set()
 
@@ -822,6 +819,7 @@ def _values(**pairs) -> list[KeyValue]:
 
 
 def main(args: list[str] | None = None) -> int:
+    limit_arenas()  # before rclpy, DDS and torch start their threads (see heap.py)
     # Our own signal handling: rclpy's would shut the context down at once, and callers still waiting would never
     # get an answer (nor would a long generation stop). A second signal exits at once.
     temp_dir = _own_temp_dir()

@@ -38,16 +38,18 @@ def free_domain() -> int:
 
 
 class NodeProcess:
-    """``python -m ego_ros.ros.node`` with the given parameters; its log is kept for assertions."""
+    """``python -m ego_ros.ros.node`` (or ``command``, e.g. the node with a probe) with the given parameters; its
+    log is kept for assertions."""
 
     def __init__(self, domain_id: int, log_path: Path, namespace: str = "/", params_file: Path | None = None,
-                 **params):
+                 command: list[str] | None = None, **params):
         self.domain_id, self.log_path, self.params, self.namespace = domain_id, log_path, params, namespace
         self.params_file = params_file
+        self.command = command or [sys.executable, "-m", "ego_ros.ros.node"]
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "NodeProcess":
-        args = [sys.executable, "-m", "ego_ros.ros.node", "--ros-args", "-r", f"__ns:={self.namespace}"]
+        args = [*self.command, "--ros-args", "-r", f"__ns:={self.namespace}"]
         if self.params_file is not None:
             args += ["--params-file", str(self.params_file)]
         for name, value in self.params.items():
