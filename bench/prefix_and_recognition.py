@@ -7,19 +7,20 @@ weights, wrapped in an Ego. Every figure of a table comes from the same run, so 
 other machines. Concept memories are made directly (the first K visual tokens of a random view per concept, K = 64
 as ``max_tokens_per_view``): registration is not what is timed, and a memory's cost in a prompt is its length.
 
-Measured, as medians over ``--repeats``, the two ways of each row alternating (load on the machine drifts):
+The frame is encoded once and timed once (both ways of every row encode it the same way); what is timed per row
+is what differs. Medians over ``--repeats``, the two ways of each row alternating (load on the machine drifts):
 
-* time to first token of a question (``ask`` with one new token: encode the frame, prefill, one step; and the part
-  after encoding), with the concept prefix cache off and on (warm: the same concepts as the question before), for
-  1 and 10 concepts in context; and what copying the cached prefix would cost per question (a deep copy) against
-  the shared-tensor fork the engine uses, next to the prefill it saves;
-* recognition of one frame (``recognize``: encode, then score) with 1, 10 and 30 concepts: one prompt per concept
-  (concept first) versus one image pass (image first, the frame prefilled once).
+* time to first token of a question after encoding: ask's prompt built, prefilled (whole, or its rest after the
+  cached concept prefix: warm, the same concepts as the question before) and one token generated, for 1 and 10
+  concepts in context; and what copying the cached prefix would cost per question (a deep copy) against the
+  shared-tensor fork the engine uses, next to the prefill it saves;
+* recognition of one encoded frame (``recognize``) with 1, 10 and 30 concepts: one prompt per concept (concept
+  first) versus one image pass (image first, the frame prefilled once).
 
 Examples::
 
     python bench/prefix_and_recognition.py
-    python bench/prefix_and_recognition.py --repeats 5 --image-size 640x480 --recognition-concepts 1,10
+    python bench/prefix_and_recognition.py --repeats 5 --image-size 320x240 --recognition-concepts 1,10
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ PRESET = "qwen2_5_vl_7b"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median reported)")
-    parser.add_argument("--image-size", default="320x240", help="test image and view size, WxH")
+    parser.add_argument("--image-size", default="640x480", help="test image and view size, WxH")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on a shared machine more threads spin against other "
+                             "jobs (a 111-token forward took 0.16 s on 1 thread, 0.7 to 3.4 s on 2)")
     parser.add_argument("--question-concepts", default="1,10")
     parser.add_argument("--recognition-concepts", default="1,10,30")
     args = parser.parse_args(argv)
     width, height = (int(x) for x in args.image_size.split("x"))
     torch.manual_seed(0)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
 
     model, tokenizer, image_processor = make_model(PRESET, narrow=True, max_pixels=width * height)
     loaded = LoadedModel(model, tokenizer, image_processor, f"{PRESET} (narrow, random weights)",
@@ -71,25 +75,23 @@ def main(argv=None) -> int:
     frame = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
     names = [f"concept {i}" for i in range(most)]
     make_memories(ego, names, width, height, rng)
+    encode = timed(lambda: ego.backend.encode([to_rgb(frame, config.max_image_pixels)]), args.repeats, "encode")
     (encoded,) = ego.backend.encode([to_rgb(frame, config.max_image_pixels)])
     print(f"\n{PRESET}, narrow (28 layers, 28/4 heads, hidden {ego.hidden_size}), random weights, float32 on the CPU "
           f"({torch.get_num_threads()} threads); {width}x{height} frame = {encoded.num_tokens} visual tokens, "
-          f"{config.max_tokens_per_view} tokens per concept; median of {args.repeats}\n")
+          f"{config.max_tokens_per_view} tokens per concept; median of {args.repeats}; encoding the frame: "
+          f"{encode:.2f} s\n")
 
-    ego.ask("Warm up.", frame, max_new_tokens=1)
-    rows = [first_token(ego, frame, names[:int(n)], args.repeats) for n in args.question_concepts.split(",")]
-    recognition = [recognition_row(ego, frame, names[:int(n)], args.repeats)
+    rows = [first_token(ego, encoded, names[:int(n)], args.repeats) for n in args.question_concepts.split(",")]
+    recognition = [recognition_row(ego, encoded, names[:int(n)], args.repeats)
                    for n in args.recognition_concepts.split(",")]
 
-    print("| concepts in context | prompt tokens | cached prefix tokens | first token, no cache | first token, "
-          "cached prefix | speed-up | after encoding: no cache | cached prefix | speed-up | prefix prefill | "
-          "deep copy of its cache | fork |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| concepts in context | prompt tokens | cached prefix tokens | first token after encoding, no cache | "
+          "cached prefix | speed-up | prefix prefill | deep copy of its cache | fork |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        off, on = row["off"], row["on"]
-        print(f"| {row['count']} | {row['prompt_tokens']} | {row['prefix_tokens']} | {off['total']:.2f} s | "
-              f"{on['total']:.2f} s | {off['total'] / on['total']:.2f}x | {off['generate']:.2f} s | "
-              f"{on['generate']:.2f} s | {off['generate'] / on['generate']:.2f}x | {row['prefill']:.2f} s | "
+        print(f"| {row['count']} | {row['prompt_tokens']} | {row['prefix_tokens']} | {row['off']:.2f} s | "
+              f"{row['on']:.2f} s | {row['off'] / row['on']:.2f}x | {row['prefill']:.2f} s | "
               f"{row['deepcopy'] * 1e3:.1f} ms | {row['fork'] * 1e3:.2f} ms |")
 
     print("\n| concepts per frame | one prompt per concept | one image pass | speed-up | frames/s, per concept | "
@@ -127,8 +129,9 @@ def timed(fn, repeats: int, label: str) -> float:
 
 
 def recognition_row(ego: Ego, frame, names: list[str], repeats: int) -> dict:
-    """Median seconds per frame of ``recognize`` over ``names``, in each order, the two alternating."""
+    """Median seconds per encoded frame of ``recognize`` over ``names``, in each order, the two alternating."""
     seconds = {"concept_first": [], "image_first": []}
+    ego.recognize(frame, names[:1])  # warm-up
     for _ in tqdm(range(repeats), desc=f"recognition, {len(names)} concepts"):
         for order in seconds:
             ego.config.recognition_order = order
@@ -138,29 +141,36 @@ def recognition_row(ego: Ego, frame, names: list[str], repeats: int) -> dict:
     return {"count": len(names), **{order: statistics.median(s) for order, s in seconds.items()}}
 
 
-def first_token(ego: Ego, frame, names: list[str], repeats: int) -> dict:
-    """Medians of ask's first token (total, and after encoding) without and with the cached prefix, alternating."""
+def first_token(ego: Ego, encoded, names: list[str], repeats: int) -> dict:
+    """Median seconds to ask's first token after encoding, without and with the cached prefix, alternating: what
+    ``ask`` does once the frame is encoded (prompt, prefix lookup, generation of one token)."""
     question = "What is in this image?"
-    ego.ask(question, frame, concepts=names, max_new_tokens=1)  # fills the cache with this prefix
-    timings = {"off": [], "on": []}
+
+    def first():
+        memories = ego.store.snapshot(names)
+        batch, parts = ego._question_prompt(question, [encoded], None, names, memories)
+        ego._generate(batch, 1, prefix=ego._concept_prefix(batch, parts, [memories[n] for n in names]))
+        return batch
+
+    batch = first()  # fills the cache with this prefix
+    seconds = {"off": [], "on": []}
     for _ in tqdm(range(repeats), desc=f"first token, {len(names)} concepts"):
-        for way in timings:
+        for way in seconds:
             ego.config.prefix_cache = way == "on"
-            answer = ego.ask(question, frame, concepts=names, max_new_tokens=1)
-            timings[way].append(answer.timings)
+            start = time.perf_counter()
+            first()
+            seconds[way].append(time.perf_counter() - start)
     ego.config.prefix_cache = True
-    medians = {way: {key: statistics.median(t[key] for t in runs) for key in ("total", "generate")}
-               for way, runs in timings.items()}
 
     # The prefix alone: its prefill, and copying its cache per question (deep) versus the engine's fork.
-    (encoded,) = ego.backend.encode([to_rgb(frame, ego.config.max_image_pixels)])
     memories = ego.store.snapshot(names)
     batch, parts = ego._question_prompt(question, [encoded], None, names, memories)
     length, rows, _ = ego._concept_prefix(batch, parts, list(memories.values()))
     prefix = prefix_batch(batch, length, batch.injected[:rows], [])
     cache = prefill(ego.model, ego.backend, prefix)
     return {
-        "count": len(names), **medians, "prompt_tokens": answer.prompt_tokens, "prefix_tokens": length,
+        "count": len(names), **{way: statistics.median(s) for way, s in seconds.items()},
+        "prompt_tokens": batch.input_ids.shape[1], "prefix_tokens": length,
         "prefill": timed(lambda: prefill(ego.model, ego.backend, prefix), repeats, "prefix prefill"),
         "deepcopy": timed(lambda: copy.deepcopy(cache), repeats, "deep copy"),
         "fork": timed(lambda: fork(cache), repeats, "fork"),
