@@ -900,3 +900,27 @@ def test_the_debug_image_outlines_each_detection_and_labels_it():
     assert tuple(out[60, 35]) == (30, 30, 30)  # inside the box: the frame
     assert tuple(out[99, 149]) == COLOURS[1]  # the second detection, in the second colour
     assert (out[15:29, 10:40] != 30).any()  # the label "Rex 0.87", above the box
+
+
+def test_node_settings_carry_the_engine_settings_and_refuse_an_unknown_recognition_order():
+    import rclpy
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+
+    from ego_ros.ros.parameters import Settings
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = Node("settings_check", context=context, automatically_declare_parameters_from_overrides=True,
+                parameter_overrides=[Parameter("model", value="/models/m"),
+                                     Parameter("recognition_order", value="image_first"),
+                                     Parameter("static_cache", value=True)])
+    try:
+        settings = Settings.from_node(node)
+        assert settings.recognition_order == "image_first" and settings.static_cache is True
+        node.set_parameters([Parameter("recognition_order", value="sideways")])
+        with pytest.raises(ValueError, match="recognition_order must be concept_first or image_first"):
+            Settings.from_node(node)
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)

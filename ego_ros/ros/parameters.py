@@ -43,6 +43,11 @@ PARAMETER_SPECS = {
     "max_concepts_in_context": (8, _describe("at most this many concept memories in one prompt (most similar first)", ints=(1, 256))),
     "video_frames": (8, _describe("frames sampled from the buffer window for a video question", ints=(1, 64))),
     "max_new_tokens": (128, _describe("default answer length bound, tokens", ints=(1, 8192))),
+    "recognition_order": ("concept_first", _describe(
+        "recognition prompt: concept_first (one prompt per concept) or image_first (the frame prefilled once for all "
+        "concepts: faster with many concepts)")),
+    "static_cache": (False, _describe("decode with a static KV cache, compiled on a GPU: faster answers and "
+                                      "registrations after a one-time compile")),
     "recognition_rate_hz": (0.0, _describe("how often each camera's latest frame is checked for concepts; 0 = off", floats=(0.0, 30.0))),
     "recognition_threshold": (0.5, _describe("probability above which a concept counts as present", floats=(0.0, 1.0))),
     "autostart": (False, _describe("configure and activate at start-up instead of waiting for lifecycle transitions")),
@@ -65,6 +70,8 @@ class Settings:
     max_concepts_in_context: int
     video_frames: int
     max_new_tokens: int
+    recognition_order: str
+    static_cache: bool
     recognition_rate_hz: float
     recognition_threshold: float
 
@@ -79,6 +86,8 @@ class Settings:
         if len(set(topics)) != len(topics) or any(not t.strip() for t in topics):  # none at all is allowed
             raise ValueError(f"camera_topics must be distinct, non-empty topic names, got {list(topics)}")
         layers = tuple(int(i) for i in (p["layers"] or ()))
+        if p["recognition_order"] not in ("concept_first", "image_first"):
+            raise ValueError(f"recognition_order must be concept_first or image_first, got {p['recognition_order']!r}")
         return cls(
             model=str(p["model"]).strip(), device=str(p["device"]), dtype=str(p["dtype"]),
             memory_dir=Path(p["memory_dir"]).expanduser() if str(p["memory_dir"]).strip() else None,
@@ -86,6 +95,7 @@ class Settings:
             max_image_pixels=int(p["max_image_pixels"]), max_tokens_per_view=int(p["max_tokens_per_view"]),
             layers=layers or None, max_concepts_in_context=int(p["max_concepts_in_context"]),
             video_frames=int(p["video_frames"]), max_new_tokens=int(p["max_new_tokens"]),
+            recognition_order=str(p["recognition_order"]), static_cache=bool(p["static_cache"]),
             recognition_rate_hz=float(p["recognition_rate_hz"]),
             recognition_threshold=float(p["recognition_threshold"]),
         )
