@@ -95,8 +95,9 @@ def test_frames_land_in_the_buffer_at_buffer_fps(graph):
     assert 1.5 <= float(values["accepted_rate_hz"]) <= 2.5
     frames, span = int(values["frames"]), float(values["span_sec"])
     # Thinned to 2 frames a second: never more than the span allows. A stall of the test's own camera on a busy
-    # machine leaves a gap (one CI run had 9 frames over 4.9 s), so the floor allows two missing frames.
-    assert span * 2.0 - 1 <= frames <= span * 2.0 + 1.5
+    # machine leaves a gap (runs under load had 9 frames over 4.9 s and 8 over 4.7 s), so the floor allows two
+    # missing frames; a buffer thinned to half the rate (about span frames) still fails it.
+    assert span * 2.0 - 2.5 <= frames <= span * 2.0 + 1.5
     assert int(values["bytes"]) <= int(values["capacity_bytes"])
 
 
