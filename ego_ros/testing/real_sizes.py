@@ -75,4 +75,14 @@ def make_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dt
                 text_overrides=text, vision_overrides=vision)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, image_processor
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, as_loaded(image_processor)
+
+
+def as_loaded(image_processor):
+    """The image processor a real checkpoint loads: transformers' torchvision processor where torchvision is
+    installed (a GPU machine's usual set-up; it can work on the GPU), else the PIL one the tiny builder makes."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    except ImportError:  # no torchvision
+        return image_processor
+    return Qwen2VLImageProcessor(size=image_processor.size)

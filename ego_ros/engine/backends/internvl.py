@@ -18,7 +18,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from ..soft_tokens import injected_rows
-from . import Batch, EncodedImage, Part, SoftTokens
+from . import Batch, EncodedImage, Part, SoftTokens, processor_options
 
 # Decoders whose attention query_attention reproduces (q/k projections with bias, RoPE, GQA, causal softmax).
 TEXT_MODELS = ("qwen2",)
@@ -70,7 +70,8 @@ class InternVLBackend:
         """Vision encoder + projector for PIL RGB images: every tile of every image in one batched call."""
         images = list(images)
         processed = self.image_processor(images=images, crop_to_patches=True, min_patches=self.min_tiles,
-                                         max_patches=self.max_tiles, return_tensors="pt")
+                                         max_patches=self.max_tiles, return_tensors="pt",
+                                         **processor_options(self.image_processor, self.model))
         pixel_values = processed["pixel_values"]  # (tiles of all images, C, tile, tile)
         counts = processed["num_patches"].tolist()
         with torch.set_grad_enabled(grad):

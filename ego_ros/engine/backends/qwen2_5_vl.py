@@ -11,7 +11,8 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
 
 from ..soft_tokens import injected_rows
-from . import Batch, EncodedImage, Part, SoftTokens
+from ..vision_attention import attend_groups_at_once
+from . import Batch, EncodedImage, Part, SoftTokens, processor_options
 
 
 class Qwen2_5_VLBackend:
@@ -32,6 +33,9 @@ class Qwen2_5_VLBackend:
         self.injected_token_ids = (self.placeholder_id, self.image_token_id)
         patch = image_processor.patch_size * image_processor.merge_size
         self.image_size = {"shortest_edge": patch * patch, "longest_edge": max(max_pixels, patch * patch)}
+        self.processor_options = processor_options(image_processor, model)
+        if model.device.type == "cuda":  # one attention call per vision layer, not one per window: see the module
+            attend_groups_at_once(model.model.visual)
 
     # --- images -------------------------------------------------------------------------------------------------
 
@@ -40,7 +44,8 @@ class Qwen2_5_VLBackend:
 
         ``grad`` keeps the autograd graph of the features: only for training (the toy world's trainer).
         """
-        processed = self.image_processor(images=list(images), size=self.image_size, return_tensors="pt")
+        processed = self.image_processor(images=list(images), size=self.image_size, return_tensors="pt",
+                                         **self.processor_options)
         grids = processed["image_grid_thw"]  # (n, 3)
         pixel_values = processed["pixel_values"]  # (sum of t*h*w, C*T*P*P)
         with torch.set_grad_enabled(grad):
