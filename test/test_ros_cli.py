@@ -208,7 +208,11 @@ def env(domain: int = DOMAIN) -> dict:
     variables = {k: v for k, v in os.environ.items()
                  if k not in ("EGO_ROS_MODEL", "EGO_ROS_MEMORY_DIR", "EGO_ROS_NODE", "ROS_LOCALHOST_ONLY")}
     variables.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", TZ="UTC", ROS_DOMAIN_ID=str(domain),
-                     ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_STATIC_PEERS="", HF_HUB_OFFLINE="1")
+                     ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_STATIC_PEERS="", HF_HUB_OFFLINE="1",
+                     # Some 20 commands start at once below. Fast DDS's shared-memory transport can hang a
+                     # participant that starts among many on a loaded machine (ros2/rmw_fastrtps#860; one run
+                     # here hung in create_publisher for good): these commands send small messages, over UDP.
+                     FASTDDS_BUILTIN_TRANSPORTS="UDPv4")
     return variables
 
 
@@ -219,7 +223,12 @@ def start(*args, domain: int = DOMAIN, **extra_env) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    stdout, stderr = process.communicate(timeout=timeout)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # a command that hangs fails its test, and is not left holding DDS resources for the next
+        process.communicate()
+        raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
@@ -275,7 +284,9 @@ def runs(server, photo, tmp_path_factory):
     processes["env model list"] = start("list", "--timeout", "2", EGO_ROS_MODEL="/no/such/model",
                                         EGO_ROS_MEMORY_DIR=str(offline_memory))
     processes["env model, --node"] = start("list", "--node", "/ego", EGO_ROS_MODEL="/no/such/model")
-    return {name: finish(process) for name, process in processes.items()}
+    # Some 20 interpreters start at once on what may be a 2-core machine, the node serving them one by one: each
+    # gets 90 s (one run under load took over 30 s), and a command that hangs still fails here.
+    return {name: finish(process, timeout=90.0) for name, process in processes.items()}
 
 
 def test_list_prints_the_nodes_concepts_as_a_table(runs):

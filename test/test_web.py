@@ -384,24 +384,31 @@ def test_an_answer_streams_into_the_page_before_it_is_complete(graph, page):
             .observe(answer, {childList: true, subtree: true, characterData: true});
     }""")
     page.fill("#question", "Describe this image in one short sentence.")
-    asked = page.evaluate("performance.now()")
-    page.click("#ask")
-    page.wait_for_selector("body[data-asking=done]", timeout=120_000)
-    log = page.evaluate("window.egoAskLog")
-    print(f"first piece of the answer on the page {log[0]['at'] - asked:.0f} ms after the click, the whole answer "
-          f"{log[-1]['at'] - asked:.0f} ms after it ({len(log) - 1} pieces)")
-    kinds = [entry["kind"] for entry in log]
-    assert kinds[-1] == "done" and kinds.count("done") == 1, kinds
-    pieces = [entry for entry in log if entry["kind"] == "text"]
-    assert len(pieces) >= 2, log
-    final = log[-1]["data"]["answer"]
-    assert "".join(p["data"]["text"] for p in pieces).strip() == final.strip()
-    assert all(p["at"] <= log[-1]["at"] for p in pieces)
-    # The page showed part of the answer before the whole of it.
-    snapshots = page.evaluate("window.answerSnapshots")
-    partial = [text for _, text in snapshots if text and len(text) < len(final.strip()) and
-               final.strip().startswith(text.strip())]
-    assert partial, snapshots
+    # The toy model's answer is a few tokens: on a loaded machine all of them can reach the browser in one network
+    # read, and the page then renders them in one go. Streaming is shown by one of three answers rendering part of
+    # itself first; a server that held the answer back until the end fails all three.
+    for attempt in range(1, 4):
+        page.evaluate("window.answerSnapshots = []")
+        asked = page.evaluate("performance.now()")
+        page.click("#ask")
+        page.wait_for_selector("body[data-asking=done]", timeout=120_000)
+        log = page.evaluate("window.egoAskLog")
+        print(f"answer {attempt}: first piece on the page {log[0]['at'] - asked:.0f} ms after the click, the whole "
+              f"answer {log[-1]['at'] - asked:.0f} ms after it ({len(log) - 1} pieces)")
+        kinds = [entry["kind"] for entry in log]
+        assert kinds[-1] == "done" and kinds.count("done") == 1, kinds
+        pieces = [entry for entry in log if entry["kind"] == "text"]
+        assert len(pieces) >= 2, log
+        final = log[-1]["data"]["answer"]
+        assert "".join(p["data"]["text"] for p in pieces).strip() == final.strip()
+        assert all(p["at"] <= log[-1]["at"] for p in pieces)
+        snapshots = page.evaluate("window.answerSnapshots")
+        partial = [text for _, text in snapshots if text and len(text) < len(final.strip()) and
+                   final.strip().startswith(text.strip())]
+        if partial:
+            break
+        page.evaluate("document.body.dataset.asking = ''")  # the next answer's end is awaited afresh
+    assert partial, f"no answer of {attempt} showed part of itself before the whole: {snapshots}"
     assert page.locator("#answer").inner_text().strip() == final.strip()
     assert "tokens in" in page.locator("#answer-info").inner_text()
     shot(page, "web_answer.png", "#ask-panel")
