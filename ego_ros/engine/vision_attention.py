@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """One attention call per vision layer for all of its windows (or images), instead of one call for each.
 
-Qwen's vision towers attend within groups of patches: Qwen2.5-VL within windows of 8x8 merged patches on most
-layers and within each image on a few, Qwen3-VL within each image. With any attention implementation but
+Qwen's vision towers attend within groups of patches: Qwen2.5-VL within windows of 8x8 patches (4x4 visual tokens) on
+most layers and within each image on a few, Qwen3-VL within each image. With any attention implementation but
 flash-attention's variable-length kernel, transformers runs one attention call per group. A 640x480 frame has 30
 windows, so Qwen2.5-VL's 32-layer tower makes about 840 small calls per frame; on an H100 with the 7B model the
-tower took 90-110 ms that way, nearly all of it the host launching kernels (``bench/gpu_phases.py``).
+tower took 106-112 ms that way, nearly all of it the host launching kernels (``bench/gpu_phases.py``).
 
 Here the groups are gathered into one padded batch (groups x longest group) and attended in one
 ``scaled_dot_product_attention`` call, a key mask hiding the padding: each query still sees exactly its own group's
@@ -13,7 +13,7 @@ keys, so it is the same arithmetic in a handful of kernels. It plugs in through 
 an attention function registered with ``AttentionInterface`` and named in the vision config. The tower hands the
 groups' boundaries (``cu_seqlens``) only to an implementation whose name says "flash", hence the name.
 
-Used on CUDA, where launches dominate (``Qwen2_5_VLBackend``). On a CPU the per-group loop costs little next to the
+Used on CUDA, where launches dominate (by the Qwen backends). On a CPU the per-group loop costs little next to the
 arithmetic, and padding would add work.
 """
 
@@ -37,7 +37,9 @@ def grouped_attention(module, query, key, value, attention_mask=None, *, cu_seq_
     lengths = bounds[1:] - bounds[:-1]  # (G,)
     offsets = torch.arange(int(max_length_q), device=query.device)
     inside = offsets < lengths[:, None]  # (G, L): which padded slots hold a position of the group
-    rows = (bounds[:-1, None] + offsets).clamp(max=query.shape[2] - 1)  # (G, L); padding repeats a real row
+    # (G, L) positions; a padded slot points at some real row (the next group's, or the last): masked as a key,
+    # dropped as a query
+    rows = (bounds[:-1, None] + offsets).clamp(max=query.shape[2] - 1)
 
     def grouped(states):  # (1, H, N, d) -> (G, H, L, d)
         return states[0][:, rows].transpose(0, 1)

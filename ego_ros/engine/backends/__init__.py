@@ -120,7 +120,7 @@ def processor_options(image_processor, model) -> dict:
 
     transformers' torchvision image processors (what a checkpoint loads where torchvision is installed) resize and
     normalise on any device; on an H100 machine a 640x480 frame took 2 ms on the GPU against 5 ms on the host with
-    torchvision and 22-29 ms with the PIL processor (``bench/gpu_phases.py``).
+    torchvision and 25-35 ms with the PIL processor (``bench/gpu_phases.py``).
     """
     on_gpu = getattr(model.device, "type", None) == "cuda"
     torchvision = any(cls.__name__ == "TorchvisionBackend" for cls in type(image_processor).__mro__)
