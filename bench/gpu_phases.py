@@ -84,28 +84,9 @@ class Phases:
         return "\n".join(lines)
 
 
-class TimedProcessor:
-    """The image processor, its calls timed (the backend calls it; its attributes pass through)."""
-
-    def __init__(self, processor, phases: Phases):
-        self._processor = processor
-        self._phases = phases
-
-    def __call__(self, *args, **kwargs):
-        start = self._phases.clock.now()
-        try:
-            return self._processor(*args, **kwargs)
-        finally:
-            self._phases.seconds["image processor (host)"] += self._phases.clock.now() - start
-            self._phases.calls["image processor (host)"] += 1
-
-    def __getattr__(self, name):
-        return getattr(self._processor, name)
-
-
 def instrument(ego: Ego, phases: Phases) -> None:
     model, backend = ego.model, ego.backend
-    backend.image_processor = TimedProcessor(backend.image_processor, phases)
+    phases.wrap(backend, "image_processor", "image processor (host)")
     phases.wrap(model, "get_image_features", "vision tower + projector")
     phases.wrap(backend, "build", "prompt building (tokeniser, template)")
     phases.wrap(model.model, "get_rope_index", "rope index")
@@ -195,6 +176,7 @@ def main(argv=None) -> int:
             ego.register(f"concept {c}", [frame(100 + c)])
         ego.ask("Where is concept 3?", frame(5), max_new_tokens=64)
         ego.recognize(frame(6))
+        processor_report = processors(ego, clock)  # before instrument() wraps the engine's processor
         phases = Phases(clock)
         instrument(ego, phases)
         scenarios = (
@@ -212,7 +194,7 @@ def main(argv=None) -> int:
             total = (clock.now() - start) / args.runs
             report.append(phases.table(f"{title}: {1000 * total:.0f} ms", args.runs))
             print(report[-1] + "\n", flush=True)
-        report.append(processors(ego, clock))
+        report.append(processor_report)
         print(report[-1] + "\n", flush=True)
         report.append(profile_answer(ego, args.out, f"{args.preset}_{args.variant}"))
         print(report[-1], flush=True)

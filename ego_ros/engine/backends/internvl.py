@@ -38,6 +38,7 @@ class InternVLBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.processor_options = processor_options(image_processor, model)
         self.placeholder_id = tokenizer.convert_tokens_to_ids(placeholder)
         self.placeholder = placeholder
         self.image_token_id = model.config.image_token_id  # <IMG_CONTEXT>
@@ -71,7 +72,7 @@ class InternVLBackend:
         images = list(images)
         processed = self.image_processor(images=images, crop_to_patches=True, min_patches=self.min_tiles,
                                          max_patches=self.max_tiles, return_tensors="pt",
-                                         **processor_options(self.image_processor, self.model))
+                                         **self.processor_options)
         pixel_values = processed["pixel_values"]  # (tiles of all images, C, tile, tile)
         counts = processed["num_patches"].tolist()
         with torch.set_grad_enabled(grad):
