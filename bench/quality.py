@@ -35,7 +35,7 @@ from ego_ros.engine.config import default_layers  # noqa: E402
 from ego_ros.engine.ego import RECOGNITION_ORDERS  # noqa: E402
 from ego_ros.evaluation import toy  # noqa: E402
 from ego_ros.evaluation.methods import METHODS  # noqa: E402
-from ego_ros.testing import toy_world  # noqa: E402
+from ego_ros import toy as toy_world  # noqa: E402
 
 RUNS = [("none", 1), ("keywords", 1), ("random", 1), ("full", 1), ("ego", 1), ("ego", 5)]
 

@@ -27,7 +27,7 @@ fi
 
 # --- the toy world ----------------------------------------------------------------------------------------------
 model=${EGO_ROS_TOY_MODEL:-$repo/build/toy-model}
-"$venv/bin/python" -m ego_ros.testing.toy_world model "$model"  # trains it if missing or stale, else reuses it
+"$venv/bin/python" -m ego_ros.toy model "$model"  # trains it if missing or stale, else reuses it
 memory=${EGO_ROS_MEMORY_DIR:-$repo/build/toy-memory}
 # The concepts belong to these weights: registered again whenever the toy model was retrained.
 trained=$("$venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["recipe_hash"])' \
@@ -36,7 +36,7 @@ if [[ $(cat "$memory/.toy-model" 2>/dev/null) != "$trained" ]]; then
   say "registering the toy world's personal instances in $memory (once):"
   rm -rf "$memory"
   views=$(mktemp -d)
-  "$venv/bin/python" -m ego_ros.testing.toy_camera views "$views" | while IFS=$'\t' read -r name phrase; do
+  "$venv/bin/python" -m ego_ros.toy.camera views "$views" | while IFS=$'\t' read -r name phrase; do
     say "  $name, a $phrase"
     "$venv/bin/ego-ros" register "$name" "$views/$name"_*.png --model "$model" --memory-dir "$memory" >/dev/null
   done

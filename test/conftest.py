@@ -80,7 +80,7 @@ def toy_model_dir():
     import os
     from pathlib import Path
 
-    from ego_ros.testing.toy_world import model_dir
+    from ego_ros.toy import model_dir
 
     default = Path(__file__).resolve().parents[1] / "build" / "toy-model"
     return model_dir(Path(os.environ.get("EGO_ROS_TOY_MODEL") or default))

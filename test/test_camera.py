@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from ego_ros.testing.rosgraph import REPO, Client, free_domain, ros_env, wait_for
-from ego_ros.testing.toy_camera import ToyCamera
-from ego_ros.testing.toy_world import COLOURS
+from ego_ros.toy.camera import ToyCamera
+from ego_ros.toy import COLOURS
 
 cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("sensor_msgs.msg").Image

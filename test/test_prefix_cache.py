@@ -269,7 +269,7 @@ def test_recognition_order_is_validated():
 
 @pytest.fixture(scope="module")
 def toy_ego(toy_model_dir, tmp_path_factory):
-    from ego_ros.testing import toy_world
+    from ego_ros import toy as toy_world
 
     ego = Ego.load(str(toy_model_dir), memory_dir=tmp_path_factory.mktemp("toy-memory"))
     for i, name in enumerate(["Rex", "Anna", "my mug"]):
@@ -278,7 +278,7 @@ def toy_ego(toy_model_dir, tmp_path_factory):
 
 
 def test_toy_model_questions_from_the_cache_equal_the_whole_prompt(toy_ego):
-    from ego_ros.testing import toy_world
+    from ego_ros import toy as toy_world
 
     assert_same_answer(toy_ego, toy_world.scene(910).image, new_tokens=12, concepts=["Rex"])
     assert_same_answer(toy_ego, toy_world.scene(911).image, new_tokens=12)
@@ -287,7 +287,7 @@ def test_toy_model_questions_from_the_cache_equal_the_whole_prompt(toy_ego):
 
 
 def test_toy_model_one_image_pass_equals_the_image_first_prompts(toy_ego):
-    from ego_ros.testing import toy_world
+    from ego_ros import toy as toy_world
 
     (image,) = toy_ego.backend.encode([to_rgb(toy_world.scene(913).image, toy_ego.config.max_image_pixels)])
     introductions = {name: [toy_ego.store.get(name).vectors] for name in toy_ego.store.names()}

@@ -15,7 +15,7 @@ import pytest
 from ego_ros.engine import Ego
 from ego_ros.engine.config import default_layers
 from ego_ros.evaluation import toy
-from ego_ros.testing import toy_world
+from ego_ros import toy as toy_world
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from ego_ros.engine import prompts
-from ego_ros.testing import toy_world
-from ego_ros.testing.toy_world import scenes as world
-from ego_ros.testing.toy_world import tasks
+from ego_ros import toy as toy_world
+from ego_ros.toy import world
+from ego_ros.toy import tasks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_instances_refuse_impossible_descriptions():
 
 def test_scenes_command_writes_images_masks_and_ground_truth(tmp_path):
     out = tmp_path / "scenes"
-    subprocess.run([sys.executable, "-m", "ego_ros.testing.toy_world", "scenes", str(out), "--count", "3",
+    subprocess.run([sys.executable, "-m", "ego_ros.toy", "scenes", str(out), "--count", "3",
                     "--seed", "7"], check=True, cwd=REPO, capture_output=True)
     record = json.loads((out / "scenes.json").read_text())
     assert record["seed"] == 7 and len(record["scenes"]) == 3
@@ -97,7 +97,7 @@ def test_scenes_command_writes_images_masks_and_ground_truth(tmp_path):
 
 
 def test_scenes_command_refuses_a_bad_count(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "ego_ros.testing.toy_world", "scenes", str(tmp_path / "x"),
+    run = subprocess.run([sys.executable, "-m", "ego_ros.toy", "scenes", str(tmp_path / "x"),
                           "--count", "0"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2 and "--count must be at least 1" in run.stderr
     assert not (tmp_path / "x").exists()
@@ -143,9 +143,9 @@ def test_dense_words_say_what_is_on_each_token():
 
 def test_calibration_from_the_toy_world(tmp_path, tiny_model_dir):
     """`ego-ros calibrate toy` reads the same scenes as toy_world.calibration_samples, and calibrates on them."""
-    from ego_ros.engine.calibration_data import toy_samples
+    from ego_ros.engine.calibration_data import pair_samples
 
-    samples = toy_samples(3, seed=7)
+    samples = pair_samples(toy_world.calibration_samples(3, seed=7), "toy world, seed 7")
     assert len(samples) == 3
     for (got_image, got_mask), (image, mask) in zip(samples, toy_world.calibration_samples(3, seed=7)):
         assert np.array_equal(np.asarray(got_image), np.asarray(image)) and np.array_equal(got_mask, mask)
@@ -186,7 +186,7 @@ SMALL = dict(steps=2, describe_steps=1, batch_size=3, warmup_steps=1,
 
 def test_training_is_deterministic_for_a_seed_and_loads_as_a_checkpoint(tmp_path):
     from ego_ros.engine import Ego
-    from ego_ros.testing.toy_world.train import RECIPE_FILE, Recipe, model_dir, train
+    from ego_ros.toy.train import RECIPE_FILE, Recipe, model_dir, train
 
     recipe = Recipe(**SMALL)
     runs = [train(tmp_path / name, seed=seed, recipe=recipe, progress=False)

@@ -225,7 +225,7 @@ def drag_box(page, start: tuple[float, float], end: tuple[float, float]) -> None
 def wait_for_instance(page, published: dict, name: str, timeout: float = 90.0) -> tuple[float, float, float, float]:
     """Wait until the live view shows the toy camera's instance ``name`` still and wholly in view (a dwell frame of
     one of its shots, rendered here from the camera's seeded world); its box as fractions of the frame."""
-    from ego_ros.testing.toy_camera import ToyCamera
+    from ego_ros.toy.camera import ToyCamera
 
     toy = ToyCamera()
     instance = toy.names[name]

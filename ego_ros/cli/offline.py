@@ -17,6 +17,8 @@ from ego_ros.cli.common import (
     memory_dir, print_concepts, report_skipped, require_concepts, require_model, stored_concepts, warn,
 )
 
+TOY_CALIBRATION_SCENES = 200  # `ego-ros calibrate toy` without --count
+
 
 def cmd_register(args: argparse.Namespace) -> int:
     require_model(args)  # before the engine's imports: the quickest possible answer to a wrong command line
@@ -177,7 +179,11 @@ def calibration_samples(args: argparse.Namespace):
     if args.coco is not None:
         return calibration_data.coco_samples(args.coco, args.images, args.count)
     if args.data == "toy":  # a folder called toy: ./toy
-        return calibration_data.toy_samples(args.count, args.seed or 0)
+        from ego_ros import toy
+
+        seed = args.seed or 0
+        return calibration_data.pair_samples(toy.calibration_samples(args.count or TOY_CALIBRATION_SCENES, seed),
+                                             f"toy world, seed {seed}")
     return calibration_data.folder_samples(args.data, args.count)
 
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Where calibration images and their subject masks come from: a folder of pairs, COCO 2017, the toy world.
+"""Where calibration images and their subject masks come from: a folder of pairs, COCO 2017, pairs a caller made.
 
 Each source is a :class:`SampleSet`: a sized iterable of (PIL image, boolean mask) that reads its files only as it
 is iterated, and describes itself in a few words for the calibration record. Everything a user can get wrong
@@ -25,7 +25,6 @@ MASK_SUFFIX = ".mask.png"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FOLDER_LAYOUT = ("NAME.png (or NAME.jpg / NAME.jpeg) images, each with its subject mask NAME.mask.png beside it "
                  "(same size; white = subject)")
-DEFAULT_TOY_COUNT = 200
 
 
 class SampleSet:
@@ -164,16 +163,12 @@ def coco_samples(annotations: Path | str, images: Path | str, count: int | None 
     return SampleSet(f"COCO {annotations.name}, single-instance images{note}", len(chosen), load)
 
 
-# --- the toy world ----------------------------------------------------------------------------------------------
+# --- pairs in memory ---------------------------------------------------------------------------------------------
 
 
-def toy_samples(count: int | None = None, seed: int = 0) -> SampleSet:
-    """``count`` procedural scenes of the toy world (ego_ros.testing.toy_world), each with its subject mask."""
-    count = _limit(count) or DEFAULT_TOY_COUNT
-    try:
-        from ego_ros.testing.toy_world import calibration_samples
-    except ImportError as error:
-        raise InvalidCalibration(f"the toy world is not available in this install (ego_ros.testing.toy_world: "
-                                 f"{error})") from None
-    pairs = list(calibration_samples(count, seed))
-    return SampleSet(f"toy world, seed {seed}", len(pairs), lambda i: (pairs[i][0], as_mask(pairs[i][1], i)))
+def pair_samples(pairs, description: str) -> SampleSet:
+    """(image, mask) pairs already in memory (a caller's generated data, such as the toy world's scenes)."""
+    pairs = list(pairs)
+    if not pairs:
+        raise InvalidCalibration(f"no calibration samples in {description}")
+    return SampleSet(description, len(pairs), lambda i: (pairs[i][0], as_mask(pairs[i][1], i)))

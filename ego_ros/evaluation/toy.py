@@ -2,7 +2,7 @@
 """The method measured on the toy world: localisation, recognition of personal instances, the §3.5 filter, boxes,
 and registering from a box on a cluttered view.
 
-All three need a model that has learned to see (the trained toy model, ``ego_ros.testing.toy_world``); on a random
+All three need a model that has learned to see (the trained toy model, ``ego_ros.toy``); on a random
 model they measure position bias. ``bench/quality.py`` prints them; ``test/test_quality.py`` holds their orderings.
 """
 
@@ -17,8 +17,7 @@ from ego_ros.engine.boxes import concept_box
 from ego_ros.engine.calibration import subject_tokens
 from ego_ros.engine.images import to_rgb
 from ego_ros.engine.scoring import select_tokens, tokens_to_keep
-from ego_ros.testing.toy_world import (Instance, Scene, look_alike, personal_instances, random_instance, render_scene,
-                                       view_of)
+from ego_ros.toy.world import Instance, Scene, look_alike, personal_instances, random_instance, render_scene, view_of
 
 from .methods import introduction
 from .metrics import RecognitionScore, recognition_score

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ego_ros.testing.toy_world import COLOURS, look_alike, personal_instances, random_instance, render_scene, view_of
+from ego_ros.toy.world import COLOURS, look_alike, personal_instances, random_instance, render_scene, view_of
 
 from .datasets import KINDS, MAX_REFERENCES
 from .toy import NAMES

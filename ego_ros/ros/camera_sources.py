@@ -12,7 +12,7 @@ video or a JPEG, grabbing from V4L2); no ROS here.
     DIR      a folder of images (.png .jpg ...), sorted   one image each, by file name      none (10 Hz)
     FILE     a video file (anything FFmpeg reads)        one frame each, in order          the file's fps
     IMG      one image file                               that image, again and again       none (10 Hz)
-    toy      the toy world (ego_ros.testing.toy_camera)  personal instances in and out     none (10 Hz)
+    toy      the toy world (ego_ros.toy.camera)  personal instances in and out     none (10 Hz)
 
 Files and folders start over at their end unless ``loop=False`` (then :meth:`FrameSource.read` returns None).
 """
@@ -167,7 +167,7 @@ class DeviceSource(FrameSource):
 
 class ToySource(FrameSource):
     def __init__(self):
-        from ego_ros.testing.toy_camera import ToyCamera
+        from ego_ros.toy.camera import ToyCamera
 
         self.camera = ToyCamera()
         self.name = "the toy world (" + ", ".join(f"{name}: {instance.phrase}"

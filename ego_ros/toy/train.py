@@ -33,7 +33,7 @@ from ego_ros.engine.backends.qwen2_5_vl import Qwen2_5_VLBackend
 from ego_ros.engine.soft_tokens import injected_rows
 from ego_ros.testing import tiny_qwen2_5_vl
 
-from . import scenes, tasks
+from . import tasks, world
 
 RECIPE_FILE = "toy_world.json"
 # Weight of the dense loss at the image's tokens beside the answer's: it teaches every visual token to say what is
@@ -68,7 +68,7 @@ def recipe_hash(recipe: Recipe, seed: int) -> str:
 
     digest = hashlib.sha256(json.dumps([asdict(recipe), seed, torch.__version__, transformers.__version__],
                                        default=str).encode())
-    for module in (scenes, tasks, tiny_qwen2_5_vl, prompts):
+    for module in (world, tasks, tiny_qwen2_5_vl, prompts):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -76,7 +76,7 @@ def recipe_hash(recipe: Recipe, seed: int) -> str:
 
 def toy_corpus() -> list[str]:
     """The tokenizer's training text: the tiny model's, the engine's prompts, and every toy-world answer word."""
-    words = [*scenes.KINDS, *scenes.COLOURS, *(w for w in scenes.PATTERN_WORDS.values() if w)]
+    words = [*world.KINDS, *world.COLOURS, *(w for w in world.PATTERN_WORDS.values() if w)]
     texts = [value for name, value in vars(prompts).items() if name.isupper() and isinstance(value, str)]
     answers = ["Yes", "No", "It is not in this image.", "Top left. Top. Top right. Left. Centre. Right.",
                "Bottom left. Bottom. Bottom right.", "A red mug with stripes, a blue ball and a green box.",
@@ -103,11 +103,11 @@ def train(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: 
     torch.set_num_threads(recipe.threads)
     text_sizes, vision_sizes = recipe.model_sizes()
     model, tokenizer, image_processor = tiny_qwen2_5_vl.make_qwen2_5_vl(
-        seed=seed, max_pixels=scenes.SIZE * scenes.SIZE, placeholder=prompts.CONCEPT_PLACEHOLDER,
+        seed=seed, max_pixels=world.SIZE * world.SIZE, placeholder=prompts.CONCEPT_PLACEHOLDER,
         text_overrides=text_sizes, vision_overrides={**vision_sizes, "out_hidden_size": text_sizes["hidden_size"]},
         corpus=toy_corpus())
     backend = Qwen2_5_VLBackend(model, tokenizer, image_processor, placeholder=prompts.CONCEPT_PLACEHOLDER,
-                                max_pixels=scenes.SIZE * scenes.SIZE)
+                                max_pixels=world.SIZE * world.SIZE)
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(step, recipe))

@@ -18,11 +18,15 @@ accent colour is never said, which is what makes it a *personal* detail.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ego_ros.engine.memory import _atomic_write  # the store's: temp file, fsync, os.replace
 
 KINDS = ("ball", "box", "mug", "bottle", "star")
 COLOURS = {
@@ -146,6 +150,41 @@ def look_alike(instance: Instance, rng: np.random.Generator) -> Instance:
         other = random_instance(rng, kind=instance.kind, colour=instance.colour, patterned=rng.random() < 0.85)
         if other != instance:
             return other
+
+
+# --- scenes -------------------------------------------------------------------------------------------------------
+
+
+def scene(seed: int) -> Scene:
+    """One random scene: a main subject and 0-2 smaller distractors."""
+    return render_scene(np.random.default_rng([seed, 0x5CE]))
+
+
+def view_of(instance: Instance, seed: int, *, distractors: int | None = None) -> Scene:
+    """A view of ``instance`` as the main subject of a new scene (its own position, scale, rotation, background)."""
+    return render_scene(np.random.default_rng([seed, 0x71E]), instance, distractors=distractors)
+
+
+def calibration_samples(count: int, seed: int = 0) -> list[tuple[Image.Image, np.ndarray]]:
+    """``count`` (image, mask of the main subject) pairs, the data of layer calibration (paper §3.4)."""
+    return [(s.image, s.subject.mask) for s in (scene(seed * 1_000_003 + i) for i in range(count))]
+
+
+def write_scenes(out_dir: Path, count: int, seed: int = 0) -> Path:
+    """Write ``count`` scenes: ``NAME.png``, the main subject's ``NAME.mask.png`` and ``scenes.json``."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for i in range(count):
+        name = f"scene_{seed}_{i:05d}"
+        made = scene(seed * 1_000_003 + i)
+        made.image.save(out_dir / f"{name}.png")
+        Image.fromarray(made.subject.mask.astype(np.uint8) * 255, "L").save(out_dir / f"{name}.mask.png")
+        records[name] = made.to_json()
+    _atomic_write(out_dir / "scenes.json", (json.dumps({"seed": seed, "scenes": records}, indent=1) + "\n").encode())
+    return out_dir
 
 
 # --- drawing ------------------------------------------------------------------------------------------------------

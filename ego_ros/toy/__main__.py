@@ -3,9 +3,9 @@
 
 Examples::
 
-    python -m ego_ros.testing.toy_world scenes build/scenes --count 20 --seed 0
-    python -m ego_ros.testing.toy_world model build/toy-model          # trains only if not there yet
-    python -m ego_ros.testing.toy_world train build/toy-model --seed 1  # always trains
+    python -m ego_ros.toy scenes build/scenes --count 20 --seed 0
+    python -m ego_ros.toy model build/toy-model          # trains only if not there yet
+    python -m ego_ros.toy train build/toy-model --seed 1  # always trains
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from . import model_dir, write_scenes
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ego_ros.testing.toy_world", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ego_ros.toy", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scenes = commands.add_parser("scenes", help="write NAME.png, NAME.mask.png (main subject) and scenes.json")
     scenes.add_argument("out_dir", type=Path)

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The toy world as a camera: a pan along a strip of toy scenes, the personal instances moving in and out of view.
 
-The strip alternates *shots*: one of the personal instances (``toy_world.view_of``: the main subject of a new
+The strip alternates *shots*: one of the personal instances (``world.view_of``: the main subject of a new
 scene) and a scene of other objects, none of them personal. The camera rests on a shot for ``dwell`` seconds, then
 pans to the next one in ``move`` seconds, so each personal instance slides in, stays, and slides out. A frame is a
 function of time alone (:meth:`ToyCamera.frame_at`), with its exact ground truth: which objects it shows, where,
@@ -12,7 +12,7 @@ and how much of each. Scenes are 224 x 224, the size the toy model was trained o
     camera.names                        # {"Rex": Instance(...), ...}: the names run.sh registers them under
     camera.reference_views("Rex", 3)    # other views of Rex (seeds the strip never uses), to register it from
 
-Command line: ``python -m ego_ros.testing.toy_camera views OUT_DIR [--views N]`` writes ``NAME_k.png``, the
+Command line: ``python -m ego_ros.toy.camera views OUT_DIR [--views N]`` writes ``NAME_k.png``, the
 reference views of each personal instance, for ``ego-ros register NAME OUT_DIR/NAME_*.png``.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ego_ros.testing.toy_world import Instance, Scene, personal_instances, random_instance, render_scene, view_of
+from ego_ros.toy.world import Instance, Scene, personal_instances, random_instance, render_scene, view_of
 
 # Names of the personal instances, in order (ordinary names: the toy model learned made-up syllables, not these).
 NAMES = ("Rex", "Anna", "Milo", "Kiki", "Otto", "Luna")
@@ -130,7 +130,7 @@ def write_reference_views(out_dir: Path, camera: ToyCamera, count: int) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ego_ros.testing.toy_camera", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ego_ros.toy.camera", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     views = commands.add_parser("views", help="write NAME_k.png: reference views of each personal instance")
     views.add_argument("out_dir", type=Path)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ego_ros.engine import prompts
 
-from .scenes import Instance, Scene, look_alike, random_instance, render_scene
+from .world import Instance, Scene, look_alike, random_instance, render_scene
 
 TOKEN_PX = 28  # one Qwen2.5-VL visual token covers a 28 x 28 px block (2 x 2 patches of 14 px)
 # Two phases: first the model learns to see (describing scenes, one image a question, cheap), then to use memories.
