@@ -24,6 +24,7 @@ setup(
     packages=find_packages(include=["ego_ros", "ego_ros.*"]),
     package_data={"ego_ros.ros": ["tools.json"],  # the services as LLM tools (ego_ros/ros/tools.py)
                   "ego_ros.testing": ["presets/*.json"],  # real architectures for benchmarks (real_sizes.py)
+                  "ego_ros.toy": ["model/*"],  # the committed toy model and its card (ego_ros/toy/__init__.py)
                   "ego_ros.web": ["static/*"]},  # the teleop page's HTML, CSS and JavaScript (ego-ros web)
     install_requires=requirements,
     entry_points={"console_scripts": ["ego-ros = ego_ros.cli:main"]},

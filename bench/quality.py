@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The method's quality on the trained toy model: calibration, localisation, recognition, boxes, regions, §3.5.
 
-Trains the toy model first if ``--model`` is not there yet (about 10 minutes on 2 cores). Prints Markdown tables
+Measures the committed toy model (or ``--model``, trained first if it is not there yet). Prints Markdown tables
 (the README's "Quality on the trained toy model") and writes them with every figure to ``OUT/quality.json``; with
 ``--figures DIR``, the pictures too: ``toy_world.png`` (scenes, main subject outlined), ``calibration.png`` (the
 per-layer plot) and ``show_my_mug.png`` (Fig. 3: what one concept's memory kept).
@@ -9,7 +9,7 @@ per-layer plot) and ``show_my_mug.png`` (Fig. 3: what one concept's memory kept)
 Examples::
 
     python bench/quality.py
-    python bench/quality.py --model build/toy-model --concepts 10 --out bench/out
+    python bench/quality.py --model build/my-toy-model --concepts 10 --out bench/out
     python bench/quality.py --figures docs      # also regenerate the README's pictures
     python bench/quality.py --recognition-orders   # only recognition, concept first versus image first
 """
@@ -42,7 +42,8 @@ RUNS = [("none", 1), ("keywords", 1), ("random", 1), ("full", 1), ("ego", 1), ("
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=Path("build/toy-model"), help="toy model folder")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="toy model folder (default: the committed one, ego_ros/toy/model)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--calibration-images", type=int, default=100)
     parser.add_argument("--localisation-images", type=int, default=100)
@@ -128,13 +129,16 @@ def recognise(ego: Ego, args) -> dict:
     positives = sum(data.present(s, n) for s in data.tests for n in data.concepts)
     print(f"\n### Recognition of personal instances ({len(data.concepts)} concepts, {len(data.tests)} test images, "
           f"{positives} positive of {len(data.tests) * len(data.concepts)} questions)\n")
-    print("| method | views | precision | recall | F1 | accuracy |\n|---|---|---|---|---|---|")
+    print("| method | views | precision | recall | F1 | accuracy | look-alikes rejected | other objects rejected |"
+          "\n|---|---|---|---|---|---|---|---|")
     table = {}
-    for (method, views), score in scores.items():
+    for (method, views), result in scores.items():
+        score, rejected = result.score, result.rejected
         print(f"| {METHODS[method]} | {views} | {100 * score.precision:.1f} | {100 * score.recall:.1f} | "
-              f"{100 * score.f1:.1f} | {100 * score.accuracy:.1f} |")
+              f"{100 * score.f1:.1f} | {100 * score.accuracy:.1f} | {100 * rejected['look-alikes']:.0f}% | "
+              f"{100 * rejected['other objects']:.0f}% |")
         table[f"{method}/{views}"] = {"precision": score.precision, "recall": score.recall, "f1": score.f1,
-                                      "accuracy": score.accuracy}
+                                      "accuracy": score.accuracy, "rejected": rejected}
     print(f"\n(introducing a concept from 5 views: {seconds_per_concept:.2f} s on this CPU)")
     return {"runs": table, "seconds_per_concept": seconds_per_concept}
 
@@ -162,12 +166,14 @@ def recognition_orders(ego: Ego, args) -> dict:
           "\n|---|---|---|---|---|---|")
     table = {}
     for run in runs:
-        first, after = scores["concept_first"][run], scores["image_first"][run]
+        first, after = scores["concept_first"][run].score, scores["image_first"][run].score
         print(f"| {METHODS[run[0]]} | {run[1]} | {100 * first.f1:.1f} | {100 * after.f1:.1f} | "
               f"{100 * first.accuracy:.1f} | {100 * after.accuracy:.1f} |")
-        table[f"{run[0]}/{run[1]}"] = {order: {"precision": scores[order][run].precision,
-                                               "recall": scores[order][run].recall, "f1": scores[order][run].f1,
-                                               "accuracy": scores[order][run].accuracy}
+        table[f"{run[0]}/{run[1]}"] = {order: {"precision": scores[order][run].score.precision,
+                                               "recall": scores[order][run].score.recall,
+                                               "f1": scores[order][run].score.f1,
+                                               "accuracy": scores[order][run].score.accuracy,
+                                               "rejected": scores[order][run].rejected}
                                        for order in RECOGNITION_ORDERS}
     print(f"\n(all {len(runs)} runs over the test images: {seconds['concept_first']:.0f} s concept first, "
           f"{seconds['image_first']:.0f} s image first, on this CPU)")

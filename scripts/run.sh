@@ -7,8 +7,8 @@
 #   EGO_ROS_MODEL=/models/Qwen2.5-VL-7B-Instruct bash scripts/run.sh      # your model; start a camera yourself
 #   bash scripts/run.sh --ros-args -p recognition_rate_hz:=1.0            # the rest goes to the node
 #
-# Without EGO_ROS_MODEL it runs the toy world on any machine: the trained toy model ($EGO_ROS_TOY_MODEL, else
-# build/toy-model: trained here once, about 12 minutes on two cores, then reused), its three personal instances
+# Without EGO_ROS_MODEL it runs the toy world on any machine: the trained toy model ($EGO_ROS_TOY_MODEL, else the
+# committed one in ego_ros/toy/model/), its three personal instances
 # registered once as Rex, Anna and Milo (in $EGO_ROS_MEMORY_DIR, else build/toy-memory), and the toy-world camera
 # (`ego-ros camera toy` on camera/image_raw), which pans across them, so recognitions and answers start at once.
 set -euo pipefail
@@ -26,8 +26,8 @@ if [[ -n $model ]]; then
 fi
 
 # --- the toy world ----------------------------------------------------------------------------------------------
-model=${EGO_ROS_TOY_MODEL:-$repo/build/toy-model}
-"$venv/bin/python" -m ego_ros.toy model "$model"  # trains it if missing or stale, else reuses it
+model=${EGO_ROS_TOY_MODEL:-$repo/ego_ros/toy/model}
+"$venv/bin/python" -m ego_ros.toy model ${EGO_ROS_TOY_MODEL:+"$model"}  # the committed one must match the recipe
 memory=${EGO_ROS_MEMORY_DIR:-$repo/build/toy-memory}
 # The concepts belong to these weights: registered again whenever the toy model was retrained.
 trained=$("$venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["recipe_hash"])' \

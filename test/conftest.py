@@ -75,12 +75,12 @@ def make_view():
 
 @pytest.fixture(scope="session")
 def toy_model_dir():
-    """The trained toy model: $EGO_ROS_TOY_MODEL or build/toy-model, trained first if missing or stale
-    (scripts/test.sh does that before the suite, so its progress shows)."""
+    """The trained toy model: $EGO_ROS_TOY_MODEL (trained there first if missing or stale), else the committed one,
+    which must match the recipe as it is (test_toy_world checks that on its own too)."""
     import os
     from pathlib import Path
 
     from ego_ros.toy import model_dir
 
-    default = Path(__file__).resolve().parents[1] / "build" / "toy-model"
-    return model_dir(Path(os.environ.get("EGO_ROS_TOY_MODEL") or default))
+    chosen = os.environ.get("EGO_ROS_TOY_MODEL")
+    return model_dir(Path(chosen) if chosen else None)

@@ -177,11 +177,13 @@ def test_training_samples_use_the_engine_prompts(ego):
         for p in samples[0].parts if not isinstance(p, str))
 
 
-SMALL = dict(steps=2, describe_steps=1, batch_size=3, warmup_steps=1,
+SMALL = dict(vision_steps=2, vision_batch_size=2, steps=2, describe_steps=1, batch_size=3, warmup_steps=1,
+             circuit=False,
              text=(("hidden_size", 32), ("intermediate_size", 64), ("num_hidden_layers", 2),
                    ("num_attention_heads", 2), ("num_key_value_heads", 1),
                    ("rope_scaling", (("type", "mrope"), ("mrope_section", (2, 3, 3))))),
-             vision=(("hidden_size", 32), ("intermediate_size", 32), ("num_heads", 2)))
+             vision=(("hidden_size", 32), ("intermediate_size", 32), ("num_heads", 2), ("depth", 2),
+                     ("fullatt_block_indexes", (1,))))
 
 
 def test_training_is_deterministic_for_a_seed_and_loads_as_a_checkpoint(tmp_path):
@@ -209,3 +211,88 @@ def test_training_is_deterministic_for_a_seed_and_loads_as_a_checkpoint(tmp_path
     model_dir(runs[0], seed=0, recipe=recipe, progress=False)
     assert json.loads((runs[0] / RECIPE_FILE).read_text())["recipe_hash"] != "stale"
     assert (runs[0] / "model.safetensors").read_bytes() == weights[0]
+
+
+# --- the committed toy model --------------------------------------------------------------------------------------
+
+
+def test_the_committed_toy_model_is_the_recipes_and_replays_its_first_steps():
+    """The checkpoint in ego_ros/toy/model/ was made by the recipe as it is now (its card's hash), is small enough
+    to commit, says how it was made, and the recipe's first steps still give the losses its card recorded: recipe
+    and checkpoint cannot drift apart silently. (A recipe change retrains it: python -m ego_ros.toy train
+    ego_ros/toy/model.)"""
+    import torch
+
+    from ego_ros.toy import CHECKPOINT
+    from ego_ros.toy.train import RECIPE_FILE, REPLAYED_STEPS, Recipe, build, is_current, learn_to_see
+
+    assert is_current(CHECKPOINT), "the toy recipe changed: retrain ego_ros/toy/model and commit it with the change"
+    size = sum(f.stat().st_size for f in CHECKPOINT.iterdir())
+    assert size < 16 * 2**20, f"the committed toy model is {size / 2**20:.1f} MB"
+    card = json.loads((CHECKPOINT / RECIPE_FILE).read_text())
+    assert set(card["stages"]) == {"seeing", "describing", "writing", "using memories"}
+    assert "written by hand" in card["stages"]["writing"] and card["trained_on"]["cpus"] >= 1
+    assert card["seconds"] > 0 and card["parameters"] > 1_000_000
+
+    recipe = Recipe()
+    torch.set_num_threads(recipe.threads)
+    model, _, _, backend = build(0, recipe)
+    replayed = learn_to_see(model, backend, 0, recipe, progress=False, stop_at=REPLAYED_STEPS)["first_losses"]
+    recorded = card["stages"]["seeing"]["first_losses"]
+    assert len(recorded) == REPLAYED_STEPS
+    # float reductions differ between machines (CPU/GPU): a relative tolerance, far below what a changed recipe moves
+    assert replayed == pytest.approx(recorded, rel=2e-3)
+
+
+def test_training_data_never_draws_the_evaluations_seeds():
+    """Every training step draws from three numbers [seed, stage, step]; the toy world's scenes, instances, views
+    and the evaluation's sets draw from two: no training stream is an evaluation stream. Checked on what they
+    render: the first steps' scenes of every stage differ from the test sets' images."""
+    from ego_ros.evaluation import toy as protocol
+    from ego_ros.toy.train import STAGES, data_rng
+
+    tests = protocol.recognition_set(10, seed=3, views=1)
+    shown = {np.asarray(scene.image).tobytes() for scene in tests.tests}
+    shown |= {np.asarray(view).tobytes() for views in tests.references.values() for view in views}
+    for stage in STAGES:
+        for step in range(3):
+            drawn = world.render_scene(data_rng(0, stage, step))
+            assert np.asarray(drawn.image).tobytes() not in shown
+
+
+def test_the_written_heads_do_in_the_committed_model_what_circuit_py_says(toy_model_dir):
+    """On concept questions of seeds training never drew: the tag head gives image rows +1 and memory rows 0, in both
+    orders; the matchers give the memory rows of an instance that is in the image more evidence (attention on image
+    rows) than those of one that is not (image first), and the image rows likewise (concept first)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ego_ros.engine.backends.qwen2_5_vl import Qwen2_5_VLBackend
+    from ego_ros.toy import circuit
+    from ego_ros.toy.train import Recipe, build
+
+    _, tokenizer, image_processor, _ = build(0, Recipe())
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_model_dir, dtype=torch.float32).eval()
+    backend = Qwen2_5_VLBackend(model, tokenizer, image_processor, placeholder=prompts.CONCEPT_PLACEHOLDER,
+                                max_pixels=world.SIZE * world.SIZE)
+    d = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    for order, value in (("image_first", 0), ("concept_first", 1)):
+        samples, i = [], 0
+        while len(samples) < 24:  # one memory from the instance's tokens each, a yes/no question
+            sample = tasks.concept_question(np.random.default_rng([4242, i]), order)
+            i += 1
+            memories = [p for p in sample.parts if isinstance(p, tasks.MemoryRef)]
+            if sample.answer in ("Yes", "No") and len(memories) == 1 and len(memories[0].tokens) < 40:
+                samples.append(sample)
+        built, rows = circuit._prompts(backend, samples)
+        _, _, heads = circuit._run(model, backend, built, [0, 1])
+        layer, head = circuit.TAG_HEAD
+        tag = heads[layer][..., head * d]
+        assert tag[rows.image].mean() > 0.9 and tag[rows.memory].abs().mean() < 0.1
+        found = sum(heads[1][..., h * d + value] for _, h in circuit.MATCH_HEADS.values())
+        asking = rows.memory if order == "image_first" else rows.image
+        on_object = rows.codes[..., circuit.MATCH_COLUMNS["colour"]].sum(-1) > 0.5
+        rows_asking = [asking[b] & on_object[b] for b in range(len(samples))]
+        evidence = {answer: np.mean([float(found[b][rows_asking[b]].mean()) for b, s in enumerate(samples)
+                                     if s.answer == answer and rows_asking[b].any()]) for answer in ("Yes", "No")}
+        assert evidence["Yes"] > evidence["No"] + 0.1, (order, evidence)

@@ -107,10 +107,21 @@ def introduce(ego, data: RecognitionSet, on_concept=None) -> dict:
     return introduced
 
 
+@dataclass
+class ToyRecognition:
+    """The paper's recognition score of one (method, views), and the share of negatives it said "no" to, by kind:
+    "look-alikes" (an instance of the concept's kind and colour, another pattern or accent) and "other objects"."""
+
+    score: RecognitionScore
+    rejected: dict[str, float]
+
+
 def recognition(ego, data: RecognitionSet, introduced: dict, runs: list[tuple[str, int]], *, threshold: float = 0.5,
-                on_image=None) -> dict[tuple[str, int], RecognitionScore]:
+                on_image=None) -> dict[tuple[str, int], ToyRecognition]:
     """The paper's protocol for each (method, views) in ``runs``: every test image asked about every concept."""
     decisions: dict[tuple[str, int], list] = {run: [] for run in runs}
+    negatives: dict[tuple[str, int], dict[str, list[bool]]] = {
+        run: {"look-alikes": [], "other objects": []} for run in runs}
     intros = {  # the random method draws other tokens for each concept (seed i)
         run: {name: introduction(run[0], info, run[1], seed=i) for i, (name, info) in enumerate(introduced.items())}
         for run in runs}
@@ -118,10 +129,22 @@ def recognition(ego, data: RecognitionSet, introduced: dict, runs: list[tuple[st
         (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
         for run in runs:
             for name, p_yes in ego.yes_probabilities(encoded, intros[run]).items():
-                decisions[run].append((name, p_yes > threshold, data.present(scene, name)))
+                present = data.present(scene, name)
+                decisions[run].append((name, p_yes > threshold, present))
+                if not present:
+                    negatives[run][negative_kind(scene, data.concepts[name])].append(p_yes <= threshold)
         if on_image is not None:
             on_image(done)
-    return {run: recognition_score(d) for run, d in decisions.items()}
+    return {run: ToyRecognition(recognition_score(d), {kind: float(np.mean(v)) if v else float("nan")
+                                                       for kind, v in negatives[run].items()})
+            for run, d in decisions.items()}
+
+
+def negative_kind(scene: Scene, instance: Instance) -> str:
+    """How a scene without ``instance`` is a negative for it: "look-alikes" when it shows an instance of the same
+    kind and colour (another pattern or accent), else "other objects"."""
+    same_look = any((o.instance.kind, o.instance.colour) == (instance.kind, instance.colour) for o in scene.objects)
+    return "look-alikes" if same_look else "other objects"
 
 
 # --- the many-concepts filter (§3.5) ------------------------------------------------------------------------------

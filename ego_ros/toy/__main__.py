@@ -4,6 +4,7 @@
 Examples::
 
     python -m ego_ros.toy scenes build/scenes --count 20 --seed 0
+    python -m ego_ros.toy model                          # the committed model's folder (checked current)
     python -m ego_ros.toy model build/toy-model          # trains only if not there yet
     python -m ego_ros.toy train build/toy-model --seed 1  # always trains
 """
@@ -24,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     scenes.add_argument("out_dir", type=Path)
     scenes.add_argument("--count", type=int, default=20)
     scenes.add_argument("--seed", type=int, default=0)
-    for name, text in (("model", "the trained toy model in OUT_DIR, trained first if missing or stale"),
-                       ("train", "train the toy model into OUT_DIR, even if it is there")):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("out_dir", type=Path)
-        sub.add_argument("--seed", type=int, default=0)
+    model = commands.add_parser("model", help="the committed toy model's folder; with OUT_DIR, the toy model in "
+                                              "OUT_DIR, trained first if missing or stale")
+    model.add_argument("out_dir", type=Path, nargs="?", default=None)
+    model.add_argument("--seed", type=int, default=0)
+    train = commands.add_parser("train", help="train the toy model into OUT_DIR, even if it is there")
+    train.add_argument("out_dir", type=Path)
+    train.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     if args.command == "scenes":
@@ -37,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         write_scenes(args.out_dir, args.count, args.seed)
         print(f"wrote {args.count} scenes to {args.out_dir} (NAME.png, NAME.mask.png, scenes.json)")
     elif args.command == "model":
-        path = model_dir(args.out_dir, seed=args.seed)
+        from . import StaleCheckpoint
+
+        try:
+            path = model_dir(args.out_dir, seed=args.seed)
+        except StaleCheckpoint as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(f"toy model ready in {path}")
     else:
         from .train import train

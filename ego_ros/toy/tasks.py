@@ -28,7 +28,7 @@ from PIL import Image
 
 from ego_ros.engine import prompts
 
-from .world import Instance, Scene, look_alike, random_instance, render_scene
+from .world import COLOURS, KINDS, PATTERNS, Instance, Scene, look_alike, random_instance, render_scene
 
 TOKEN_PX = 28  # one Qwen2.5-VL visual token covers a 28 x 28 px block (2 x 2 patches of 14 px)
 # Two phases: first the model learns to see (describing scenes, one image a question, cheap), then to use memories.
@@ -54,6 +54,9 @@ class MemoryRef:
     tokens: tuple[int, ...]
 
 
+ORDERS = ("concept_first", "image_first")  # where a concept question puts its memories: the engine's two orders
+
+
 @dataclass
 class Sample:
     task: str
@@ -63,6 +66,41 @@ class Sample:
     # Dense supervision at the prompt's image: per visual token, the word the model should predict there (the
     # colour of the object on it; for yes/no questions, whether the thing asked about is on it), None for none.
     token_words: list[str | None] | None = None
+    scenes: list[Scene] = field(default_factory=list)  # the scenes of ``images``, where a task keeps them
+
+
+# --- what each visual token shows: the attributes of the object on it ---------------------------------------------
+
+# An object's attributes, one group each; the vision tower learns to say them at every token the object covers, and
+# the decoder's matching heads compare memories and images on them (see train.py and circuit.py).
+ATTRIBUTES = {"kind": KINDS, "colour": tuple(COLOURS), "pattern": PATTERNS, "accent": tuple(COLOURS)}
+NONE = -1  # a token no object covers enough of, or a plain object's accent
+
+
+def token_attributes(scene: Scene) -> np.ndarray:
+    """Per visual token, the index of each attribute (``ATTRIBUTES`` order) of the object covering at least half
+    of it, ``NONE`` elsewhere: (N, 4) int."""
+    classes = np.full((token_coverage(scene.subject.mask).size, len(ATTRIBUTES)), NONE, dtype=np.int64)
+    for placed in scene.objects:
+        covered = token_coverage(placed.mask) >= 0.5
+        classes[covered] = attribute_indices(placed.instance)
+    return classes
+
+
+def attribute_indices(instance: Instance) -> list[int]:
+    values = (instance.kind, instance.colour, instance.pattern, instance.accent)
+    return [NONE if value is None else options.index(value) for options, value in zip(ATTRIBUTES.values(), values)]
+
+
+def attribute_codes(classes: np.ndarray) -> np.ndarray:
+    """One-hot codes of ``token_attributes`` rows, every group side by side, zeros for ``NONE``: (N, 25)."""
+    codes = []
+    for group, options in enumerate(ATTRIBUTES.values()):
+        one_hot = np.zeros((len(classes), len(options)), dtype=np.float32)
+        known = classes[:, group] != NONE
+        one_hot[np.flatnonzero(known), classes[known, group]] = 1.0
+        codes.append(one_hot)
+    return np.concatenate(codes, axis=1)
 
 
 def colour_words(scene: Scene) -> list[str | None]:
@@ -141,13 +179,14 @@ def _caption(rng) -> Sample:
     return Sample("caption", [ImageRef(0), prompts.CAPTION], caption(scene), [scene.image], colour_words(scene))
 
 
-def _concept(rng) -> Sample:
-    """In-context recognition of a personal instance from its memory, alone or among other concepts."""
+def _concept(rng, order: str | None = None) -> Sample:
+    """In-context recognition of a personal instance from its memory, alone or among other concepts, with the
+    memories before the image (``concept_first``) or after it (``image_first``); ``order`` None draws one."""
     instance = random_instance(rng, patterned=True)
     positive = rng.random() < 0.5
     test = _test_scene(rng, instance, positive)
     name = random_name(rng)
-    images = [test.image]
+    images, scenes = [test.image], [test]
     others = []
     if rng.random() < 0.3:  # several concepts in context, in the ask format
         names = {name}
@@ -157,28 +196,39 @@ def _concept(rng) -> Sample:
                 names.add(other_name)
                 others.append((other_name, random_instance(rng, patterned=True)))
     concepts = [(name, instance)] + others
-    order = rng.permutation(len(concepts))
+    shuffled = rng.permutation(len(concepts))
     intro: list = [prompts.CONCEPTS_HEADER] if others else []
-    for i in order:
+    for i in shuffled:
         concept_name, concept = concepts[int(i)]
-        intro += [prompts.CONCEPT_INTRO.format(name=concept_name), *_memory(rng, concept, images), ".\n"]
+        intro += [prompts.CONCEPT_INTRO.format(name=concept_name), *_memory(rng, concept, images, scenes), ".\n"]
     if others and rng.random() < 0.35:
         question, answer = prompts.LOCATE.format(name=name), where(test, instance)
     else:
         question, answer = prompts.RECOGNIZE.format(name=name), "Yes" if positive else "No"
-    return Sample("concept", intro + [ImageRef(0), question], answer, images,
-                  answer_words(test, lambda other: other == instance))
+    if others:  # several concepts come as the engine's ask puts them: before the image
+        order = "concept_first"
+    elif order is None:
+        order = ORDERS[int(rng.integers(len(ORDERS)))]
+    parts = [*intro, ImageRef(0), question] if order == "concept_first" else [ImageRef(0), *intro, question]
+    return Sample("concept", parts, answer, images, answer_words(test, lambda other: other == instance), scenes)
+
+
+def concept_question(rng, order: str) -> Sample:
+    """A concept question in ``order`` (several concepts always come first, as in the engine's ask); the matching
+    heads are fitted on these (see circuit.py)."""
+    return _concept(rng, order)
 
 
 _MAKERS = {"keywords": _keywords, "area": _area, "presence": _presence, "caption": _caption, "concept": _concept}
 
 
-def _memory(rng, instance: Instance, images: list[Image.Image]) -> list:
+def _memory(rng, instance: Instance, images: list[Image.Image], scenes: list[Scene]) -> list:
     """A concept's memory made without Ego: from a fresh reference view, or (rarely) its keywords as text."""
     if rng.random() < 0.1:
         return [", ".join(instance.keywords)]
     reference = render_scene(rng, instance)
     images.append(reference.image)
+    scenes.append(reference)
     if rng.random() < 0.7:
         tokens = object_tokens(reference.subject.mask)
     else:  # a random share of the whole view, background included

@@ -1,18 +1,31 @@
 # SPDX-License-Identifier: Apache-2.0
 """Train a small Qwen2.5-VL on the toy world, on a CPU, into a hub-style checkpoint that ``Ego.load`` reads.
 
-The model is the real ``Qwen2_5_VLForConditionalGeneration`` (6 decoder layers of width 128, a 2-block vision
-tower of width 64; 1.6 M parameters), its tokenizer trained on the toy world's words and the engine's prompts.
-Training has two phases: describing scenes (keywords, area, presence, caption: the model learns to see), then
-the full mix, in which concept tasks (a memory in context) are half the samples (see ``tasks``).
-Every training prompt is built by the engine's own backend (chat template, visual tokens, soft tokens written over
+The model is the real ``Qwen2_5_VLForConditionalGeneration`` (6 decoder layers of width 128, a 4-block vision
+tower of width 96), its tokenizer trained on the toy world's words and the engine's prompts. Training has three
+stages and one step written by hand:
+
+1. **seeing** (vision tower and projector alone): every visual token learns to say the attributes of the object on
+   it (kind, body colour, pattern, accent colour) through a linear read-out that is thrown away afterwards. The
+   decoder's tasks teach the body colour well and the personal details (pattern, accent) barely, so look-alikes
+   could not be told apart in the features; this stage puts the details there.
+2. **describing** (decoder, vision frozen): keywords, area, presence, caption (see ``tasks``).
+3. **matching heads written** (``circuit``): five heads of layers 0-2 fitted to those layers' own inputs (layer 0,
+   an identity from stage 2 on, holds only the tag head).
+4. **using memories** (layers 3-5 and the LM head; everything below frozen): the full mix, in which concept
+   questions, in both recognition orders, are half the samples.
+
+Every decoder prompt is built by the engine's own backend (chat template, visual tokens, soft tokens written over
 placeholder rows by the same embedding hook as at inference), so nothing about the format is re-implemented here.
 
-Deterministic for a seed on a given machine and torch build: the data of step i is drawn from ``[seed, i]``, the
-weights from ``seed``, and torch uses a fixed number of threads.
+Deterministic for a seed on a given machine and torch build: the data of step i of stage s is drawn from
+``[seed, s, i]`` (three numbers: the evaluation's seeds are two, so no stream is shared), the weights from
+``seed``, and torch uses a fixed number of threads.
 
 ``model_dir(out)`` returns a trained checkpoint, training it only when ``out`` holds none made by this recipe (the
-recipe's hash covers the sources of the toy world, the trainer, the tiny-model builder and the prompts).
+recipe's hash covers the sources of the toy world, the trainer, the circuit, the tiny-model builder and the
+prompts). The committed checkpoint (``ego_ros/toy/model/``) is one such folder; its card ``toy_world.json`` records
+how it was made.
 """
 
 from __future__ import annotations
@@ -20,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,27 +48,36 @@ from ego_ros.engine.backends.qwen2_5_vl import Qwen2_5_VLBackend
 from ego_ros.engine.soft_tokens import injected_rows
 from ego_ros.testing import tiny_qwen2_5_vl
 
-from . import tasks, world
+from . import circuit, tasks, world
 
 RECIPE_FILE = "toy_world.json"
 # Weight of the dense loss at the image's tokens beside the answer's: it teaches every visual token to say what is
 # on it (and whether it is the thing asked about) long before a single yes/no answer per image could.
 DENSE_WEIGHT = 1.0
+STAGES = {"seeing": 1, "describing": 2, "writing": 3, "using memories": 4}  # the stage number in each data seed
+REPLAYED_STEPS = 4  # the first losses of each stage, kept in the card for test/test_toy_world.py to replay
 
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: int = 1150
-    describe_steps: int = 350  # the first phase: single-image description tasks only (and cheaper steps)
-    batch_size: int = 16
+    vision_steps: int = 1500  # stage 1
+    vision_batch_size: int = 32
+    vision_learning_rate: float = 2e-3
+    describe_steps: int = 500  # stage 2
+    steps: int = 450  # stage 4
+    batch_size: int = 16  # stage 2; stage 4 uses twice as many
     learning_rate: float = 2e-3
-    warmup_steps: int = 40
+    memory_learning_rate: float = 1e-3  # stage 4
+    fit_samples: int = 96  # stage 3: concept questions per order the heads are fitted on
+    warmup_steps: int = 30
     weight_decay: float = 0.01
     threads: int = 2  # fixed, so that the float reductions (and so the weights) do not depend on the machine
     text: tuple = (("hidden_size", 128), ("intermediate_size", 384), ("num_hidden_layers", 6),
-                   ("num_attention_heads", 4), ("num_key_value_heads", 2),
+                   ("num_attention_heads", 4), ("num_key_value_heads", 4),
                    ("rope_scaling", (("type", "mrope"), ("mrope_section", (4, 6, 6)))))
-    vision: tuple = (("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 2))
+    vision: tuple = (("hidden_size", 96), ("intermediate_size", 192), ("num_heads", 2), ("depth", 4),
+                     ("fullatt_block_indexes", (1, 3)))
+    circuit: bool = True  # stage 3 (small test recipes leave it out: it needs 4 heads of width >= 32)
 
     def model_sizes(self) -> tuple[dict, dict]:
         def unfold(pairs):
@@ -63,12 +87,9 @@ class Recipe:
 
 
 def recipe_hash(recipe: Recipe, seed: int) -> str:
-    """Changes whenever anything that shapes the trained weights changes: sources, recipe, seed, library versions."""
-    import transformers
-
-    digest = hashlib.sha256(json.dumps([asdict(recipe), seed, torch.__version__, transformers.__version__],
-                                       default=str).encode())
-    for module in (world, tasks, tiny_qwen2_5_vl, prompts):
+    """Changes whenever anything that shapes the trained weights changes: sources, recipe, seed."""
+    digest = hashlib.sha256(json.dumps([asdict(recipe), seed], default=str).encode())
+    for module in (world, tasks, circuit, tiny_qwen2_5_vl, prompts):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -87,20 +108,22 @@ def toy_corpus() -> list[str]:
 def model_dir(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: bool = True) -> Path:
     """``out_dir`` holding a toy model of this recipe and seed, trained first if it is missing or stale."""
     out_dir = Path(out_dir)
-    try:
-        made = json.loads((out_dir / RECIPE_FILE).read_text())
-        if made.get("recipe_hash") == recipe_hash(recipe, seed) and (out_dir / "model.safetensors").is_file():
-            return out_dir
-    except (OSError, ValueError):
-        pass
+    if is_current(out_dir, seed=seed, recipe=recipe):
+        return out_dir
     return train(out_dir, seed=seed, recipe=recipe, progress=progress)
 
 
-def train(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: bool = True) -> Path:
-    """Train from scratch and write the checkpoint (and ``toy_world.json``: recipe, hash, losses) to ``out_dir``."""
-    from tqdm import tqdm
+def is_current(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe()) -> bool:
+    """Whether ``out_dir`` holds a checkpoint made by this recipe and seed."""
+    try:
+        made = json.loads((Path(out_dir) / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return made.get("recipe_hash") == recipe_hash(recipe, seed) and (Path(out_dir) / "model.safetensors").is_file()
 
-    torch.set_num_threads(recipe.threads)
+
+def build(seed: int, recipe: Recipe):
+    """The untrained model, its tokenizer, image processor and the engine backend over them."""
     text_sizes, vision_sizes = recipe.model_sizes()
     model, tokenizer, image_processor = tiny_qwen2_5_vl.make_qwen2_5_vl(
         seed=seed, max_pixels=world.SIZE * world.SIZE, placeholder=prompts.CONCEPT_PLACEHOLDER,
@@ -108,22 +131,169 @@ def train(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: 
         corpus=toy_corpus())
     backend = Qwen2_5_VLBackend(model, tokenizer, image_processor, placeholder=prompts.CONCEPT_PLACEHOLDER,
                                 max_pixels=world.SIZE * world.SIZE)
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(step, recipe))
+    return model, tokenizer, image_processor, backend
 
-    model.train()
-    started, losses, task_losses = time.perf_counter(), [], {}
-    bar = tqdm(range(recipe.steps), desc="training the toy model", unit="step", disable=not progress)
+
+def train(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: bool = True,
+          stop_after: str | None = None) -> Path:
+    """Train from scratch and write the checkpoint and its card ``toy_world.json`` to ``out_dir``.
+
+    ``stop_after`` (a stage name) ends training there and saves what there is (for trying the later stages).
+    """
+    torch.set_num_threads(recipe.threads)
+    model, tokenizer, image_processor, backend = build(seed, recipe)
+    card: dict = {"stages": {}}
+    run_stages(model, backend, seed, recipe, card, progress, stop_after=stop_after)
+    return save(out_dir, model, tokenizer, image_processor, seed, recipe, card)
+
+
+def run_stages(model, backend, seed: int, recipe: Recipe, card: dict, progress: bool, *, start: str = "seeing",
+               stop_after: str | None = None) -> None:
+    """The stages from ``start`` on, each recording its losses and time in ``card["stages"]``."""
+    names = list(STAGES)
+    for name in names[names.index(start):]:
+        started = time.perf_counter()
+        if name == "seeing":
+            record = learn_to_see(model, backend, seed, recipe, progress)
+        elif name == "describing":
+            record = train_decoder(model, backend, seed, recipe, name, progress)
+        elif name == "writing":
+            record = write_heads(model, backend, seed, recipe) if recipe.circuit else {"skipped": True}
+        else:
+            record = train_decoder(model, backend, seed, recipe, name, progress)
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        card["stages"][name] = record
+        if name == stop_after:
+            break
+    model.eval()
+
+
+def save(out_dir: Path, model, tokenizer, image_processor, seed: int, recipe: Recipe, card: dict) -> Path:
+    tiny_qwen2_5_vl.save_checkpoint(out_dir, model, tokenizer, image_processor)
+    import transformers
+
+    record = {"recipe_hash": recipe_hash(recipe, seed), "seed": seed, "recipe": asdict(recipe),
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "seconds": round(sum(stage["seconds"] for stage in card["stages"].values()), 1),
+              "trained_on": {"machine": platform.machine(), "processor": platform.processor() or "unknown",
+                             "cpus": os.cpu_count(), "threads": recipe.threads, "torch": torch.__version__,
+                             "transformers": transformers.__version__, "python": platform.python_version()},
+              **card}
+    (Path(out_dir) / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return Path(out_dir)
+
+
+def data_rng(seed: int, stage: str, step: int) -> np.random.Generator:
+    """The data of one step: three numbers, where every evaluation and test seed of the toy world is two."""
+    return np.random.default_rng([seed, STAGES[stage], step])
+
+
+# --- stage 1: seeing ----------------------------------------------------------------------------------------------
+
+
+def learn_to_see(model, backend, seed: int, recipe: Recipe, progress: bool, *, stop_at: int | None = None) -> dict:
+    """Train the vision tower and projector to put each object's attributes on every token it covers (``stop_at``:
+    only that many steps of the recipe's schedule, to replay its start)."""
+    from tqdm import tqdm
+
+    visual = model.model.visual
+    groups = list(tasks.ATTRIBUTES.values())
+    torch.manual_seed(seed)
+    readout = torch.nn.Linear(model.config.text_config.hidden_size, sum(len(g) + 1 for g in groups))
+    parameters = list(visual.parameters()) + list(readout.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.vision_learning_rate, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _learning_rate_factor(step, recipe.vision_steps, recipe.warmup_steps))
+    losses = []
+    visual.train()
+    steps = recipe.vision_steps if stop_at is None else min(stop_at, recipe.vision_steps)
+    bar = tqdm(range(steps), desc="toy model 1/4: seeing", unit="step", disable=not progress)
     for step in bar:
-        rng = np.random.default_rng([seed, step])
-        weights = tasks.DESCRIBE_WEIGHTS if step < recipe.describe_steps else tasks.TASK_WEIGHTS
-        batch = [tasks.make_sample(rng, weights) for _ in range(recipe.batch_size)]
+        rng = data_rng(seed, "seeing", step)
+        scenes = [_seeing_scene(rng) for _ in range(recipe.vision_batch_size)]
+        features = torch.stack([e.features for e in backend.encode([s.image for s in scenes], grad=True)])
+        logits = readout(features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6))  # (B, N, 29)
+        classes = torch.from_numpy(np.stack([tasks.token_attributes(s) for s in scenes]))  # (B, N, 4)
+        loss = _attribute_loss(logits, classes, groups)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    visual.eval()
+    visual.requires_grad_(False)
+    return _loss_record(losses)
+
+
+def _seeing_scene(rng) -> world.Scene:
+    """Half ordinary scenes, a quarter with a patterned main subject, a quarter with one small among others."""
+    draw = rng.random()
+    if draw < 0.5:
+        return world.render_scene(rng)
+    instance = world.random_instance(rng, patterned=True)
+    if draw < 0.75:
+        return world.render_scene(rng, instance)
+    return world.render_scene(rng, None, distractors=[instance, world.random_instance(rng)])
+
+
+def _attribute_loss(logits: torch.Tensor, classes: torch.Tensor, groups) -> torch.Tensor:
+    """Cross-entropy per attribute group, each with a last "none" class; tokens on an object weigh 3x."""
+    total, start = 0.0, 0
+    for g, options in enumerate(groups):
+        group_logits = logits[..., start : start + len(options) + 1].reshape(-1, len(options) + 1)
+        start += len(options) + 1
+        target = classes[..., g].reshape(-1)
+        on_object = target != tasks.NONE
+        target = torch.where(on_object, target, torch.full_like(target, len(options)))
+        weight = torch.where(on_object, 3.0, 1.0)
+        total = total + (torch.nn.functional.cross_entropy(group_logits, target, reduction="none") * weight).mean()
+    return total
+
+
+# --- stages 2 and 4: the decoder ----------------------------------------------------------------------------------
+
+
+def train_decoder(model, backend, seed: int, recipe: Recipe, stage: str, progress: bool) -> dict:
+    """Stage 2 trains the whole decoder on describing; stage 4 the layers above the written heads on the full mix."""
+    from tqdm import tqdm
+
+    describing = stage == "describing"
+    model.requires_grad_(False)
+    if describing:
+        layers = model.model.language_model.layers
+        trained = [model.model.language_model.embed_tokens, *layers, model.model.language_model.norm, model.lm_head]
+        if recipe.circuit:  # layer 0 stays an identity: the tag head is written there alone (see circuit)
+            circuit.silence(layers[0])
+            trained.remove(layers[0])
+        steps, batch_size, rate, weights = recipe.describe_steps, recipe.batch_size, recipe.learning_rate, \
+            tasks.DESCRIBE_WEIGHTS
+    else:
+        frozen = len(circuit.LAYERS) if recipe.circuit else 0
+        trained = [*model.model.language_model.layers[frozen:], model.model.language_model.norm, model.lm_head]
+        steps, batch_size, rate, weights = recipe.steps, 2 * recipe.batch_size, recipe.memory_learning_rate, \
+            tasks.TASK_WEIGHTS
+    parameters = [p for module in trained for p in module.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    end_of_turn = backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    optimizer = torch.optim.AdamW(parameters, lr=rate, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _learning_rate_factor(step, steps, recipe.warmup_steps))
+    model.train()
+    losses, task_losses = [], {}
+    number = list(STAGES).index(stage) + 1
+    bar = tqdm(range(steps), desc=f"toy model {number}/4: {stage}", unit="step", disable=not progress)
+    for step in bar:
+        rng = data_rng(seed, stage, step)
+        batch = [tasks.make_sample(rng, weights) for _ in range(batch_size)]
         per_sample = _losses(model, backend, batch, end_of_turn)
         loss = per_sample.mean()  # each answer's mean token loss: long captions do not drown the yes/no answers
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
@@ -133,27 +303,43 @@ def train(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: 
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}",
                             **{task: f"{np.mean(v[-200:]):.2f}" for task, v in sorted(task_losses.items())})
     model.eval()
+    model.requires_grad_(False)
+    return {**_loss_record(losses),
+            **{f"last_200_{task}": round(float(np.mean(v[-200:])), 4) for task, v in sorted(task_losses.items())}}
 
-    tiny_qwen2_5_vl.save_checkpoint(out_dir, model, tokenizer, image_processor)
-    record = {"recipe_hash": recipe_hash(recipe, seed), "seed": seed, "recipe": asdict(recipe),
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "seconds": round(time.perf_counter() - started, 1),
-              "loss": {"first_50_steps": float(np.mean(losses[:50])), "last_50_steps": float(np.mean(losses[-50:])),
-                       **{f"last_200_{task}": float(np.mean(v[-200:])) for task, v in sorted(task_losses.items())}},
-              "task_weights": {"describe": tasks.DESCRIBE_WEIGHTS, "all": tasks.TASK_WEIGHTS}}
-    (Path(out_dir) / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return Path(out_dir)
+
+# --- stage 3: the matching heads ----------------------------------------------------------------------------------
+
+
+def write_heads(model, backend, seed: int, recipe: Recipe) -> dict:
+    """Fit and write the matching heads (``circuit``) on concept questions of both orders."""
+    rng = data_rng(seed, "writing", 0)
+    samples = [tasks.concept_question(rng, order) for order in tasks.ORDERS for _ in range(recipe.fit_samples)]
+    samples = [s for s in samples if s.scenes and any(isinstance(p, tasks.MemoryRef) for p in s.parts)]
+    model.eval()
+    figures = circuit.install(model, backend, samples, log=lambda *_: None)
+    return {"written by hand": "layer 0 is an identity (attention output and MLP zero) but for head 3; layer 0 head 3, "
+                               "layer 1 heads 0-1 and layer 2 heads 0-1 (see ego_ros/toy/circuit.py) have their "
+                               "q/k/v/o weights set from least-squares fits to the layers' own inputs on "
+                               f"{len(samples)} concept questions; layers 0-2 are frozen from then on",
+            "fit": figures}
+
+
+def _loss_record(losses: list[float]) -> dict:
+    return {"steps": len(losses), "first_losses": [round(x, 6) for x in losses[:REPLAYED_STEPS]],
+            "first_50_steps": round(float(np.mean(losses[:50])), 4) if losses else None,
+            "last_50_steps": round(float(np.mean(losses[-50:])), 4) if losses else None}
 
 
 def _losses(model, backend: Qwen2_5_VLBackend, batch: list[tasks.Sample], end_of_turn: int) -> torch.Tensor:
     """Each sample's mean token cross-entropy over its answer (and end of turn), (B,)."""
     images = [image for sample in batch for image in sample.images]
-    encoded = backend.encode(images, grad=True)
+    encoded = backend.encode(images)  # the vision tower is frozen after stage 1
     prompts_, answers, start = [], [], 0
     for sample in batch:
         own = encoded[start : start + len(sample.images)]
         start += len(sample.images)
-        prompts_.append([_resolve(part, own) for part in sample.parts])
+        prompts_.append([resolve(part, own) for part in sample.parts])
         answers.append(backend.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [end_of_turn])
     built = backend.build(prompts_, responses=answers)
     with injected_rows(model, backend.injected_token_ids, built.injected):
@@ -178,7 +364,8 @@ def _first_token(tokenizer, word: str) -> int:
     return tokenizer(word, add_special_tokens=False)["input_ids"][0]
 
 
-def _resolve(part, encoded: list[EncodedImage]):
+def resolve(part, encoded: list[EncodedImage]):
+    """A sample's prompt part with its images encoded: an image, a memory's rows, or the text itself."""
     if isinstance(part, tasks.ImageRef):
         return encoded[part.index]
     if isinstance(part, tasks.MemoryRef):
@@ -186,9 +373,9 @@ def _resolve(part, encoded: list[EncodedImage]):
     return part
 
 
-def _learning_rate_factor(step: int, recipe: Recipe) -> float:
+def _learning_rate_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to a tenth."""
-    if step < recipe.warmup_steps:
-        return (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
