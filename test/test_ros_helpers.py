@@ -913,11 +913,11 @@ def test_node_settings_carry_the_engine_settings_and_refuse_an_unknown_recogniti
     rclpy.init(context=context)
     node = Node("settings_check", context=context, automatically_declare_parameters_from_overrides=True,
                 parameter_overrides=[Parameter("model", value="/models/m"),
-                                     Parameter("recognition_order", value="concept_first"),
+                                     Parameter("recognition_order", value="image_first"),
                                      Parameter("static_cache", value=True)])
     try:
         settings = Settings.from_node(node)
-        assert settings.recognition_order == "concept_first" and settings.static_cache is True
+        assert settings.recognition_order == "image_first" and settings.static_cache is True
         node.set_parameters([Parameter("recognition_order", value="sideways")])
         with pytest.raises(ValueError, match="recognition_order must be concept_first or image_first"):
             Settings.from_node(node)

@@ -50,10 +50,10 @@ class EgoConfig:
     # Keep the KV cache of the concept block that begins every question and reuse it while the concepts in
     # context stay the same (the answers are the same either way; see engine/prefix_cache.py).
     prefix_cache: bool = True
-    # Recognition prompt: "image_first" (the frame, then each concept: the frame is prefilled once for all concepts;
-    # several times faster with many concepts, and on the toy model as good: README) or "concept_first" (each
-    # concept's memory, then the frame: one whole prompt per concept).
-    recognition_order: str = "image_first"
+    # Recognition prompt: "concept_first" (each concept's memory, then the frame: one whole prompt per concept) or
+    # "image_first" (the frame, then each concept: the frame is prefilled once for all concepts; several times
+    # faster with many concepts, but on the toy model worse with several views: README).
+    recognition_order: str = "concept_first"
 
     def __post_init__(self):
         positive = ("max_tokens_per_view", "min_tokens_per_view", "keyword_max_new_tokens", "area_max_new_tokens",

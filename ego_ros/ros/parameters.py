@@ -43,9 +43,9 @@ PARAMETER_SPECS = {
     "max_concepts_in_context": (8, _describe("at most this many concept memories in one prompt (most similar first)", ints=(1, 256))),
     "video_frames": (8, _describe("frames sampled from the buffer window for a video question", ints=(1, 64))),
     "max_new_tokens": (128, _describe("default answer length bound, tokens", ints=(1, 8192))),
-    "recognition_order": ("image_first", _describe(
-        "recognition prompt: image_first (the frame prefilled once for all concepts: faster with many concepts) or "
-        "concept_first (one prompt per concept)")),
+    "recognition_order": ("concept_first", _describe(
+        "recognition prompt: concept_first (one prompt per concept) or image_first (the frame prefilled once for all "
+        "concepts: faster with many concepts)")),
     "static_cache": (False, _describe("decode with a static KV cache, compiled on a GPU: faster answers and "
                                       "registrations after a one-time compile")),
     "recognition_rate_hz": (0.0, _describe("how often each camera's latest frame is checked for concepts; 0 = off", floats=(0.0, 30.0))),
