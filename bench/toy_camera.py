@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Recognition along the toy camera's pan, against the camera's own ground truth: what the demo's events would say.
+
+The toy camera (``ego-ros camera toy``, ``scripts/run.sh``) pans across its personal instances and other objects;
+each frame knows which share of every object is in view. This registers the camera's instances from their
+reference views (as run.sh does), asks the engine about every frame of ``--seconds`` of the pan (``--every``
+seconds apart), and tallies per instance: how often it is said present when at least 60% of it is in view, and
+absent when none of it is (frames in between are not counted), with precision, recall and F1 over those frames.
+
+Examples::
+
+    python bench/toy_camera.py                        # the committed toy model, camera seed 0, 60 s
+    python bench/toy_camera.py --seed 7 --views 1 --order image_first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ego_ros import toy  # noqa: E402
+from ego_ros.engine import Ego  # noqa: E402
+from ego_ros.toy.camera import ToyCamera  # noqa: E402
+
+IN_VIEW = 0.6  # an instance counts as shown when this share of it is in the frame
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="toy model folder (default: the committed one)")
+    parser.add_argument("--seed", type=int, default=0, help="the camera's seed (its instances and shots)")
+    parser.add_argument("--instances", type=int, default=3)
+    parser.add_argument("--views", type=int, default=3, help="reference views registered per instance")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--every", type=float, default=1.0, help="seconds between the frames asked about")
+    parser.add_argument("--order", choices=("concept_first", "image_first"), default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the tally as JSON here")
+    args = parser.parse_args(argv)
+
+    model = toy.model_dir(args.model)
+    camera = ToyCamera(args.instances, seed=args.seed)
+    work = Path(tempfile.mkdtemp(prefix="ego-toy-camera-"))
+    ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
+    if args.order:
+        ego.config.recognition_order = args.order
+    for name in camera.names:
+        ego.register(name, camera.reference_views(name, args.views))
+    tally = {name: {"present": [], "absent": []} for name in camera.names}
+    times = np.arange(0.0, args.seconds, args.every)
+    for t in tqdm(times, desc="frames", unit="frame"):
+        frame = camera.frame_at(float(t))
+        said = ego.recognize(frame.image)
+        for name, instance in camera.names.items():
+            shown = max((s.fraction for s in frame.visible if s.instance == instance), default=0.0)
+            if shown >= IN_VIEW:
+                tally[name]["present"].append(said[name] > 0.5)
+            elif shown == 0.0:
+                tally[name]["absent"].append(said[name] <= 0.5)
+    rows = {}
+    for name, counts in tally.items():
+        present, absent = counts["present"], counts["absent"]
+        tp, fn, fp = sum(present), len(present) - sum(present), len(absent) - sum(absent)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        rows[name] = {"said present when in view": f"{tp}/{len(present)}",
+                      "said absent when out of view": f"{sum(absent)}/{len(absent)}",
+                      "precision": precision, "recall": recall,
+                      "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+    macro_f1 = float(np.mean([row["f1"] for row in rows.values()]))
+    print(f"\n### The toy camera, seed {args.seed}: {len(times)} frames over {args.seconds:.0f} s, "
+          f"{args.views} reference view(s) each, {ego.config.recognition_order}\n")
+    print("| instance | said present when >= 60% in view | said absent when out of view | precision | recall | F1 |")
+    print("|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} ({camera.names[name].phrase}) | {row['said present when in view']} | "
+              f"{row['said absent when out of view']} | {100 * row['precision']:.0f} | {100 * row['recall']:.0f} | "
+              f"{100 * row['f1']:.0f} |")
+    print(f"\nmacro F1 {100 * macro_f1:.1f}")
+    if args.out:
+        args.out.write_text(json.dumps({"seed": args.seed, "rows": rows, "macro_f1": macro_f1}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
