@@ -2,7 +2,7 @@
 """``ego-ros eval``: the paper's evaluation protocol on a dataset folder, with the baselines in the same run.
 
     ego-ros eval --model Qwen/Qwen2.5-VL-7B-Instruct --dataset yollava data/yollava --views 1 5 --out results/yollava
-    ego-ros eval --model build/toy-model --dataset toy build/toy-eval --out results/toy
+    ego-ros eval --model ego_ros/toy/model --dataset toy build/toy-eval --out results/toy
 
 The subcommand's arguments and handler; ``ego_ros.cli.commands`` registers them as "eval".
 """
