@@ -64,8 +64,7 @@ class Strengths:
     # that found the most measured worse: background rows find a little of everything)
     pool_memory: float = 0.0
     pool_image: float = 0.0
-    objects: float = 10.0  # pooling: logit for a row on an object (its code's colour part sums to 1): background
-    # rows are left out, they find a little of everything
+    objects: float = 10.0  # pooling: logit for a row on an object (its code's colour part sums to 1)
     side: float = 20.0  # pooling: bonus of the rows a pooling head reads (memory rows, or image rows)
     answer: float = 2.0  # pooling: written along lm_head(Yes) - lm_head(No), in typical norms, per unit
 
@@ -170,7 +169,7 @@ def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = 
             x[on_side] @ evidence_w + evidence_b, evidence[on_side][:, None])
         pool = strengths.pool_memory if side == "memory" else strengths.pool_image
         pooled = _pooled(evidence, objects, on_side, pool, strengths.objects)
-        threshold, figures["evidence"][f"pooled at {side} rows"] = _threshold(pooled, samples, on_side)
+        threshold, figures["evidence"][f"pooled at {side} rows"] = _threshold(pooled, samples)
         attn = backend.attention_module(layer)
         _clear(attn, head)
         keys = ((side_fit, strengths.side), ((evidence_w, evidence_b), pool),
@@ -199,7 +198,7 @@ def _pooled(evidence, objects, on_side, pool: float, object_weight: float) -> li
     return pooled
 
 
-def _threshold(pooled: list[float], samples: list[tasks.Sample], on_side) -> tuple[float, dict]:
+def _threshold(pooled: list[float], samples: list[tasks.Sample]) -> tuple[float, dict]:
     """The pooled evidence halfway between the yes and the no questions' means (where the side holds rows)."""
     yes = [p for p, s in zip(pooled, samples) if s.answer == "Yes" and not np.isnan(p)]
     no = [p for p, s in zip(pooled, samples) if s.answer == "No" and not np.isnan(p)]

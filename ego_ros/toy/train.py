@@ -2,8 +2,8 @@
 """Train a small Qwen2.5-VL on the toy world, on a CPU, into a hub-style checkpoint that ``Ego.load`` reads.
 
 The model is the real ``Qwen2_5_VLForConditionalGeneration`` (6 decoder layers of width 128, a 4-block vision
-tower of width 96), its tokenizer trained on the toy world's words and the engine's prompts. Training has three
-stages and one step written by hand:
+tower of width 96), its tokenizer trained on the toy world's words and the engine's prompts. Three training stages
+and, between the second and the last, one step written by hand:
 
 1. **seeing** (vision tower and projector alone): every visual token learns to say the attributes of the object on
    it (kind, body colour, pattern, accent colour) through a linear read-out that is thrown away afterwards. The
@@ -215,11 +215,7 @@ def learn_to_see(model, backend, seed: int, recipe: Recipe, progress: bool, *, s
         logits = readout(features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6))  # (B, N, 29)
         classes = torch.from_numpy(np.stack([tasks.token_attributes(s) for s in scenes]))  # (B, N, 4)
         loss = _attribute_loss(logits, classes, groups)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        _step(optimizer, schedule, parameters, loss)
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
@@ -291,11 +287,7 @@ def train_decoder(model, backend, seed: int, recipe: Recipe, stage: str, progres
         batch = [tasks.make_sample(rng, weights) for _ in range(batch_size)]
         per_sample = _losses(model, backend, batch, end_of_turn)
         loss = per_sample.mean()  # each answer's mean token loss: long captions do not drown the yes/no answers
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        _step(optimizer, schedule, parameters, loss)
         losses.append(loss.item())
         for sample, value in zip(batch, per_sample.tolist()):
             task_losses.setdefault(sample.task, []).append(value)
@@ -323,6 +315,15 @@ def write_heads(model, backend, seed: int, recipe: Recipe) -> dict:
                                "q/k/v/o weights set from least-squares fits to the layers' own inputs on "
                                f"{len(samples)} concept questions; layers 0-2 are frozen from then on",
             "fit": figures}
+
+
+def _step(optimizer, schedule, parameters, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``: gradients clipped to norm 1, then the schedule's next learning rate."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
 
 
 def _loss_record(losses: list[float]) -> dict:
