@@ -296,3 +296,23 @@ def test_the_written_heads_do_in_the_committed_model_what_circuit_py_says(toy_mo
         evidence = {answer: np.mean([float(found[b][rows_asking[b]].mean()) for b, s in enumerate(samples)
                                      if s.answer == answer and rows_asking[b].any()]) for answer in ("Yes", "No")}
         assert evidence["Yes"] > evidence["No"] + 0.1, (order, evidence)
+
+
+def test_a_stale_committed_model_is_refused_with_the_way_to_retrain_it(tmp_path, monkeypatch, capsys):
+    """A committed checkpoint whose card's hash is not the recipe's is an error naming the command that retrains
+    it, from Python and from `python -m ego_ros.toy model`; nothing is trained or written."""
+    from ego_ros.toy import StaleCheckpoint
+    from ego_ros.toy.__main__ import main
+    from ego_ros.toy.train import RECIPE_FILE
+
+    card = json.loads((toy_world.CHECKPOINT / RECIPE_FILE).read_text())
+    card["recipe_hash"] = "stale"
+    (tmp_path / RECIPE_FILE).write_text(json.dumps(card))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(toy_world, "CHECKPOINT", tmp_path)
+    with pytest.raises(StaleCheckpoint, match="python -m ego_ros.toy train"):
+        toy_world.model_dir()
+    assert main(["model"]) == 1
+    assert "was not made by the recipe as it is now" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([RECIPE_FILE, "model.safetensors"])
+    assert (tmp_path / "model.safetensors").read_bytes() == b""
