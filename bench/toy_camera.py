@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ego_ros import toy  # noqa: E402
 from ego_ros.engine import Ego  # noqa: E402
 from ego_ros.toy.camera import ToyCamera  # noqa: E402
-
-IN_VIEW = 0.6  # an instance counts as shown when this share of it is in the frame
+from ego_ros.toy.tally import Tally  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -53,39 +52,18 @@ def main(argv=None) -> int:
         ego.config.recognition_order = args.order
     for name in camera.names:
         ego.register(name, camera.reference_views(name, args.views))
-    tally = {name: {"present": [], "absent": []} for name in camera.names}
+    tally = Tally(camera)
     times = np.arange(0.0, args.seconds, args.every)
     for t in tqdm(times, desc="frames", unit="frame"):
         frame = camera.frame_at(float(t))
         said = ego.recognize(frame.image)
-        for name, instance in camera.names.items():
-            shown = max((s.fraction for s in frame.visible if s.instance == instance), default=0.0)
-            if shown >= IN_VIEW:
-                tally[name]["present"].append(said[name] > 0.5)
-            elif shown == 0.0:
-                tally[name]["absent"].append(said[name] <= 0.5)
-    rows = {}
-    for name, counts in tally.items():
-        present, absent = counts["present"], counts["absent"]
-        tp, fn, fp = sum(present), len(present) - sum(present), len(absent) - sum(absent)
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        rows[name] = {"said present when in view": f"{tp}/{len(present)}",
-                      "said absent when out of view": f"{sum(absent)}/{len(absent)}",
-                      "precision": precision, "recall": recall,
-                      "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
-    macro_f1 = float(np.mean([row["f1"] for row in rows.values()]))
+        tally.add(frame, {name for name, p in said.items() if p > 0.5})
     print(f"\n### The toy camera, seed {args.seed}: {len(times)} frames over {args.seconds:.0f} s, "
           f"{args.views} reference view(s) each, {ego.config.recognition_order}\n")
-    print("| instance | said present when >= 60% in view | said absent when out of view | precision | recall | F1 |")
-    print("|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        print(f"| {name} ({camera.names[name].phrase}) | {row['said present when in view']} | "
-              f"{row['said absent when out of view']} | {100 * row['precision']:.0f} | {100 * row['recall']:.0f} | "
-              f"{100 * row['f1']:.0f} |")
-    print(f"\nmacro F1 {100 * macro_f1:.1f}")
+    print(tally.table())
     if args.out:
-        args.out.write_text(json.dumps({"seed": args.seed, "rows": rows, "macro_f1": macro_f1}, indent=2) + "\n")
+        rows = {name: dict(vars(c), precision=c.precision, recall=c.recall, f1=c.f1) for name, c in tally.rows.items()}
+        args.out.write_text(json.dumps({"seed": args.seed, "rows": rows, "macro_f1": tally.macro_f1}, indent=2) + "\n")
     return 0
 
 

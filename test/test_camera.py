@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,6 +209,10 @@ def test_a_source_that_does_not_open_is_one_error_line_and_nothing_is_published(
     status, stderr = finish(start_camera(client.domain, "toy", "--rate", "0"), timeout=30)
     assert status == 2 and stderr.strip().startswith("ego-ros: error: argument --rate: expected a positive rate")
     assert len(stderr.strip().splitlines()) == 1
+    status, stderr = finish(start_camera(client.domain, tmp_path / "broken.png", "--grade", "ego/recognitions"),
+                            timeout=30)  # only the toy world knows what its frames show
+    assert status == 2 and stderr.strip() == ("ego-ros: error: --grade needs the toy camera (ego-ros camera toy): "
+                                              "only the toy world knows what its frames show"), stderr
     assert client.node.count_publishers("/camera/image_raw") == 0
     assert received == []
 
@@ -250,4 +255,11 @@ def test_run_sh_without_a_model_serves_the_toy_model_with_the_toy_camera(client,
             log.close()
     with pytest.raises(ProcessLookupError):  # nothing left of run.sh: the node and the camera ended with it
         os.killpg(run.pid, 0)
-    assert "camera: published" in (tmp_path / "run.log").read_text()  # the camera stopped cleanly
+    said = (tmp_path / "run.log").read_text()
+    assert "camera: published" in said  # the camera stopped cleanly
+    # ... and printed its tally of the node's events against what their frames showed, the first one among them.
+    graded = re.search(r"recognition events against what their frames showed \((\d+) events graded", said)
+    assert graded and int(graded.group(1)) >= 1, said[-3000:]
+    assert all(re.search(rf"^\| {name} \(.+\) \| \d+/\d+ \| \d+/\d+ \|", said, re.M)
+               for name in ("Rex", "Anna", "Milo")), said[-3000:]
+    assert "macro F1" in said

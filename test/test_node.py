@@ -578,6 +578,12 @@ def test_live_parameters_enable_and_the_last_forget_sends_disappeared(graph):
     set_tokens(8)
     (result,) = set_parameter(client, "recognition_threshold", 0.5, node="/ego")
     assert result.successful
+    (result,) = set_parameter(client, "recognition_hysteresis", 0.0, node="/ego")  # live, in its range only
+    assert result.successful, result.reason
+    (refused,) = set_parameter(client, "recognition_hysteresis", 1.5, node="/ego")
+    assert not refused.successful
+    (result,) = set_parameter(client, "recognition_hysteresis", 0.1, node="/ego")
+    assert result.successful
 
 
 # --- lifecycle faults: each runs its own node -------------------------------------------------------------------

@@ -859,6 +859,12 @@ def test_thresholds_change_live_and_presence_is_kept():
     assert tracker.update({"mug": 0.7}).disappeared == [] and tracker.update({"mug": 0.7}).disappeared == ["mug"]
     with pytest.raises(ValueError, match="off_threshold"):
         tracker.set_thresholds(0.5, 0.6)
+    assert tracker.update({"mug": 0.95}).appeared == ["mug"]
+    tracker.set_thresholds(0.9, 0.9, min_off_frames=1)  # no hysteresis: one check below is gone
+    assert tracker.update({"mug": 0.89}).disappeared == ["mug"]
+    with pytest.raises(ValueError, match="min_off_frames"):
+        tracker.set_thresholds(0.9, 0.9, min_off_frames=0)
+    assert tracker.min_off_frames == 1
 
 
 def test_clients_refuse_a_name_with_a_nul_and_an_empty_box_before_sending():

@@ -316,3 +316,30 @@ def test_a_stale_committed_model_is_refused_with_the_way_to_retrain_it(tmp_path,
     assert "was not made by the recipe as it is now" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([RECIPE_FILE, "model.safetensors"])
     assert (tmp_path / "model.safetensors").read_bytes() == b""
+
+
+def test_the_tally_grades_what_was_said_against_what_each_frame_showed():
+    from ego_ros.toy.camera import ToyCamera
+    from ego_ros.toy.tally import IN_VIEW, Tally
+
+    camera = ToyCamera(seed=0)
+    frames = [camera.frame_at(t) for t in np.arange(0.0, 30.0, 0.5)]
+
+    def truth(frame, share):
+        return {name for name, instance in camera.names.items() if frame.shows(instance, share)}
+
+    honest, always, never = Tally(camera), Tally(camera), Tally(camera)
+    for frame in frames:
+        honest.add(frame, truth(frame, IN_VIEW))
+        always.add(frame, set(camera.names))
+        never.add(frame, set())
+    assert honest.macro_f1 == 1.0 and all(c.shown and c.hidden for c in honest.rows.values())
+    for name, c in always.rows.items():  # "yes" to everything: all shown frames found, every hidden one wrong
+        assert (c.said_present, c.said_absent) == (c.shown, 0) and c.recall == 1.0 and c.precision < 0.5
+        shown = sum(frame.shows(camera.names[name], IN_VIEW) for frame in frames)
+        hidden = sum(not any(s.instance == camera.names[name] for s in frame.visible) for frame in frames)
+        assert (c.shown, c.hidden) == (shown, hidden) and shown + hidden < len(frames)  # slivers are not counted
+    assert never.macro_f1 == 0.0 and all(c.said_absent == c.hidden for c in never.rows.values())
+    table = honest.table()
+    assert f"| Rex ({camera.names['Rex'].phrase}) | " in table
+    assert table.endswith(f"macro F1 100.0 over {len(frames)} frames")

@@ -276,6 +276,9 @@ def camera_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true",
                    help="a video file or folder: stop at its end (default: start over)")
     p.add_argument("--count", type=positive_int, default=None, metavar="N", help="stop after N frames")
+    p.add_argument("--grade", default=None, metavar="TOPIC",
+                   help="toy only: grade the node's recognition events on TOPIC (e.g. ego/recognitions) against "
+                        "what each frame showed, and print the tally when stopped")
     p.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[], metavar="ARG",
                    help="the rest goes to the camera's ROS node, e.g. --ros-args -r __ns:=/robot1")
 

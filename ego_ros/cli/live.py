@@ -249,6 +249,9 @@ def cmd_camera(args: argparse.Namespace) -> int:
     """Open SOURCE first (one error line and exit 1 if it does not open: nothing is published), then publish it."""
     from ego_ros.ros.camera_sources import DEFAULT_RATE, open_source
 
+    if args.grade and args.source.strip() != "toy":
+        raise UsageError("--grade needs the toy camera (ego-ros camera toy): only the toy world knows what its "
+                         "frames show")
     source = open_source(args.source, loop=not args.once)  # SourceError (an OSError): ego-ros: error: ..., exit 1
     try:
         from ego_ros.ros.camera import publish
@@ -258,7 +261,8 @@ def cmd_camera(args: argparse.Namespace) -> int:
                          "ROS 2 install") from None
     rest = list(args.ros_args)
     publish(source, topic=args.topic, rate=args.rate or source.rate or DEFAULT_RATE, frame_id=args.frame_id,
-            compressed=args.compressed, count=args.count, ros_args=rest[1:] if rest[:1] == ["--ros-args"] else rest)
+            compressed=args.compressed, count=args.count, ros_args=rest[1:] if rest[:1] == ["--ros-args"] else rest,
+            grade=args.grade)
     return 0
 
 

@@ -50,6 +50,9 @@ PARAMETER_SPECS = {
                                       "registrations after a one-time compile")),
     "recognition_rate_hz": (0.0, _describe("how often each camera's latest frame is checked for concepts; 0 = off", floats=(0.0, 30.0))),
     "recognition_threshold": (0.5, _describe("probability above which a concept counts as present", floats=(0.0, 1.0))),
+    "recognition_hysteresis": (0.1, _describe(
+        "a present concept is announced gone once its score stays below recognition_threshold minus this for two "
+        "checks; 0: no hysteresis, each check's own score decides", floats=(0.0, 1.0))),
     "autostart": (False, _describe("configure and activate at start-up instead of waiting for lifecycle transitions")),
 }
 PARAMETERS = {name: default for name, (default, _) in PARAMETER_SPECS.items()}
@@ -74,6 +77,16 @@ class Settings:
     static_cache: bool
     recognition_rate_hz: float
     recognition_threshold: float
+    recognition_hysteresis: float
+
+    @property
+    def recognition_off_threshold(self) -> float:
+        return max(0.0, self.recognition_threshold - self.recognition_hysteresis)
+
+    @property
+    def recognition_off_frames(self) -> int:
+        """Checks in a row below the off threshold before a concept is gone: one without hysteresis."""
+        return 2 if self.recognition_hysteresis > 0 else 1
 
     @classmethod
     def from_node(cls, node) -> "Settings":
@@ -98,4 +111,5 @@ class Settings:
             recognition_order=str(p["recognition_order"]), static_cache=bool(p["static_cache"]),
             recognition_rate_hz=float(p["recognition_rate_hz"]),
             recognition_threshold=float(p["recognition_threshold"]),
+            recognition_hysteresis=float(p["recognition_hysteresis"]),
         )
