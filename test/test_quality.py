@@ -30,10 +30,9 @@ def test_the_toy_model_names_the_colour_of_the_main_subject_of_scenes_it_never_s
         info = toy_ego.register("probe", [scene.image], area_percent=10)
         toy_ego.forget("probe")
         said.append(info.traces[0].keywords[:1] == [scene.subject.instance.colour])
-    # Eight colours: chance is 1 in 8. The model with written heads measured 0.46 here (its describing paid for them:
-    # layers 0-2 are frozen under the heads and layers 3-5 relearn describing beside memories; the model before
-    # them said 60% or more).
-    assert np.mean(said) >= 0.35
+    # Eight colours: chance is 1 in 8. The model measured 0.83 here (0.46 when its layers above the written heads
+    # had trained 450 steps instead of 1,350: describing pays for the heads until they relearn it).
+    assert np.mean(said) >= 0.6
 
 
 def test_keyword_attention_finds_the_subject_and_calibration_finds_the_best_layers(toy_ego):
@@ -81,15 +80,16 @@ def test_a_box_says_which_object_of_a_cluttered_view_is_meant(toy_ego):
     assert boxed["among others"] > whole["among others"]
 
 
-F1_FLOOR = {"image_first": 0.18, "concept_first": 0.18}
-F1_MARGIN = {"image_first": 0.12, "concept_first": 0.12}  # over the name alone
+F1_FLOOR = {"image_first": 0.28, "concept_first": 0.3}
+F1_MARGIN = {"image_first": 0.12, "concept_first": 0.15}  # over the name alone
+LOOK_ALIKES_REJECTED = {"image_first": 0.3, "concept_first": 0.55}
 
 
 def test_a_memory_in_context_recognises_the_instance_better_than_its_name_alone(toy_ego):
     """The paper's protocol on 6 concepts (24 positives, 12 look-alike images): Ego's memory must beat the name
-    alone by a margin in both orders. A change that stopped the memory from reaching the model (its injection, the
-    written heads) falls to the name alone's figures and fails. Measured on these seeds: F1 0.284 image first,
-    0.325 concept first, 0.061 for the name alone; look-alikes are not held (rejected 15% and 70%: see README)."""
+    alone by a margin in both orders, and reject look-alikes. A change that stopped the memory from reaching the
+    model (its injection, the written heads) falls to the name alone's figures and fails. Measured on these seeds:
+    F1 0.355 image first, 0.404 concept first, 0.197 for the name alone; look-alikes rejected 45% and 75%."""
     data = toy.recognition_set(6, seed=11, views=1, positives=4, look_alikes=2)
     introduced = toy.introduce(toy_ego, data)
     runs = [("ego", 1), ("none", 1)]
@@ -103,6 +103,7 @@ def test_a_memory_in_context_recognises_the_instance_better_than_its_name_alone(
                   f"rejected {ego.rejected['look-alikes']:.2f}, other objects {ego.rejected['other objects']:.2f}")
             assert ego.score.f1 >= name_alone.score.f1 + F1_MARGIN[order], order
             assert ego.score.f1 >= F1_FLOOR[order], order
+            assert ego.rejected["look-alikes"] >= LOOK_ALIKES_REJECTED[order], order
     finally:
         toy_ego.config.recognition_order = default
         for name in data.concepts:

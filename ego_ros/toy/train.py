@@ -64,7 +64,7 @@ class Recipe:
     vision_batch_size: int = 32
     vision_learning_rate: float = 2e-3
     describe_steps: int = 500  # stage 2
-    steps: int = 450  # stage 4
+    steps: int = 1350  # stage 4
     batch_size: int = 16  # stage 2; stage 4 uses twice as many
     learning_rate: float = 2e-3
     memory_learning_rate: float = 1e-3  # stage 4
