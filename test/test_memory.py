@@ -523,3 +523,118 @@ def test_gc_deletes_stale_temporary_files_of_interrupted_writes(tmp_path):
     os.utime(stale, (old, old))
     assert store.gc() == [stale]
     assert fresh.exists() and not stale.exists() and store.get("a").num_views == 2
+
+
+# The machine's faults: a full disk, several processes on one folder
+
+FULL_DISK_CHILD = """
+import json, resource, signal, sys, torch
+from ego_ros.engine.memory import MemoryStore, StoreWriteError, ConceptMemory
+from test_memory import FP, make_memory
+store = MemoryStore(sys.argv[1], FP, hidden_size=8)
+mug = store.get("my mug")
+# The process may write files of at most 16 KB from now on (a write beyond fails with EFBIG, as on a full disk).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+errors = []
+big = make_memory("Rex")
+big.vectors, big.views[0].indices = torch.randn(4096 + 2, 8), list(range(4096))
+big.views[0].num_visual_tokens = big.max_tokens_per_view = 4096
+grown = make_memory("my mug")
+grown.vectors, grown.views[1].indices = torch.randn(3 + 4096, 8), list(range(4096))
+grown.views[1].num_visual_tokens = grown.max_tokens_per_view = 4096
+for memory, expected in ((big, None), (grown, mug)):  # a registration, then an append to the existing concept
+    try:
+        store.put(memory, expected=expected)
+        errors.append(None)
+    except StoreWriteError as error:
+        errors.append([error.errno, str(error)])
+print(json.dumps({"errors": errors, "names": store.names(), "mug views": store.get("my mug").num_views}))
+"""
+
+
+def test_a_full_disk_refuses_a_registration_and_an_append_with_one_error_and_keeps_every_concept(tmp_path):
+    import errno
+
+    MemoryStore(tmp_path, FP).put(make_memory("my mug"))
+    before = snapshot(tmp_path)  # the lock file included: taking the lock writes nothing
+    child = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(tmp_path)], capture_output=True, text=True,
+                           env=CHILD_ENV, timeout=120)
+    assert child.returncode == 0, child.stderr
+    said = json.loads(child.stdout)
+    for (code, message), what in zip(said["errors"], ("store concept 'Rex'", "store concept 'my mug'")):
+        assert code == errno.EFBIG
+        assert message == (f"could not {what} in {tmp_path}: File too large; nothing of it was kept, and every "
+                           "earlier concept is intact"), message
+    # The store that failed still holds what it held, and so does the folder, byte for byte (the lock file aside).
+    assert said["names"] == ["my mug"] and said["mug views"] == 2
+    assert snapshot(tmp_path) == before
+    assert_same(MemoryStore(tmp_path, FP).get("my mug"), make_memory("my mug"))
+
+
+FOLDER_CHILD = """
+import json, sys, torch
+from ego_ros.engine.memory import ConceptChanged, ConceptMemory, MemoryStore, ViewRecord
+from test_memory import FP, make_memory
+root, command = sys.argv[1], sys.argv[2]
+store = MemoryStore(root, FP, hidden_size=8)
+if command == "register":
+    store.put(make_memory(sys.argv[3], seed=3, created=3000.0))
+elif command == "forget":
+    store.remove(sys.argv[3])
+elif command == "append":  # read the concept, add a view, write it back unless it changed meanwhile
+    done = refused = 0
+    for i in range(int(sys.argv[4])):
+        mug = store.get(sys.argv[3])
+        views = mug.views + [ViewRecord((1, 2, 2), [0], [f"view {i}"], 10.0, True, 4)]
+        grown = ConceptMemory(mug.name, torch.cat([mug.vectors, torch.ones(1, 8)]), views, mug.layers,
+                              mug.max_tokens_per_view, mug.model, mug.fingerprint, mug.created, mug.updated)
+        try:
+            store.put(grown, expected=mug)
+            done += 1
+        except ConceptChanged:
+            refused += 1
+    print(json.dumps({"done": done, "refused": refused}))
+"""
+
+
+def child(*args, wait=True):
+    process = subprocess.Popen([sys.executable, "-c", FOLDER_CHILD, *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    return out
+
+
+def test_a_concept_registered_or_forgotten_by_another_process_is_seen_without_a_reload(tmp_path):
+    store = MemoryStore(tmp_path, FP, hidden_size=HIDDEN)
+    store.put(make_memory("Rex"))
+    rex = store.get("Rex")
+    child(tmp_path, "register", "Anna")
+    assert store.names() == ["Rex", "Anna"] and "Anna" in store
+    assert_same(store.get("Anna"), make_memory("Anna", seed=3, created=3000.0))
+    assert store.get("Rex") is rex  # what did not change is not read again: a caller's `expected` stays valid
+    child(tmp_path, "forget", "Rex")
+    assert store.names() == ["Anna"] and store.find("Rex") is None
+    with pytest.raises(ConceptExists):  # the other process's concept holds the name here too
+        store.put(make_memory("Anna"), replace=False)
+    assert store.skipped == []
+
+
+def test_two_processes_appending_to_one_concept_lose_no_update_and_leave_no_stray_file(tmp_path):
+    MemoryStore(tmp_path, FP).put(make_memory("my mug"))
+    appenders = [child(tmp_path, "append", "my mug", 25, wait=False) for _ in range(2)]
+    results = []
+    for process in appenders:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        results.append(json.loads(out))
+    done = sum(r["done"] for r in results)
+    print(f"appends: {results}")
+    assert done + sum(r["refused"] for r in results) == 50 and done >= 25
+    mug = MemoryStore(tmp_path, FP).get("my mug")
+    assert mug.num_views == 2 + done  # every append that said it was stored is there: none undid another
+    assert mug.num_tokens == 5 + done
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob(".*.tmp"))

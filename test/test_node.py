@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import array
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
+from rclpy.duration import Duration
 from sensor_msgs.msg import Image
 
 from ego_ros.action import Answer
@@ -261,6 +263,33 @@ def test_forget_removes(graph):
     assert not again.success and "Anna" in again.message
 
 
+def test_a_registration_or_forget_sent_again_under_its_request_id_is_carried_out_once(graph):
+    """A client that got no answer sends its request again with the same id: the node answers both with the
+    first one's answer, waiting for it while it is still being carried out, and registers (forgets) once."""
+    _, client, _ = graph
+    register = client.node.create_client(RegisterConcept, "/ego/register_concept")
+    assert register.wait_for_service(timeout_sec=30)
+    request = RegisterConcept.Request(name="Milo", camera=CAMERA, num_views=2, request_id="registration-1")
+    first, again = register.call_async(request), register.call_async(request)  # the second while the first runs
+    wait_for(lambda: first.done() and again.done(), 120, "both answers")
+    assert first.result().success and again.result().success, (first.result().message, again.result().message)
+    assert first.result().message == again.result().message and again.result().concept.num_views == 2
+    later = client.call(RegisterConcept, "/ego/register_concept", request)  # and once it is done
+    assert later.success and later.message == first.result().message
+    (milo,) = [c for c in client.call(ListConcepts, "/ego/list_concepts", ListConcepts.Request()).concepts
+               if c.name == "Milo"]
+    assert milo.num_views == 2  # registered once: a second registration of the name would have been refused
+    fresh = client.call(RegisterConcept, "/ego/register_concept",
+                        RegisterConcept.Request(name="Milo", camera=CAMERA, request_id="registration-2"))
+    assert not fresh.success and "already exists" in fresh.message  # another id is another request
+    forget = ForgetConcept.Request(name="Milo", request_id="forget-1")
+    answers = [client.call(ForgetConcept, "/ego/forget_concept", forget) for _ in range(2)]
+    assert [a.success for a in answers] == [True, True] and answers[1].message == "forgot 'Milo'"
+    assert "Milo" not in names(client)
+    too_long = client.call(ForgetConcept, "/ego/forget_concept", ForgetConcept.Request(name="x", request_id="i" * 129))
+    assert not too_long.success and "request_id is 129 characters long" in too_long.message
+
+
 def _bad_image(kind: str) -> Image:
     msg = image_to_msg(np.zeros((8, 8, 3), np.uint8), Image)
     if kind == "encoding":
@@ -491,12 +520,26 @@ def test_every_request_of_a_burst_of_16_is_answered_served_or_refused_as_busy(gr
     print(f"burst of 16 goals: {len(accepted)} accepted and succeeded, {16 - len(accepted)} rejected at once")
 
 
-def _publish_frame(client, topic, frame_id, stamp_zero=False):
+def _publish_frame(client, topic, frame_id, stamp_zero=False, back_sec=0.0):
     msg = image_to_msg(np.full((224, 224, 3), 120, np.uint8), Image)
     msg.header.frame_id = frame_id
     if not stamp_zero:
-        msg.header.stamp = client.node.get_clock().now().to_msg()
+        msg.header.stamp = (client.node.get_clock().now() - Duration(seconds=back_sec)).to_msg()
     client.publisher(Image, topic).publish(msg)
+
+
+def _camera_status(client, camera: str, since: float, level=None):
+    """The first /diagnostics status of ``camera`` published after ``since`` (wall clock), with ``level`` if
+    given; None until there is one."""
+    if not hasattr(client, "diagnostics"):
+        client.diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
+    for message in list(client.diagnostics):
+        if message.header.stamp.sec + message.header.stamp.nanosec * 1e-9 < since:
+            continue
+        for status in message.status:
+            if status.name.endswith(f"camera {camera}") and (level is None or status.level == level):
+                return status
+    return None
 
 
 def test_responses_say_which_frame_and_a_stale_frame_is_not_the_latest(graph):
@@ -520,10 +563,39 @@ def test_responses_say_which_frame_and_a_stale_frame_is_not_the_latest(graph):
     video = ask(client, "What happened?", source=Ask.Request.SOURCE_VIDEO, camera=CAMERA, max_new_tokens=2)
     assert video.success and len(video.frames) >= 2 and all(f.frame_id.startswith("frame_") for f in video.frames)
 
-    # The camera stops: after buffer_seconds (6 s) its last frame is no longer "the latest frame".
+    # The camera stops: /diagnostics says it is silent, and since when; after buffer_seconds (6 s) its last frame
+    # is no longer "the latest frame".
     time.sleep(6.5)
     stale = ask(client, "Where is Rex?", camera=MANUAL_CAMERA, max_new_tokens=2)
-    assert not stale.success and "s ago" in stale.message, stale.message
+    assert not stale.success and re.fullmatch(rf"no frame from {MANUAL_CAMERA} for \d+\.\d s \(more than "
+                                              r"buffer_seconds, 6\): is the camera still publishing\?", stale.message)
+    asked = time.time()
+    silent = wait_for(lambda: _camera_status(client, MANUAL_CAMERA, since=asked), 10, "a fresh camera status")
+    assert silent.level == DiagnosticStatus.WARN and re.fullmatch(r"silent for \d+ s, since \S+ \S+", silent.message)
+    values = {kv.key: kv.value for kv in silent.values}
+    assert float(values["last_message_age_sec"]) >= 6.0 and values["silent_since"] in silent.message
+
+    # It comes back, its clock reset 1000 s back (a simulator restarted): its new frames are used at once, and the
+    # frames of the old timeline, "from the future" now, are gone from its buffer.
+    def answered_again():
+        _publish_frame(client, MANUAL_CAMERA, "after the reset", back_sec=1000.0)
+        response = ask(client, "Where is Rex?", camera=MANUAL_CAMERA, max_new_tokens=2)
+        return response if response.success else None
+
+    again = wait_for(answered_again, 30, "an answer about the camera's frames after its clock went back")
+    assert [f.frame_id for f in again.frames] == ["after the reset"]
+    back = again.frames[0].stamp.sec + again.frames[0].stamp.nanosec * 1e-9
+    assert back < stamp - 900
+    for _ in range(3):
+        _publish_frame(client, MANUAL_CAMERA, "after the reset", back_sec=1000.0)
+        time.sleep(0.6)
+    video = ask(client, "What happened?", source=Ask.Request.SOURCE_VIDEO, camera=MANUAL_CAMERA, max_new_tokens=2)
+    assert video.success and {f.frame_id for f in video.frames} == {"after the reset"}, video.frames
+    asked = time.time()
+    back_to_ok = wait_for(lambda: (_publish_frame(client, MANUAL_CAMERA, "after the reset", back_sec=1000.0),
+                                   _camera_status(client, MANUAL_CAMERA, since=asked, level=DiagnosticStatus.OK))[1],
+                          10, "the camera's status OK again", interval=0.3)
+    assert back_to_ok.message.endswith("Hz in")
 
 
 def test_live_parameters_enable_and_the_last_forget_sends_disappeared(graph):
@@ -641,9 +713,16 @@ def test_the_node_answers_while_the_model_loads(tiny_model_dir, tmp_path):
         assert client.call(ChangeState, "/slow/ego/change_state", change(Transition.TRANSITION_CONFIGURE)).success
         activating = client.node.create_client(ChangeState, "/slow/ego/change_state").call_async(
             change(Transition.TRANSITION_ACTIVATE))
-        wait_for(lambda: "loading" in node.output(), 30, "the load to start")
-        time.sleep(2.0)  # the model is loaded by now; the memories' read blocks on the pipe
-        assert not activating.done()
+        # From the activate on, through the model's load (the node imported its code before offering services):
+        # get_state answers at once. 2 s of calls; the model is loaded by then, the memories' read blocks on the pipe.
+        loading_ms, started = [], time.monotonic()
+        while time.monotonic() - started < 2.0:
+            seconds, state = _timed_call(client, GetState, "/slow/ego/get_state", GetState.Request())
+            loading_ms.append(seconds * 1000)
+        assert "loading" in node.output() and not activating.done()
+        print(f"from the activate on: get_state {median(loading_ms):.1f} ms median, {max(loading_ms):.1f} max "
+              f"({len(loading_ms)} calls)")
+        assert max(loading_ms) < 1000, loading_ms  # generous: a loaded 2-core machine; bench/ measures p99
         state_ms, list_ms = [], []
         for _ in range(10):
             seconds, state = _timed_call(client, GetState, "/slow/ego/get_state", GetState.Request())
@@ -1014,3 +1093,51 @@ client.close()
         assert float(values["input_rate_hz"]) >= 15.0, values  # about 1.0 without the profile
     finally:
         node.stop()
+
+
+def test_two_nodes_on_one_memory_folder_see_each_others_concepts_and_lose_none(tiny_model_dir, tmp_path, make_view):
+    """Two robots' nodes (or a restarted node and its lingering old process) on one memory folder: a concept
+    registered or forgotten through one is listed (or not) by the other without a restart; registering one name
+    through both at once stores it once, and the other is told why."""
+    domain = free_domain()
+    memory = tmp_path / "memory"
+    nodes = [NodeProcess(domain, tmp_path / f"{robot}.log", namespace=f"/{robot}", model=str(tiny_model_dir),
+                         memory_dir=str(memory), camera_topics=[], max_image_pixels=224 * 224, max_new_tokens=2,
+                         autostart=True).start() for robot in ("one", "two")]
+    client = Client(domain)
+    try:
+        def listed(robot):
+            return sorted(c.name for c in client.call(ListConcepts, f"/{robot}/ego/list_concepts",
+                                                      ListConcepts.Request(), wait=120.0).concepts)
+
+        def register(robot, name, seed):
+            request = RegisterConcept.Request(name=name, views=[image_to_msg(make_view(seed), Image)])
+            return client.call(RegisterConcept, f"/{robot}/ego/register_concept", request)
+
+        assert listed("one") == listed("two") == []
+        assert register("one", "Rex", 1).success
+        assert listed("two") == ["Rex"]
+        question = Ask.Request(question="Where is Rex?", concepts=["Rex"], source=Ask.Request.SOURCE_IMAGE,
+                               image=image_to_msg(make_view(2), Image))
+        answer = client.call(Ask, "/two/ego/ask", question)
+        assert answer.success and answer.concepts_used == ["Rex"], answer.message
+        # Both at once, one name: stored once; the other node says it exists (or changed under it).
+        calls = [client.node.create_client(RegisterConcept, f"/{robot}/ego/register_concept") for robot in ("one", "two")]
+        futures = [c.call_async(RegisterConcept.Request(name="Anna", views=[image_to_msg(make_view(3 + i), Image)]))
+                   for i, c in enumerate(calls)]
+        wait_for(lambda: all(f.done() for f in futures), 120, "both registrations")
+        results = [f.result() for f in futures]
+        assert sorted(r.success for r in results) == [False, True], [r.message for r in results]
+        refused = next(r for r in results if not r.success)
+        assert "Anna" in refused.message and ("already exists" in refused.message or "changed" in refused.message)
+        assert listed("one") == listed("two") == ["Anna", "Rex"]
+        forgot = client.call(ForgetConcept, "/two/ego/forget_concept", ForgetConcept.Request(name="Rex"))
+        assert forgot.success and listed("one") == ["Anna"]
+        assert all(node.alive for node in nodes)
+    finally:
+        client.close()
+        for node in nodes:
+            node.stop()
+    from ego_ros.engine.memory import MemoryStore
+
+    assert MemoryStore(memory, None).names() == ["Anna"]  # and it reloads whole from the folder

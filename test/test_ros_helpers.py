@@ -193,11 +193,15 @@ def test_old_and_out_of_order_stamps_are_refused():
 
 
 def test_a_jump_back_in_time_clears_the_buffer():
-    buffer = FrameBuffer(seconds=5, fps=2, max_pixels=100)
+    jumps = []
+    buffer = FrameBuffer(seconds=5, fps=2, max_pixels=100,
+                         on_jump_back=lambda back, dropped: jumps.append((back, dropped)))
     for i in range(10):
         buffer.offer(100 + i * 0.5, np.zeros((2, 2, 3), np.uint8))
     assert buffer.stats()["frames"] == 10
+    assert not buffer.offer(104.0, np.ones((2, 2, 3), np.uint8)) and jumps == []  # a late frame is not a jump
     assert buffer.offer(3.0, np.ones((2, 2, 3), np.uint8))  # bag loop / simulator reset
+    assert jumps == [(pytest.approx(101.5), 10)]  # said once, with what the frames from "the future" were
     assert [f.stamp_sec for f in buffer.window(100, 100)] == [3.0]
     assert not buffer.offer(3.2, np.zeros((2, 2, 3), np.uint8))  # the schedule restarted from 3.0
     assert buffer.offer(3.5, np.zeros((2, 2, 3), np.uint8))

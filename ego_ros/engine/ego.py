@@ -159,7 +159,7 @@ class Ego:
     # --- concepts ---------------------------------------------------------------------------------------------
 
     def concepts(self) -> list[ConceptInfo]:
-        return [ConceptInfo.of(self.store.get(name)) for name in self.store.names()]
+        return [ConceptInfo.of(memory) for memory in self.store.snapshot().values()]
 
     def forget(self, name: str) -> None:
         self.store.remove(name)

@@ -55,6 +55,24 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return names[dtype]
 
 
+# What loading a model of a supported family imports (about 1,000 modules: transformers' model code, and the parts
+# of torch it pulls in, sympy, dynamo...). Imported ahead of a load by import_model_code().
+MODEL_CODE = ("transformers.modeling_utils", "transformers.generation.utils", "transformers.models.auto.modeling_auto",
+              "transformers.models.auto.processing_auto", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+              "transformers.models.qwen2_5_vl.processing_qwen2_5_vl", "transformers.models.qwen3_vl.modeling_qwen3_vl",
+              "transformers.models.internvl.modeling_internvl")
+
+
+def import_model_code() -> None:
+    """Import the code a model load needs, now. A load that imports it holds the GIL in stretches of 100-180 ms
+    (C extensions initialising, bytecode unmarshalled), which stalls every other thread of the process: the node
+    calls this before it offers any service, so that its lifecycle services answer at once during a load."""
+    import importlib
+
+    for module in MODEL_CODE:
+        importlib.import_module(module)
+
+
 def load_model(name: str | os.PathLike, *, device: str, dtype: str | torch.dtype, placeholder: str) -> LoadedModel:
     """Model, tokenizer and image processor of ``name``, on ``device`` in ``dtype``, in eval mode."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer

@@ -15,14 +15,23 @@ On disk, under one root folder, each concept is two files:
 
 Writes are atomic: the new tensor file is written under a fresh revision name first, then the JSON is replaced in
 one rename (the commit point), and only then is the old tensor file deleted. A crash at any point leaves the last
-committed concept loadable. Files the store cannot trust (another model's, corrupt, tampered with) are skipped with
-a reason and never touched: they are the user's data.
+committed concept loadable, and so does a full disk: the write fails with :class:`StoreWriteError`, nothing of it is
+left. Files the store cannot trust (another model's, corrupt, tampered with) are skipped with a reason and never
+touched: they are the user's data.
+
+Several processes may share one folder (two nodes of a fleet, a node and the offline CLI, a restarted node whose old
+process lingers). Writers take the folder's lock (``.lock``, an advisory ``flock``) for each write, and first read
+what the others committed, so a write never undoes another's (an append built on a memory that another process
+changed meanwhile is refused with ConceptChanged, as on one process). Every read follows the folder: a concept
+registered or forgotten by another process is seen at the next access (one ``stat`` of the folder when nothing
+changed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -41,11 +50,21 @@ import torch
 
 from .backends import SoftTokens
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: one process per folder
+    fcntl = None
+
 logger = logging.getLogger("ego_ros.memory")
 
 FORMAT = 1
 # A temporary file of an interrupted write untouched this long is garbage (a write takes well under a second).
 STALE_TMP_SEC = 600.0
+LOCK_FILE = ".lock"  # the writers' lock (flock); a dot file, so no glob of concept files sees it
+# A folder changed this recently may change again within its timestamp's granularity (a few ms): read it again.
+RACY_SEC = 1.0
+# What a full or refusing filesystem answers a write: each becomes one StoreWriteError.
+_REFUSED_WRITES = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 MAX_NAME_LENGTH = 64
 # What the JSON record holds of a memory and of each view; the tensor file holds the rest (vectors, indices, grids).
 _RECORD_FIELDS = ("name", "model", "fingerprint", "layers", "max_tokens_per_view", "created", "updated")
@@ -74,6 +93,14 @@ class ConceptExists(ValueError):
 
 class ConceptChanged(ValueError):
     """put(expected=...) found another memory under the name (forgotten or replaced meanwhile): nothing written."""
+
+
+class StoreWriteError(OSError):
+    """The folder refused a write (disk full, file too large, read-only, no permission): nothing of it was kept,
+    every earlier concept is intact. ``errno`` is the filesystem's."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 _ANY = object()  # put()'s default `expected`: write whatever the name holds now
@@ -229,7 +256,26 @@ class ConceptMemory:
 
 
 class _Skip(Exception):
-    """A stored concept that load() must leave alone, with the reason."""
+    """A stored concept that load() must leave alone, with the reason; ``retry``: reading it again may succeed
+    (another process was replacing it)."""
+
+    def __init__(self, reason: str, retry: bool = False):
+        super().__init__(reason)
+        self.reason, self.retry = reason, retry
+
+
+def _identity(path: Path) -> tuple | None:
+    """What changes when a file or folder is written, replaced or removed: (mtime_ns, inode, size); None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino, st.st_size
+
+
+def _racy(identity: tuple) -> bool:
+    """Whether a file or folder changed so recently that a further change might leave its identity as it is."""
+    return time.time() - identity[0] / 1e9 <= RACY_SEC
 
 
 def _revision(stem: str, tensor_name: str) -> int | None:
@@ -284,35 +330,84 @@ class MemoryStore:
         self.skipped: list[tuple[Path, str]] = []
         self._memories: dict[str, ConceptMemory] = {}
         self._tensor_files: dict[str, str] = {}  # name -> committed tensor file name
-        self._lock = threading.Lock()
+        self._files: dict[str, tuple] = {}  # record file name -> (its stat identity, what it held: a name or a reason)
+        self._folder_seen: tuple | None = None  # the folder's stat identity at the last full read, if not racy
+        self._lock = threading.RLock()
         if fingerprint is not None:  # a reader does not create the folder just to look into it
             self.root.mkdir(parents=True, exist_ok=True)
         self.load()
 
     def load(self) -> None:
         """(Re)read every committed concept under root; skip, log and keep any file that cannot be trusted."""
-        memories, tensor_files, skipped = {}, {}, []
         with self._lock:
-            for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:  # temp and orphan tensor files are never looked at
-                try:
-                    memory, tensor_name = self._read(path)
-                except Exception as e:  # whatever is wrong with one file must not stop the others loading
-                    reason = str(e) if isinstance(e, _Skip) else f"unreadable ({type(e).__name__}: {e})"
-                    logger.warning("skipping concept file %s: %s", path, reason)
-                    skipped.append((path, reason))
-                    continue
-                memories[memory.name], tensor_files[memory.name] = memory, tensor_name
-            self._memories, self._tensor_files, self.skipped = memories, tensor_files, skipped
+            self._memories, self._tensor_files, self._files, self._folder_seen = {}, {}, {}, None
+            self._follow()
+
+    def _follow(self) -> None:
+        """Catch up with the folder (call with the lock held): read the records that are new or changed since the
+        last look, drop the concepts whose records are gone. One stat when the folder has not changed."""
+        folder = _identity(self.root)
+        if folder is not None and folder == self._folder_seen:
+            return
+        files = {}
+        for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:  # temp and orphan tensor files are never looked at
+            identity = _identity(path)
+            if identity is None:
+                continue  # removed since the glob
+            known = self._files.get(path.name)
+            files[path.name] = known if known is not None and known[0] == identity else (identity, self._take(path))
+            if _racy(identity):  # may be replaced again unseen (same tick, a reused inode): look again next time
+                files[path.name] = (None, files[path.name][1])
+        held = {what for _, what in files.values() if isinstance(what, str)}
+        for name in [name for name in self._memories if name not in held]:  # forgotten by another process
+            del self._memories[name], self._tensor_files[name]
+        self._files = files
+        self.skipped = [(self.root / file, what.reason) for file, (_, what) in sorted(files.items())
+                        if isinstance(what, _Skip)]
+        # A folder changed within its timestamps' granularity (a few ms) may change again unseen: look again.
+        self._folder_seen = folder if folder is not None and not _racy(folder) else None
+
+    def _take(self, path: Path) -> str | _Skip:
+        """Read one record into the store: the concept's name, or the _Skip saying why not (logged once per
+        version of the file). A record that names the tensor file already held keeps its memory object, so that a
+        caller's ``expected`` memory stays valid across a look at the folder."""
+        for attempt in range(3):
+            try:
+                if (name := self._holds(path)) is not None:
+                    return name
+                memory, tensor_name = self._read(path)
+            except Exception as e:  # whatever is wrong with one file must not stop the others loading
+                if isinstance(e, _Skip) and e.retry and attempt < 2:
+                    continue  # another process replaced the record and deleted its old tensor file meanwhile
+                skip = e if isinstance(e, _Skip) else _Skip(f"unreadable ({type(e).__name__}: {e})")
+                logger.warning("skipping concept file %s: %s", path, skip.reason)
+                return skip
+            self._memories[memory.name], self._tensor_files[memory.name] = memory, tensor_name
+            return memory.name
+
+    def _holds(self, path: Path) -> str | None:
+        """The name of the concept ``path`` records, if this store already holds that very revision of it."""
+        try:
+            record = json.loads(path.read_bytes())
+            name, tensors = record["name"], record["tensors"]
+        except Exception:  # noqa: BLE001 - _read says what is wrong with it
+            return None
+        if isinstance(name, str) and name in self._tensor_files and self._tensor_files[name] == tensors \
+                and path.name == f"{file_stem(name)}.json":
+            return name
+        return None
 
     def names(self) -> list[str]:
         """Concept names, oldest first."""
         with self._lock:
+            self._follow()
             return self._names()
 
     def get(self, name: str) -> ConceptMemory:
         """The memory of `name` (shared with the store: do not modify it)."""
         name = validate_name(name)
         with self._lock:
+            self._follow()
             if name not in self._memories:
                 raise self._unknown(name)
             return self._memories[name]
@@ -323,16 +418,19 @@ class MemoryStore:
         except InvalidName:
             return False
         with self._lock:
+            self._follow()
             return name in self._memories
 
     def __len__(self) -> int:
         with self._lock:
+            self._follow()
             return len(self._memories)
 
     def find(self, name: str) -> ConceptMemory | None:
         """The memory of `name`, or None when there is none (one look under the lock, unlike `in` then get)."""
         name = validate_name(name)
         with self._lock:
+            self._follow()
             return self._memories.get(name)
 
     def snapshot(self, names: list[str] | None = None) -> dict[str, ConceptMemory]:
@@ -343,6 +441,7 @@ class MemoryStore:
         for explicitly that is unknown raises UnknownConcept.
         """
         with self._lock:
+            self._follow()
             if names is None:
                 return {name: self._memories[name] for name in self._names()}
             result = {}
@@ -376,7 +475,7 @@ class MemoryStore:
                              f"{self.deepstack_layers}")
         name, stem = memory.name, file_stem(memory.name)
         json_path = self.root / f"{stem}.json"
-        with self._lock:
+        with self._lock, self._writing(f"store concept {name!r}"):
             old_tensor_name = self._tensor_files.get(name)
             if expected is not _ANY and self._memories.get(name) is not expected:
                 now = "was forgotten" if name not in self._memories else "was changed"
@@ -385,7 +484,7 @@ class MemoryStore:
                 raise ConceptExists(f"a concept named {name!r} already exists")
             if old_tensor_name is None and json_path.exists():
                 # A skipped file (another model's, corrupt) holds this name's slot: it is the user's, not ours.
-                why = next((r for p, r in self.skipped if p == json_path), "written after this store loaded")
+                why = next((r for p, r in self.skipped if p == json_path), "unreadable")
                 raise ConceptExists(f"{json_path} holds a concept this store did not load ({why}); move it away first")
             # A new revision name, never the committed one, so the commit below is the only thing readers can see.
             revision = max(time.time_ns(), (_revision(stem, old_tensor_name or "") or 0) + 1)
@@ -422,7 +521,7 @@ class MemoryStore:
 
     def remove(self, name: str) -> None:
         name = validate_name(name)
-        with self._lock:
+        with self._lock, self._writing(f"forget concept {name!r}"):
             if name not in self._memories:
                 raise self._unknown(name)
             with contextlib.suppress(FileNotFoundError):  # uncommit first: a crash now leaves only an orphan
@@ -476,7 +575,7 @@ class MemoryStore:
         try:
             data = (self.root / tensor_name).read_bytes()
         except FileNotFoundError:
-            raise _Skip(f"its tensor file {tensor_name} is missing") from None
+            raise _Skip(f"its tensor file {tensor_name} is missing", retry=True) from None
         if (digest := hashlib.sha256(data).hexdigest()) != record["sha256"]:
             raise _Skip(f"checksum mismatch for {tensor_name}: record says {record['sha256']}, file is {digest}")
         try:
@@ -506,6 +605,26 @@ class MemoryStore:
         ]
         fields = {field: record[field] for field in _RECORD_FIELDS}
         return ConceptMemory(vectors=vectors, views=views, deepstack=deepstack, **fields), tensor_name
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """The folder's write lock, held for one write, after catching up with what other processes committed
+        (call with the thread lock held). A write the filesystem refuses becomes one StoreWriteError."""
+        lock = None
+        try:
+            if fcntl is not None and self.root.is_dir():
+                lock = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            self._follow()
+            yield
+        except OSError as error:
+            if isinstance(error, StoreWriteError) or error.errno not in _REFUSED_WRITES:
+                raise
+            raise StoreWriteError(error.errno, f"could not {what} in {self.root}: {error.strerror or error}; nothing "
+                                  "of it was kept, and every earlier concept is intact") from error
+        finally:
+            if lock is not None:
+                os.close(lock)  # releases the flock
 
     def _names(self) -> list[str]:  # call with the lock held
         return [m.name for m in sorted(self._memories.values(), key=lambda m: (m.created, m.name))]

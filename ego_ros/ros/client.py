@@ -11,6 +11,12 @@ cancel)::
         answer = ego.ask("Where is my mug?", on_text=print)     # answer.answer, .concepts_used, .latency_sec
         ego.recognize(camera="/camera/image_raw")               # {"my mug": 0.87, ...}
 
+A request that is not answered within ``RESEND_AFTER_SEC`` is sent once more, and the first answer wins: DDS
+discovery sometimes drops the first request of a fresh client, which the node then never answers. A repetition is
+harmless: registrations and forgets carry a request id, by which the node carries them out once; the other calls
+only read (a slow ``recognize`` may be computed twice). A goal of the answer action is sent again only when the
+node has not accepted it (acceptance comes at once), and a second acceptance is cancelled.
+
 rclpy is imported inside the class only, so importing this module costs nothing.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -26,6 +33,8 @@ DEFAULT_NODE = "/ego"
 DEFAULT_TIMEOUT = 10.0
 # While waiting for a long answer, how often to check that the node is still there (seconds).
 _LIVENESS_PERIOD = 1.0
+# A request unanswered (a goal unaccepted) this long is sent once more (see the module docstring).
+RESEND_AFTER_SEC = 3.0
 
 
 class NodeError(Exception):
@@ -67,10 +76,23 @@ def register_request(name: str, views: Sequence = (), *, camera: str = "", num_v
     from ego_ros.srv import RegisterConcept
 
     request = RegisterConcept.Request(name=sendable_name(name), camera=camera, num_views=int(num_views),
-                                      window_sec=float(window_sec), append=append, description=description)
+                                      window_sec=float(window_sec), append=append, description=description,
+                                      request_id=new_request_id())
     request.views = [image_msg(view) for view in views]
     request.regions = [region_msg(box) for box in regions]
     return request
+
+
+def forget_request(name: str):
+    """A ``ForgetConcept`` request, with its request id."""
+    from ego_ros.srv import ForgetConcept
+
+    return ForgetConcept.Request(name=sendable_name(name), request_id=new_request_id())
+
+
+def new_request_id() -> str:
+    """An id by which the node tells a request sent again from a new one."""
+    return uuid.uuid4().hex
 
 
 def answer_goal(question: str, *, image=None, camera: str = "", video_sec: float | None = None,
@@ -190,28 +212,44 @@ class EgoClient:
         if self._answer_client is None:
             self._answer_client = ActionClient(self._ros, Answer, endpoint)
         client = self._answer_client
-        tokens, pieces = None, []
+        tokens, pieces, chosen, early = None, [], [], []
 
         def feedback(message) -> None:
             nonlocal tokens
+            if not chosen:
+                early.append(message)  # before the node's acceptance of its goal reached us
+                return
+            if bytes(message.goal_id.uuid) != chosen[0]:
+                return  # a goal sent again that the node accepted too (cancelled below)
             tokens = message.feedback.tokens
             pieces.append(message.feedback.new_text)
             if on_text is not None:
                 on_text("".join(pieces))
 
+        def cancel_if_accepted(future) -> None:
+            if future.exception() is None and future.result().accepted:
+                future.result().cancel_goal_async()
+
         accepted = goal_handle = None
+        sent: list = []
         try:
             if not client.wait_for_server(timeout_sec=self.timeout):
                 raise self._not_found(endpoint)
-            accepted = client.send_goal_async(goal, feedback_callback=feedback)
-            self._wait(accepted, client.server_is_ready, endpoint)
+            sent.append(client.send_goal_async(goal, feedback_callback=feedback))
+            accepted = self._wait(sent, client.server_is_ready, endpoint,
+                                  resend=lambda: sent.append(client.send_goal_async(goal, feedback_callback=feedback)))
             goal_handle = accepted.result()
+            for other in sent:
+                if other is not accepted:
+                    other.add_done_callback(cancel_if_accepted)
             if not goal_handle.accepted:
                 raise NodeError(f"the node at {self.node} refused the question (goal rejected)")
-            response = goal_handle.get_result_async()
-            self._wait(response, client.server_is_ready, endpoint)
+            chosen.append(bytes(goal_handle.goal_id.uuid))
+            for message in early:
+                feedback(message)
+            response = self._wait([goal_handle.get_result_async()], client.server_is_ready, endpoint)
         except KeyboardInterrupt:
-            self._cancel(goal_handle, accepted)
+            self._cancel(goal_handle, accepted or (sent[0] if sent else None))
             raise
         result, status = response.result().result, response.result().status
         if status != GoalStatus.STATUS_SUCCEEDED or not result.success:
@@ -242,8 +280,7 @@ class EgoClient:
         """``ForgetConcept``; returns the node's message."""
         from ego_ros.srv import ForgetConcept
 
-        request = ForgetConcept.Request(name=sendable_name(name))
-        return self._succeeded(self._call(ForgetConcept, "forget_concept", request)).message
+        return self._succeeded(self._call(ForgetConcept, "forget_concept", forget_request(name))).message
 
     def watch(self, callback: Callable, *, duration: float | None = None,
               on_ready: Callable[[str], None] | None = None) -> None:
@@ -291,22 +328,34 @@ class EgoClient:
         client = self._client(srv_type, service)
         if not client.wait_for_service(timeout_sec=self.timeout):
             raise self._not_found(endpoint)
-        future = client.call_async(request)
+        sent = [client.call_async(request)]
         try:
-            self._wait(future, client.service_is_ready, endpoint)
-        except BaseException:
-            client.remove_pending_request(future)
-            raise
-        return future.result()
+            return self._wait(sent, client.service_is_ready, endpoint,
+                              resend=lambda: sent.append(client.call_async(request))).result()
+        finally:
+            for future in sent:
+                if not future.done():
+                    client.remove_pending_request(future)
 
-    def _wait(self, future, alive: Callable[[], bool], endpoint: str) -> None:
-        """Spin until ``future`` is done (a model may take minutes: no deadline), failing if the node goes away."""
-        while not future.done():
-            self._executor.spin_until_future_complete(future, timeout_sec=_LIVENESS_PERIOD)
-            if not future.done() and not alive():
-                raise NodeError(f"{endpoint} went away before answering (the node stopped or was deactivated)")
-        if future.exception() is not None:
-            raise NodeError(f"{endpoint} failed: {future.exception()}")
+    def _wait(self, futures: list, alive: Callable[[], bool], endpoint: str, resend: Callable[[], None] | None = None):
+        """Spin until one of ``futures`` is done (a model may take minutes: no deadline) and return it, failing if
+        the node goes away. ``resend`` (which adds a future) is called once, if none is done after
+        RESEND_AFTER_SEC."""
+        started = checked = time.monotonic()
+        while not any(future.done() for future in futures):
+            self._executor.spin_once(timeout_sec=0.05)
+            now = time.monotonic()
+            if resend is not None and now - started >= RESEND_AFTER_SEC and not any(f.done() for f in futures):
+                resend()
+                resend = None
+            if now - checked >= _LIVENESS_PERIOD:
+                checked = now
+                if not any(future.done() for future in futures) and not alive():
+                    raise NodeError(f"{endpoint} went away before answering (the node stopped or was deactivated)")
+        done = next(future for future in futures if future.done())
+        if done.exception() is not None:
+            raise NodeError(f"{endpoint} failed: {done.exception()}")
+        return done
 
     def _cancel(self, goal_handle, accepted) -> None:
         """Best effort, a few seconds at most: ask the node to stop generating for this goal."""

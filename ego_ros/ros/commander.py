@@ -34,8 +34,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from ego_ros.ros.client import (DEFAULT_TIMEOUT, AskResult, NodeError, absent_error, answer_goal, node_name,
-                                recognize_request, register_request, sendable_name)
+from ego_ros.ros.client import (DEFAULT_TIMEOUT, RESEND_AFTER_SEC, AskResult, NodeError, absent_error, answer_goal,
+                                forget_request, node_name, recognize_request, register_request)
 
 # How often the commander's thread sends queued requests and checks deadlines and liveness (seconds).
 _TICK = 0.02
@@ -79,6 +79,9 @@ class Task:
         self._on_cancel: Callable[[], None] | None = None
         self._alive: Callable[[], bool] | None = None
         self._endpoint = ""
+        # Sends the request once more if it is still unanswered RESEND_AFTER_SEC after _sent_at (then None).
+        self._resend: Callable[[], None] | None = None
+        self._sent_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.kind} {self._status.value}>"
@@ -245,10 +248,7 @@ class EgoCommander:
 
     def forget(self, name: str) -> Task:
         """``ForgetConcept``. Result: the node's confirmation."""
-        from ego_ros.srv import ForgetConcept
-
-        request = ForgetConcept.Request(name=sendable_name(name))
-        return self.call("forget_concept", request, lambda r: _succeeded(r).message, kind="forget")
+        return self.call("forget_concept", forget_request(name), lambda r: _succeeded(r).message, kind="forget")
 
     def parameters(self, names: Iterable[str]) -> Task:
         """The node's parameters ``names`` (its ``get_parameters`` service, answered in any lifecycle state).
@@ -272,15 +272,27 @@ class EgoCommander:
         task = Task(kind or service, self)
         task._endpoint = f"{self.node}/{service}"
 
-        def send() -> None:
+        sent: list = []
+
+        def forget_the_others(_task) -> None:  # on whichever thread finished the task: only local bookkeeping
+            for future in sent:
+                if not future.done():
+                    client.remove_pending_request(future)
+
+        def send_once() -> None:
             future = client.call_async(request)
+            sent.append(future)
+            future.add_done_callback(lambda f: self._service_done(task, f, convert))
+
+        def send() -> None:
+            send_once()
             task._set_running()
             task._alive = client.service_is_ready
-            task._on_cancel = lambda: (client.remove_pending_request(future),
-                                       task._fail(TaskCancelled(f"stopped waiting for {task._endpoint} (a service "
-                                                                f"cannot be cancelled: the node still carries it "
-                                                                f"out)")))
-            future.add_done_callback(lambda f: self._service_done(task, f, convert))
+            task._resend, task._sent_at = send_once, time.monotonic()
+            task.add_done_callback(forget_the_others)
+            task._on_cancel = lambda: task._fail(TaskCancelled(
+                f"stopped waiting for {task._endpoint} (a service cannot be cancelled: the node still carries it "
+                f"out)"))
 
         self._start(task, client.service_is_ready, send, f"{self.node}/{service}")
         return task
@@ -299,37 +311,53 @@ class EgoCommander:
         endpoint = task._endpoint = f"{self.node}/answer"
         action = self.answer_action
 
+        handle: list = []  # the goal the node accepted first: the task's
+        early: list = []  # feedback that came before the node's acceptance of its goal did
+
         def feedback(message) -> None:
-            task._pieces.append(message.feedback.new_text)
-            task.feedback = message.feedback
-            if on_feedback is not None:
-                on_feedback(message.feedback)
+            if not handle:
+                early.append(message)
+            elif bytes(message.goal_id.uuid) == bytes(handle[0].goal_id.uuid):  # not a goal sent again
+                task._pieces.append(message.feedback.new_text)
+                task.feedback = message.feedback
+                if on_feedback is not None:
+                    on_feedback(message.feedback)
+
+        def goal_response(future) -> None:
+            if future.exception() is not None:
+                if not handle:
+                    task._fail(NodeError(f"{endpoint} failed: {future.exception()}"))
+                return
+            goal_handle = future.result()
+            if handle or task.done():  # the goal was sent twice and both arrived: this one is not wanted
+                if goal_handle.accepted:
+                    goal_handle.cancel_goal_async()
+                return
+            task._resend = None
+            if not goal_handle.accepted:
+                task._fail(NodeError(f"the node at {self.node} refused the question (goal rejected)"))
+                return
+            handle.append(goal_handle)
+            for message in early:
+                feedback(message)
+            if task._cancel_requested:
+                goal_handle.cancel_goal_async()
+            goal_handle.get_result_async().add_done_callback(lambda f: self._answer_done(task, f))
+
+        def send_once() -> None:
+            action.send_goal_async(goal, feedback_callback=feedback).add_done_callback(goal_response)
 
         def send() -> None:
-            accepted = action.send_goal_async(goal, feedback_callback=feedback)
+            send_once()
             task._set_running()
             task._alive = action.server_is_ready
-            handle: list = []
+            task._resend, task._sent_at = send_once, time.monotonic()
 
             def cancel() -> None:  # once accepted; before, goal_response() sees _cancel_requested
                 if handle:
                     handle[0].cancel_goal_async()
 
-            def goal_response(future) -> None:
-                if future.exception() is not None:
-                    task._fail(NodeError(f"{endpoint} failed: {future.exception()}"))
-                    return
-                goal_handle = future.result()
-                if not goal_handle.accepted:
-                    task._fail(NodeError(f"the node at {self.node} refused the question (goal rejected)"))
-                    return
-                handle.append(goal_handle)
-                if task._cancel_requested:
-                    goal_handle.cancel_goal_async()
-                goal_handle.get_result_async().add_done_callback(lambda f: self._answer_done(task, f))
-
             task._on_cancel = cancel
-            accepted.add_done_callback(goal_response)
 
         self._start(task, action.server_is_ready, send, endpoint)
         return task
@@ -391,6 +419,10 @@ class EgoCommander:
                 still.append(entry)
         self._pending = still
         self._running = [t for t in self._running if not t.done()]
+        for task in self._running:  # unanswered for long: perhaps lost on the way (see ego_ros.ros.client)
+            if task._resend is not None and not task._cancel_requested and now - task._sent_at >= RESEND_AFTER_SEC:
+                resend, task._resend = task._resend, None
+                resend()
         if now - self._last_liveness >= _LIVENESS_PERIOD:
             self._last_liveness = now
             for task in self._running:

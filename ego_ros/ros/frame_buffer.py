@@ -63,7 +63,8 @@ class FrameBuffer:
     """
 
     def __init__(self, seconds: float, fps: float, max_pixels: int, *,
-                 reset_jump_sec: float = DEFAULT_RESET_JUMP_SEC, clock: Callable[[], float] = time.monotonic):
+                 reset_jump_sec: float = DEFAULT_RESET_JUMP_SEC, clock: Callable[[], float] = time.monotonic,
+                 on_jump_back: Callable[[float, int], None] | None = None):
         for field, value in (("seconds", seconds), ("fps", fps), ("reset_jump_sec", reset_jump_sec)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{field} must be a positive number, got {value!r}")
@@ -76,6 +77,7 @@ class FrameBuffer:
         self.period = 1.0 / self.fps
         self.capacity = math.ceil(self.seconds * self.fps) + 1
         self._clock = clock  # wall clock for rates only; frame order and age always come from the stamps
+        self._on_jump_back = on_jump_back  # called (seconds back, frames dropped) when time goes back
         self._lock = threading.Lock()
         self._frames: deque[Frame] = deque(maxlen=self.capacity)
         self._offers: deque[float] = deque(maxlen=_RATE_SAMPLES)
@@ -106,8 +108,13 @@ class FrameBuffer:
             if not math.isfinite(stamp):
                 return False
             if self._last_stamp is not None and stamp < self._last_stamp - self.reset_jump_sec:
-                self._frames.clear()  # time went back: bag loop or sim reset; old frames would poison windows
+                # Time went back (a bag loop, a simulator reset): the frames held are "from the future" of the new
+                # clock and would poison windows and ages. Drop them and start over from this frame.
+                jump, dropped = self._last_stamp - stamp, len(self._frames)
+                self._frames.clear()
                 self._reset_schedule()
+                if self._on_jump_back is not None:
+                    self._on_jump_back(jump, dropped)
             if stamp < self._next_due - _STAMP_EPS:
                 return False  # too soon, or older than the newest frame (the due time is past the newest stamp)
             # Reserve the slot before decoding (outside the lock), so a reader never waits on a decode.
@@ -184,7 +191,8 @@ class FrameBuffer:
         return self.window(window_sec, n, max_age)
 
     def stats(self) -> dict:
-        """For diagnostics: fill, memory use and its bound, span, and input / accepted rates (Hz, wall clock)."""
+        """For diagnostics: fill, memory use and its bound, span, input / accepted rates (Hz, wall clock), and the
+        seconds since the last message (None: none yet)."""
         with self._lock:
             now = self._clock()
             # Over the last RATE_WINDOW_SEC, or since the first offer when the topic is younger than that.
@@ -198,6 +206,8 @@ class FrameBuffer:
                 "span_sec": self._frames[-1].stamp_sec - self._frames[0].stamp_sec if frames else 0.0,
                 "input_rate_hz": _rate(self._offers, now, span),
                 "accepted_rate_hz": _rate(self._accepts, now, span),
+                # Since the last message of any kind (kept or not): how long a silent camera has been silent.
+                "last_message_age_sec": now - self._offers[-1] if self._offers else None,
             }
 
 

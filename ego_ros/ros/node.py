@@ -71,7 +71,8 @@ from .hysteresis import PresenceTracker
 from .debug_image import annotated
 from .image_msgs import image_from_msg, image_to_msg, is_compressed_topic, rgb_from_msg
 from .parameters import PARAMETER_SPECS, PARAMETERS, Settings  # noqa: F401 - PARAMETERS: the node's public table
-from .requests import (MAX_REQUEST_PIXELS, RequestError, check_model_can_take, check_request, message_of, shown)
+from .requests import (MAX_REQUEST_PIXELS, RepeatedRequests, RequestError, check_model_can_take, check_request,
+                       message_of, shown)
 from .worker import InferenceWorker, Priority
 
 # Requests waiting for the model at once; each holds an executor thread, so this must stay below EXECUTOR_THREADS.
@@ -131,6 +132,7 @@ class EgoNode(LifecycleNode):
         self._slots = _Slots(MAX_PENDING_REQUESTS)
         self._cancel_events: set[threading.Event] = set()  # one per generation in progress
         self._goal_events: dict[bytes, threading.Event] = {}  # goal id -> its cancel event
+        self._repeats = RepeatedRequests()  # registrations and forgets by request id: sent twice, done once
         self._in_flight = 0  # requests and goals being served; deactivate waits for them to answer
         self._idle = threading.Condition()
         self._stopping = False
@@ -210,7 +212,8 @@ class EgoNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._release_configured()  # nothing of an earlier configuration may survive into this one
         self.settings = s = settings
-        self.buffers = {t: FrameBuffer(s.buffer_seconds, s.buffer_fps, s.max_image_pixels) for t in s.camera_topics}
+        self.buffers = {t: FrameBuffer(s.buffer_seconds, s.buffer_fps, s.max_image_pixels,
+                                       on_jump_back=self._time_went_back(t)) for t in s.camera_topics}
         self.trackers = {t: PresenceTracker(s.recognition_threshold, s.recognition_off_threshold,
                                             min_off_frames=s.recognition_off_frames) for t in s.camera_topics}
         self._recognitions_pub = self.create_lifecycle_publisher(RecognitionEvent, "~/recognitions", 10)
@@ -417,6 +420,13 @@ class EgoNode(LifecycleNode):
 
         return on_frame
 
+    def _time_went_back(self, topic: str):
+        def warn(seconds: float, dropped: int) -> None:
+            self.get_logger().warning(
+                f"{topic}: frame stamps went back {seconds:.1f} s (a bag loop or a simulator reset?): dropped the "
+                f"{dropped} buffered frames from the old timeline and started over", throttle_duration_sec=5.0)
+        return warn
+
     def _camera(self, name: str) -> str:
         """The camera a request names; none named means the first of camera_topics."""
         topics = self.settings.camera_topics
@@ -435,8 +445,8 @@ class EgoNode(LifecycleNode):
         age = self.buffers[camera].age()
         if age is None:
             return RequestError(f"no frame from {camera} yet: is the camera publishing?")
-        return RequestError(f"the latest frame from {camera} arrived {age:.1f} s ago, more than buffer_seconds "
-                            f"({self.settings.buffer_seconds:g}): is the camera still publishing?")
+        return RequestError(f"no frame from {camera} for {age:.1f} s (more than buffer_seconds, "
+                            f"{self.settings.buffer_seconds:g}): is the camera still publishing?")
 
     def _latest_frame(self, camera: str):
         frame = self.buffers[camera].latest(max_age=self.settings.buffer_seconds)
@@ -467,15 +477,19 @@ class EgoNode(LifecycleNode):
     def _forget_concept(self, request, response):
         # The store is thread-safe and the engine reads it in consistent snapshots: answered here, not queued
         # behind the model. A registration appending to it meanwhile is refused at its commit (ConceptChanged).
-        ego = self.ego
-        try:
-            if ego is None:
-                raise RequestError("the node is not active")
-            ego.forget(request.name)
-            response.success, response.message = True, f"forgot {shown(request.name)}"
-        except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
-            response.success, response.message = False, message_of(error)
-        return response
+        def forget():
+            ego = self.ego
+            try:
+                check_request(request)
+                if ego is None:
+                    raise RequestError("the node is not active")
+                ego.forget(request.name)
+                response.success, response.message = True, f"forgot {shown(request.name)}"
+            except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
+                response.success, response.message = False, message_of(error)
+            return response
+
+        return self._repeats.answer(("forget",), request.request_id, forget)
 
     def _enable(self, request, response):
         self._enabled = bool(request.data)
@@ -526,7 +540,8 @@ class EgoNode(LifecycleNode):
             response.message = f"registered {shown(info.name)} from {source}: {info.num_tokens} tokens in memory"
             self.get_logger().info(response.message)
 
-        return self._serve(request, response, prepare, respond)
+        return self._repeats.answer(("register",), request.request_id,
+                                    lambda: self._serve(request, response, prepare, respond))
 
     def _ask(self, request, response):
         def respond(result):
@@ -781,10 +796,17 @@ class EgoNode(LifecycleNode):
         for camera, buffer in list(self.buffers.items()):
             stats = buffer.stats()
             status = DiagnosticStatus(name=f"{name}: camera {camera}", hardware_id=camera)
-            silent = stats["input_rate_hz"] == 0.0
-            status.level = DiagnosticStatus.WARN if silent else DiagnosticStatus.OK
-            status.message = "no frames" if silent else f"{stats['input_rate_hz']:.1f} Hz in"
-            status.values = _values(**{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in stats.items()})
+            silent_for = stats.pop("last_message_age_sec")
+            if silent_for is None:
+                status.level, status.message, since = DiagnosticStatus.WARN, "no frame yet", ""
+            elif stats["input_rate_hz"] == 0.0:  # nothing for RATE_WINDOW_SEC
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - silent_for))
+                status.level, status.message = DiagnosticStatus.WARN, f"silent for {silent_for:.0f} s, since {since}"
+            else:
+                status.level, status.message, since = DiagnosticStatus.OK, f"{stats['input_rate_hz']:.1f} Hz in", ""
+            status.values = _values(**{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in stats.items()},
+                                    silent_since=since,
+                                    last_message_age_sec=f"{silent_for:.1f}" if silent_for is not None else "")
             array.status.append(status)
         self._diagnostics_pub.publish(array)
 
@@ -822,6 +844,10 @@ def _values(**pairs) -> list[KeyValue]:
 
 def main(args: list[str] | None = None) -> int:
     limit_arenas()  # before rclpy, DDS and torch start their threads (see heap.py)
+    # Before any service exists: imported during the first activate, this code stalled get_state for up to 180 ms.
+    from ego_ros.engine.loading import import_model_code
+
+    import_model_code()
     # Our own signal handling: rclpy's would shut the context down at once, and callers still waiting would never
     # get an answer (nor would a long generation stop). A second signal exits at once.
     temp_dir = _own_temp_dir()

@@ -9,7 +9,15 @@ and the log.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from typing import Callable, TypeVar
+
 import numpy as np
+
+T = TypeVar("T")
 
 # The question is text for the prompt; a page of it is plenty.
 MAX_QUESTION_CHARS = 4000
@@ -27,6 +35,10 @@ MAX_ASPECT_RATIO = 200
 # A refusal quotes at most this many characters of a field that was sent, and is at most MAX_MESSAGE_CHARS long.
 SHOWN_CHARS = 60
 MAX_MESSAGE_CHARS = 600
+# Request ids (RegisterConcept, ForgetConcept): how long and how many the node remembers, and their length.
+REQUEST_ID_KEEP_SEC = 600.0
+MAX_REMEMBERED_REQUESTS = 1024
+MAX_REQUEST_ID_CHARS = 128
 
 
 class RequestError(ValueError):
@@ -67,6 +79,9 @@ def check_request(request) -> None:
     concepts = getattr(request, "concepts", None)
     if concepts is not None and len(concepts) > MAX_REQUEST_CONCEPTS:
         raise RequestError(f"{len(concepts)} concepts named; at most {MAX_REQUEST_CONCEPTS}")
+    request_id = getattr(request, "request_id", None)
+    if request_id is not None and len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise RequestError(f"request_id is {len(request_id)} characters long; at most {MAX_REQUEST_ID_CHARS}")
 
 
 def check_model_can_take(image) -> None:
@@ -76,3 +91,47 @@ def check_model_can_take(image) -> None:
     if min(height, width) < 1 or max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise RequestError(f"a {width}x{height} image is more elongated than the model takes (aspect ratio at most "
                            f"{MAX_ASPECT_RATIO})")
+
+
+class RepeatedRequests:
+    """The answers of requests that carry a request id, remembered for ``keep_sec`` (at most ``max_kept``).
+
+    A client that got no answer cannot tell a request lost on the way (DDS discovery drops the first request of a
+    fresh client now and then) from a slow one, so it sends it again with the same id. :meth:`answer` carries out
+    the first and gives every repetition the first one's answer, waiting for it while it is still being carried
+    out: a registration sent twice registers once.
+    """
+
+    def __init__(self, keep_sec: float = REQUEST_ID_KEEP_SEC, max_kept: int = MAX_REMEMBERED_REQUESTS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.keep_sec, self.max_kept, self._clock = keep_sec, max_kept, clock
+        self._lock = threading.Lock()
+        self._answers: OrderedDict[tuple, tuple[Future, float]] = OrderedDict()  # key -> (answer, when asked)
+        self.repeated = 0  # repetitions answered from memory
+
+    def answer(self, key: tuple, request_id: str, work: Callable[[], T]) -> T:
+        """``work()``'s result, once per ``(key, request_id)``; an empty id (or one too long to be one: ``work``
+        refuses it) is never remembered."""
+        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
+            return work()
+        key = (*key, request_id)
+        with self._lock:
+            now = self._clock()
+            while self._answers and (len(self._answers) >= self.max_kept
+                                     or now - next(iter(self._answers.values()))[1] > self.keep_sec):
+                self._answers.popitem(last=False)  # the oldest first: asked earliest
+            known = self._answers.get(key)
+            if known is None:
+                answer: Future = Future()
+                self._answers[key] = (answer, now)
+            else:
+                self.repeated += 1
+        if known is not None:
+            return known[0].result()
+        try:
+            result = work()
+        except BaseException as error:
+            answer.set_exception(error)
+            raise
+        answer.set_result(result)
+        return result

@@ -31,6 +31,8 @@ SERVICES = {"list_concepts": "ListConcepts", "register_concept": "RegisterConcep
 REQUIRED = {"register_concept": ["name"], "ask": ["question"], "forget_concept": ["name"]}
 # Pixels are for programs, not for a language model: these fields are left out of the tools.
 IMAGE_TYPES = ("sensor_msgs/Image", "Image", "sensor_msgs/RegionOfInterest")
+# Set by the caller, not by the agent: the request id by which the node tells a request sent again (call_tool sets it).
+CLIENT_FIELDS = ("request_id",)
 _INTEGER_BOUNDS = {"uint8": (0, 255), "uint16": (0, 65535), "uint32": (0, 2**32 - 1), "uint64": (0, 2**64 - 1),
                    "int8": (-128, 127), "int16": (-32768, 32767), "int32": (-2**31, 2**31 - 1),
                    "int64": (-2**63, 2**63 - 1)}
@@ -108,7 +110,8 @@ def generate(folder: Path | None = None) -> list[dict]:
     tools = []
     for tool, stem in SERVICES.items():
         description, fields, constants = parse_request((folder / f"{stem}.srv").read_text())
-        properties = {f["name"]: _schema(f, constants) for f in fields if f["type"] not in IMAGE_TYPES}
+        properties = {f["name"]: _schema(f, constants) for f in fields
+                      if f["type"] not in IMAGE_TYPES and f["name"] not in CLIENT_FIELDS}
         left_out = [f["name"] for f in fields if f["type"] in IMAGE_TYPES]
         if left_out:  # the field comments may still mention them
             description += (f" Image and region fields are not offered here ({', '.join(left_out)}): "
@@ -143,6 +146,7 @@ def call_tool(commander, name: str, arguments: dict | str, timeout: float | None
     the response as a dict (``success`` and ``message`` say whether it worked). Unknown tools, unknown arguments
     and values of the wrong type raise ValueError before anything is sent."""
     from ego_ros import srv
+    from ego_ros.ros.client import new_request_id
 
     if isinstance(arguments, str):
         arguments = json.loads(arguments or "{}")
@@ -159,6 +163,8 @@ def call_tool(commander, name: str, arguments: dict | str, timeout: float | None
     for key, value in arguments.items():
         _check(name, key, value, properties[key])
     request = getattr(srv, SERVICES[name]).Request()
+    if hasattr(request, "request_id"):
+        request.request_id = new_request_id()
     for key, value in arguments.items():
         setattr(request, key, float(value) if properties[key].get("type") == "number" else value)
     return to_plain(commander.call(name, request).result(timeout))
