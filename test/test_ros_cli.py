@@ -217,9 +217,11 @@ def env(domain: int = DOMAIN) -> dict:
 
 
 def start(*args, domain: int = DOMAIN, **extra_env) -> subprocess.Popen:
+    # Ctrl-C as in a terminal, even when these tests run in the background of a non-interactive shell (which starts
+    # them with SIGINT ignored, and a child would inherit that: Python then never raises KeyboardInterrupt).
     return subprocess.Popen([sys.executable, "-m", "ego_ros.cli", *map(str, args)], cwd=REPO,
                             env=dict(env(domain), **extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(process: subprocess.Popen, timeout: float = 30.0) -> subprocess.CompletedProcess:
