@@ -68,7 +68,7 @@ def _try_register(commander):
 def test_requests_start_at_once_run_side_by_side_and_reuse_the_clients(graph):
     _, commander, _ = graph
     clients = len(list(commander.ros_node.clients))
-    assert clients == 6, "one client per service (the node's five and its get_parameters), made once"
+    assert clients == 7, "one client per service (the node's six and its get_parameters), made once"
     for _ in range(2):
         started = time.monotonic()
         tasks = {"list": commander.list_concepts(), "recognize": commander.recognize(camera=CAMERA),

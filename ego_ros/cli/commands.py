@@ -20,7 +20,7 @@ from typing import Iterable
 
 from ego_ros.cli import evaluate, live, offline
 from ego_ros.cli.common import (
-    MODEL_ENV, Command, UsageError, add_model_options, add_store_options, box, percent,
+    MODEL_ENV, Command, UsageError, add_model_options, add_store_options, box, duration, percent,
     positive_float, positive_hz, positive_int,
 )
 from ego_ros.ros.client import DEFAULT_NODE, DEFAULT_TIMEOUT, NODE_ENV, node_name
@@ -207,6 +207,24 @@ def forget(args: argparse.Namespace) -> int:
     return live.cmd_forget(args)
 
 
+def last_seen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--since", type=duration, default=None, metavar="DURATION",
+                   help="only visits in the last DURATION (90s, 10m, 2h, 1d)")
+    p.add_argument("--camera", default=None, metavar="TOPIC", help="only visits of this camera")
+    p.add_argument("--max", dest="max_results", type=positive_int, default=5, metavar="N",
+                   help="at most N visits, newest first (default: 5)")
+    add_store_options(p)
+    _memory_model_option(p)
+    add_node_options(p, offline=True)
+
+
+def last_seen(args: argparse.Namespace) -> int:
+    if is_offline(args):
+        return offline.cmd_last_seen(args)
+    return live.cmd_last_seen(args)
+
+
 def show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--out", type=Path, required=True, metavar="FILE.png", help="image file to write")
@@ -317,6 +335,8 @@ COMMANDS: dict[str, Command] = {
                          recognize_arguments, recognize),
     "list": Command("list the concepts (the node's, or offline the memory folder's)", list_arguments, list_concepts),
     "forget": Command("delete a concept (on the node, or offline in the memory folder)", forget_arguments, forget),
+    "last-seen": Command("where and when a concept was last recognised: its visits, newest first (the node's, or "
+                         "offline the memory folder's)", last_seen_arguments, last_seen),
     "show": Command("draw a concept's kept tokens on its reference views (offline; no model needed)", show_arguments,
                     offline.cmd_show),
     "calibrate": Command("choose the decoder layers that score tokens, from images with subject masks (§3.4)",

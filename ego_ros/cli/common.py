@@ -59,6 +59,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def duration(text: str) -> float:
+    """'90', '90s', '10m', '2h', '1d' -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 10m, 2h or 1d, got {text!r}")
+    return value
+
+
 def positive_hz(text: str) -> float:
     try:
         value = float(text)
@@ -280,3 +293,22 @@ def print_concepts(rows) -> None:
     for row in (CONCEPT_HEADER, *rows):
         cells = [c.rjust(w) if i in (1, 2, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         print("  ".join(cells).rstrip())
+
+
+def ago(seconds: float) -> str:
+    """'12 s', '5 min', '3 h', '2 days': how long ago, in one unit."""
+    seconds = max(0.0, seconds)
+    for limit, unit, size in ((120, "s", 1), (7200, "min", 60), (172800, "h", 3600)):
+        if seconds < limit:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds / 86400:.0f} days"
+
+
+def visit_line(camera: str, first: float, last: float, sightings: int, best: float, pose: str, now: float) -> str:
+    """One visit of ``last-seen``: when (how long ago, and the clock times), where, how sure."""
+    span = time.strftime("%H:%M:%S", time.localtime(first))
+    if last - first >= 1.0:
+        span += "-" + time.strftime("%H:%M:%S", time.localtime(last))
+    where = f"on {camera}" if camera else "in a given image"
+    return (f"{ago(now - last)} ago ({time.strftime('%Y-%m-%d', time.localtime(last))} {span}) {where}: "
+            f"{sightings} sighting{'s' * (sightings != 1)}, best {best:.2f}{'; ' + pose if pose else ''}")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from ego_ros.cli.common import (
-    StreamPrinter, UsageError, concept_row, engine_settings, info, join, layers_line, load_engine, max_image_pixels,
-    memory_dir, print_concepts, report_skipped, require_concepts, require_model, stored_concepts, warn,
+    StreamPrinter, UsageError, ago, concept_row, engine_settings, info, join, layers_line, load_engine,
+    max_image_pixels, memory_dir, print_concepts, report_skipped, require_concepts, require_model, stored_concepts,
+    visit_line, warn,
 )
 
 TOY_CALIBRATION_SCENES = 200  # `ego-ros calibrate toy` without --count
@@ -134,6 +136,36 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def forget_sightings(root: Path, name: str) -> None:
+    """A forgotten concept's visits go with it (when the folder has a sightings database)."""
+    from ego_ros.sightings import FILE_NAME, SightingsStore
+
+    if (root / FILE_NAME).exists():
+        store = SightingsStore(root / FILE_NAME)
+        store.forget(name)
+        store.close()
+
+
+def cmd_last_seen(args: argparse.Namespace) -> int:
+    from ego_ros.sightings import FILE_NAME, SightingsStore
+
+    root, stored = _stored(args)
+    name = stored.get(args.name).name  # an unknown name: UnknownConcept, naming the known ones
+    now = time.time()
+    since = now - args.since if args.since else None
+    visits = SightingsStore(root / FILE_NAME, readonly=True).last_seen(name, since=since, camera=args.camera,
+                                                                       limit=args.max_results)
+    if not visits:
+        info(f"{name!r} has not been seen{' on ' + args.camera if args.camera else ''}"
+             f"{' in the last ' + ago(args.since) if args.since else ''} (in {root / FILE_NAME})")
+        return 0
+    for v in visits:
+        pose = (f"robot at ({v.pose.position[0]:.2f}, {v.pose.position[1]:.2f}) in {v.pose.frame_id}" if v.pose
+                else v.pose_note)
+        print(f"{name}: {visit_line(v.camera, v.first_seen, v.last_seen, v.sightings, v.best_score, pose, now)}")
+    return 0
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     from ego_ros.engine.figure import remove_views
 
@@ -141,6 +173,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     memory = stored.get(args.name)
     stored.remove(memory.name)
     remove_views(root, memory.name)
+    forget_sightings(root, memory.name)
     print(f"forgot {memory.name!r} ({memory.num_views} view{'s' * (memory.num_views != 1)}, "
           f"{memory.num_tokens} tokens)")
     return 0

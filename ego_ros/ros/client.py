@@ -83,6 +83,21 @@ def register_request(name: str, views: Sequence = (), *, camera: str = "", num_v
     return request
 
 
+def last_seen_request(name: str, *, since: float | None = None, camera: str = "", max_results: int = 5):
+    """A ``LastSeen`` request: ``since`` in seconds since the epoch (None: any time)."""
+    import math
+
+    from builtin_interfaces.msg import Time
+
+    from ego_ros.srv import LastSeen
+
+    request = LastSeen.Request(name=sendable_name(name), camera=camera, max_results=int(max_results))
+    if since is not None:
+        whole = math.floor(since)
+        request.since = Time(sec=int(whole), nanosec=min(999_999_999, int((since - whole) * 1e9)))
+    return request
+
+
 def forget_request(name: str):
     """A ``ForgetConcept`` request, with its request id."""
     from ego_ros.srv import ForgetConcept
@@ -281,6 +296,14 @@ class EgoClient:
         from ego_ros.srv import ForgetConcept
 
         return self._succeeded(self._call(ForgetConcept, "forget_concept", forget_request(name))).message
+
+    def last_seen(self, name: str, *, since: float | None = None, camera: str = "", max_results: int = 5) -> list:
+        """``LastSeen``: the concept's visits (``ego_ros/msg/Visit``), newest first; ``since`` in seconds since
+        the epoch."""
+        from ego_ros.srv import LastSeen
+
+        request = last_seen_request(name, since=since, camera=camera, max_results=max_results)
+        return list(self._succeeded(self._call(LastSeen, "last_seen", request)).visits)
 
     def watch(self, callback: Callable, *, duration: float | None = None,
               on_ready: Callable[[str], None] | None = None) -> None:

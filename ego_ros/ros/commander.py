@@ -35,14 +35,15 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from ego_ros.ros.client import (DEFAULT_TIMEOUT, RESEND_AFTER_SEC, AskResult, NodeError, absent_error, answer_goal,
-                                forget_request, node_name, recognize_request, register_request)
+                                forget_request, last_seen_request, node_name, recognize_request, register_request)
 
 # How often the commander's thread sends queued requests and checks deadlines and liveness (seconds).
 _TICK = 0.02
 _LIVENESS_PERIOD = 1.0
 
 # The node's own services, and its parameter service (what a client may read of its settings: memory_dir...).
-_SERVICES = ("register_concept", "recognize", "list_concepts", "forget_concept", "ask", "get_parameters")
+_SERVICES = ("register_concept", "recognize", "list_concepts", "forget_concept", "ask", "last_seen",
+             "get_parameters")
 
 
 class TaskStatus(enum.Enum):
@@ -178,6 +179,7 @@ class EgoCommander:
                                               start_parameter_services=False, enable_rosout=False)
             types = {"register_concept": srv.RegisterConcept, "recognize": srv.Recognize,
                      "list_concepts": srv.ListConcepts, "forget_concept": srv.ForgetConcept, "ask": srv.Ask,
+                     "last_seen": srv.LastSeen,
                      "get_parameters": GetParameters}
             self.services = {name: self.ros_node.create_client(types[name], f"{self.node}/{name}")
                              for name in _SERVICES}
@@ -249,6 +251,12 @@ class EgoCommander:
     def forget(self, name: str) -> Task:
         """``ForgetConcept``. Result: the node's confirmation."""
         return self.call("forget_concept", forget_request(name), lambda r: _succeeded(r).message, kind="forget")
+
+    def last_seen(self, name: str, *, since: float | None = None, camera: str = "", max_results: int = 5) -> Task:
+        """``LastSeen``: where and when ``name`` was recognised. Result: its visits (``ego_ros/msg/Visit``),
+        newest first; ``since`` in seconds since the epoch (None: any time)."""
+        request = last_seen_request(name, since=since, camera=camera, max_results=max_results)
+        return self.call("last_seen", request, lambda r: list(_succeeded(r).visits), kind="last_seen")
 
     def parameters(self, names: Iterable[str]) -> Task:
         """The node's parameters ``names`` (its ``get_parameters`` service, answered in any lifecycle state).

@@ -33,6 +33,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -62,8 +63,8 @@ from std_srvs.srv import SetBool
 
 from ego_ros.action import Answer
 from ego_ros.engine.memory import validate_name
-from ego_ros.msg import ConceptDetection, ConceptInfo, RecognitionEvent
-from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterConcept
+from ego_ros.msg import ConceptDetection, ConceptInfo, RecognitionEvent, Visit
+from ego_ros.srv import Ask, ForgetConcept, LastSeen, ListConcepts, Recognize, RegisterConcept
 
 from .frame_buffer import FrameBuffer
 from .heap import limit_arenas, trim_heap
@@ -71,12 +72,21 @@ from .hysteresis import PresenceTracker
 from .debug_image import annotated
 from .image_msgs import image_from_msg, image_to_msg, is_compressed_topic, rgb_from_msg
 from .parameters import PARAMETER_SPECS, PARAMETERS, Settings  # noqa: F401 - PARAMETERS: the node's public table
+from ego_ros.sightings import FILE_NAME as SIGHTINGS_FILE
+from ego_ros.sightings import SightingsStore, crop_jpeg
+
+from .poses import PoseHistory
 from .requests import (MAX_REQUEST_PIXELS, RepeatedRequests, RequestError, check_model_can_take, check_request,
                        message_of, shown)
 from .worker import InferenceWorker, Priority
 
 # Requests waiting for the model at once; each holds an executor thread, so this must stay below EXECUTOR_THREADS.
 MAX_PENDING_REQUESTS = 4
+# A question with one of these words gets the visits of the concepts it names in its prompt (see _visits_in_context).
+TIME_WORDS = re.compile(r"\b(when|where|last|ago|seen|saw|see|today|yesterday|morning|afternoon|evening|night|"
+                        r"earlier|before|since|time|hours?|minutes?)\b", re.IGNORECASE)
+VISITS_IN_CONTEXT = 3  # per concept, newest first
+MAX_CONCEPTS_WITH_VISITS = 4
 EXECUTOR_THREADS = MAX_PENDING_REQUESTS + 4
 DIAGNOSTICS_PERIOD_SEC = 1.0
 # Requests that arrive together are queued by DDS until an executor thread takes them: the default depth of 10
@@ -132,6 +142,8 @@ class EgoNode(LifecycleNode):
         self._slots = _Slots(MAX_PENDING_REQUESTS)
         self._cancel_events: set[threading.Event] = set()  # one per generation in progress
         self._goal_events: dict[bytes, threading.Event] = {}  # goal id -> its cancel event
+        self.sightings: SightingsStore | None = None  # where and when each concept was seen (its visits)
+        self.poses: PoseHistory | None = None  # the robot's recent poses, with pose_topic
         self._repeats = RepeatedRequests()  # registrations and forgets by request id: sent twice, done once
         self._in_flight = 0  # requests and goals being served; deactivate waits for them to answer
         self._idle = threading.Condition()
@@ -266,6 +278,11 @@ class EgoNode(LifecycleNode):
         self.get_logger().info(
             f"loaded {s.model} on {ego.device} in {time.perf_counter() - started:.1f} s; layers {ego.layers} "
             f"({ego.layers_source}); {len(ego.store)} concepts")
+        try:  # beside the concepts; a folder that refuses it still serves them, without a sightings memory
+            self.sightings = SightingsStore(ego.store.root / SIGHTINGS_FILE, max_age_sec=s.sightings_max_age,
+                                            max_rows=s.sightings_max_rows)
+        except Exception as error:  # noqa: BLE001
+            self.get_logger().error(f"no sightings memory: {message_of(error)}")
         self._slots = _Slots(MAX_PENDING_REQUESTS)
         self.worker = InferenceWorker()
         self.ego = ego
@@ -298,6 +315,9 @@ class EgoNode(LifecycleNode):
         self._loading = False
         self._release_model()
         self._destroy(self._active)
+        if self.sightings is not None:
+            self.sightings.close()
+        self.sightings, self.poses = None, None
         self._recognition_timer = None
         for tracker in self.trackers.values():
             tracker.reset()
@@ -327,6 +347,7 @@ class EgoNode(LifecycleNode):
         for srv_type, name, callback, group in (
             (ForgetConcept, "~/forget_concept", self._forget_concept, self._fast_group),
             (SetBool, "~/enable", self._enable, self._fast_group),
+            (LastSeen, "~/last_seen", self._last_seen, self._fast_group),
             (RegisterConcept, "~/register_concept", self._register_concept, self._slow_group),
             (Ask, "~/ask", self._ask, self._slow_group),
             (Recognize, "~/recognize", self._recognize, self._slow_group),
@@ -338,10 +359,46 @@ class EgoNode(LifecycleNode):
             cancel_callback=self._cancel_goal, callback_group=self._slow_group,
             goal_service_qos_profile=REQUEST_QOS, result_service_qos_profile=REQUEST_QOS,
             cancel_service_qos_profile=REQUEST_QOS))
+        if s.pose_topic:  # subscribed once the topic has a publisher (its type tells PoseStamped from Odometry)
+            self.poses = PoseHistory(s.pose_topic)
+            self._follow_poses()
         # Always made (cancelled while the rate is 0), so that a live rate change only sets its period.
         self._recognition_timer = self.create_timer(1.0, self._recognition_tick, callback_group=self._fast_group)
         self._active.append(self._recognition_timer)
         self._set_recognition_rate(s.recognition_rate_hz)
+
+    def _follow_poses(self) -> None:
+        poses = self.poses
+        if poses is None:
+            return
+        subscription = poses.subscribe(self, callback_group=self._camera_group)
+        if subscription is not None:
+            self._active.append(subscription)
+            self.get_logger().info(f"poses from {poses.topic} ({poses.type_name}) are kept with the sightings")
+        else:  # no publisher yet: look again in a second
+            timer = self.create_timer(1.0, lambda: (self.destroy_timer(timer), self._follow_poses()),
+                                      callback_group=self._fast_group)
+            self._active.append(timer)
+
+    def _record_sightings(self, camera: str, header, found: dict, image, to_sent, present) -> None:
+        """Keep the sightings of the ``present`` concepts of one analysed frame (on the worker thread)."""
+        store = self.sightings
+        if store is None:
+            return
+        stamp = header.stamp.sec + header.stamp.nanosec * 1e-9 if header is not None else time.time()
+        pose, age, note = self.poses.nearest(stamp) if self.poses is not None else (None, None, "no pose_topic")
+        ego = self.ego
+        for name in present:
+            if ego is None or name not in ego.store:
+                continue  # forgotten while this frame was analysed: its visits are gone, and stay gone
+            score, box = found[name]
+            try:
+                store.record(name, camera=camera, frame_id=header.frame_id if header is not None else "",
+                             stamp=stamp, score=score, box=to_sent(box) if box is not None else None,
+                             crop=lambda b=box: crop_jpeg(image, b), pose=pose, pose_age_sec=age, pose_note=note)
+            except Exception as error:  # noqa: BLE001 - a full disk must not stop recognition
+                self.get_logger().warning(f"could not record a sighting of {shown(name)}: {message_of(error)}",
+                                          throttle_duration_sec=10.0)
 
     def _set_recognition_rate(self, rate_hz: float) -> None:
         timer = self._recognition_timer
@@ -484,12 +541,33 @@ class EgoNode(LifecycleNode):
                 if ego is None:
                     raise RequestError("the node is not active")
                 ego.forget(request.name)
+                if self.sightings is not None:
+                    self.sightings.forget(validate_name(request.name))
                 response.success, response.message = True, f"forgot {shown(request.name)}"
             except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
                 response.success, response.message = False, message_of(error)
             return response
 
         return self._repeats.answer(("forget",), request.request_id, forget)
+
+    def _last_seen(self, request, response):
+        # Answered at once, like list_concepts: SQLite reads do not wait for the model.
+        try:
+            ego, store = self.ego, self.sightings
+            if ego is None:
+                raise RequestError("the node is not active")
+            name = ego.store.get(request.name).name  # an unknown name: UnknownConcept, listing the known ones
+            since = request.since.sec + request.since.nanosec * 1e-9
+            visits = store.last_seen(name, since=since or None, camera=request.camera or None,
+                                     limit=request.max_results or 5) if store is not None else []
+            response.visits = [_visit_msg(v) for v in visits]
+            response.success = True
+            response.message = (f"{len(visits)} visit{'s' * (len(visits) != 1)} of {shown(name)}" if visits
+                                else f"{shown(name)} has not been seen" + ("" if store is not None else
+                                                                           " (no sightings memory: see the log)"))
+        except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
+            response.success, response.message = False, message_of(error)
+        return response
 
     def _enable(self, request, response):
         self._enabled = bool(request.data)
@@ -545,19 +623,21 @@ class EgoNode(LifecycleNode):
 
     def _ask(self, request, response):
         def respond(result):
-            answer, headers = result
+            answer, headers, noted = result
             response.answer, response.concepts_used = answer.text, answer.concepts
             response.latency_sec = float(answer.timings["total"])
             response.frames = headers
-            response.message = f"{answer.new_tokens} tokens"
+            response.message = f"{answer.new_tokens} tokens{noted}"
 
         return self._serve(request, response, lambda: self._ask_job(request), respond)
 
     def _recognize(self, request, response):
         def prepare():
             check_request(request)
+            camera = ""  # a given image: no camera
             if request.camera or not _has_image(request.image):  # no camera and no image: the default camera
-                frame = self._latest_frame(self._camera(request.camera))
+                camera = self._camera(request.camera)
+                frame = self._latest_frame(camera)
                 image, header, to_sent = frame.image, frame.header, frame.to_sent
             else:
                 image, header = image_from_msg(request.image, limit_pixels=MAX_REQUEST_PIXELS), request.image.header
@@ -568,6 +648,9 @@ class EgoNode(LifecycleNode):
 
             def job():
                 found = self.ego.recognize(image, concepts, boxes=True)
+                threshold = self.settings.recognition_threshold
+                self._record_sightings(camera, header, found, image, to_sent,
+                                       [n for n, (p, _) in found.items() if p >= threshold])
                 return {name: (p, to_sent(box)) for name, (p, box) in found.items()}, header
             return job
 
@@ -603,6 +686,8 @@ class EgoNode(LifecycleNode):
                                "SOURCE_IMAGE (2)")
         headers = [h if h is not None else Header() for h in headers]
         concepts = self._known_concepts(request.concepts)
+        visits, noted = self._visits_in_context(question, concepts)
+        question = visits + question
         max_new_tokens = int(request.max_new_tokens) or None
         cancel = cancel or threading.Event()
 
@@ -617,9 +702,29 @@ class EgoNode(LifecycleNode):
                 self._cancel_events.discard(cancel)
             if self._stopping:
                 raise RequestError("stopped: the node is being deactivated")
-            return answer, headers
+            return answer, headers, noted
 
         return job
+
+    def _visits_in_context(self, question: str, concepts) -> tuple[str, str]:
+        """For a question about time or place ("When did you last see Rex?", "Where was my mug this morning?"):
+        the recent visits of the concepts it names (or asks about), as dated text to put before it, and a note
+        for the response saying whose visits are in context. ("", "") for other questions."""
+        store = self.sightings
+        if store is None or not TIME_WORDS.search(question):
+            return "", ""
+        names = concepts or [n for n in self.ego.store.names()
+                             if re.search(rf"(?<!\w){re.escape(n)}(?!\w)", question, re.IGNORECASE)]
+        lines, now = [], time.time()
+        for name in names[:MAX_CONCEPTS_WITH_VISITS]:
+            visits = store.last_seen(name, limit=VISITS_IN_CONTEXT)
+            lines += [f"- {name}: {visit_text(v, now)}" for v in visits] or [f"- {name}: not seen yet"]
+        if not lines:
+            return "", ""
+        shown_names = ", ".join(shown(n) for n in names[:MAX_CONCEPTS_WITH_VISITS])
+        return ("What the robot's memory says about when and where it saw them (newest first; now is "
+                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(now))}):\n" + "\n".join(lines) + "\n\n",
+                f"; visits of {shown_names} in context")
 
     def _known_concepts(self, names) -> list[str] | None:
         """The requested concepts (None: all), checked here so that a typo is refused before waiting in line."""
@@ -705,12 +810,12 @@ class EgoNode(LifecycleNode):
 
         with self._serving():  # until the goal's terminal state is set, so deactivate waits for it
             try:
-                answer, headers = self._run_on_worker(lambda: self._ask_job(goal_handle.request, on_new_text, cancel),
-                                                      slot_taken=True)
+                answer, headers, noted = self._run_on_worker(
+                    lambda: self._ask_job(goal_handle.request, on_new_text, cancel), slot_taken=True)
                 result.success, result.answer = True, answer.text
                 result.concepts_used, result.latency_sec = answer.concepts, float(answer.timings["total"])
                 result.frames = headers
-                result.message = f"{answer.new_tokens} tokens" + (" (cancelled)" if cancel.is_set() else "")
+                result.message = f"{answer.new_tokens} tokens{noted}" + (" (cancelled)" if cancel.is_set() else "")
             except Exception as error:  # noqa: BLE001
                 result.success, result.message = False, message_of(error)
             finally:
@@ -754,6 +859,7 @@ class EgoNode(LifecycleNode):
             return
         found = ego.recognize(frame.image, boxes=True)  # {} once the last concept is forgotten: all disappear
         present, appeared, disappeared = self.trackers[camera].update({n: p for n, (p, _) in found.items()})
+        self._record_sightings(camera, frame.header, found, frame.image, frame.to_sent, list(present))
         event = RecognitionEvent(camera=camera, appeared=list(appeared), disappeared=list(disappeared))
         if frame.header is not None:
             event.header = frame.header
@@ -949,6 +1055,49 @@ def _box_of(roi) -> tuple[int, int, int, int] | None:
     if roi.width == 0 or roi.height == 0:
         return None
     return (roi.x_offset, roi.y_offset, roi.x_offset + roi.width, roi.y_offset + roi.height)
+
+
+def visit_text(visit, now: float) -> str:
+    """One visit as the prompt gets it: 'last seen 2026-12-05 14:02:11 to 14:02:40 (3 min ago) on /head/image_raw,
+    12 times, best score 0.91, the robot at (1.20, 3.40) in map'."""
+    day = time.strftime("%Y-%m-%d", time.localtime(visit.last_seen))
+    start, end = (time.strftime("%H:%M:%S", time.localtime(t)) for t in (visit.first_seen, visit.last_seen))
+    minutes = max(0.0, now - visit.last_seen) / 60
+    ago = f"{minutes:.0f} min ago" if minutes < 120 else f"{minutes / 60:.0f} h ago"
+    text = (f"seen {day} {start}" + (f" to {end}" if end != start else "") + f" ({ago}) "
+            + (f"on {visit.camera}" if visit.camera else "in an image sent to the robot")
+            + f", {visit.sightings} time{'s' * (visit.sightings != 1)}, best score {visit.best_score:.2f}")
+    if visit.pose is not None:
+        x, y, _ = visit.pose.position
+        text += f", the robot at ({x:.2f}, {y:.2f}) in {visit.pose.frame_id}"
+    return text
+
+
+def _stamp(seconds: float):
+    from builtin_interfaces.msg import Time
+
+    whole = math.floor(seconds)
+    return Time(sec=int(whole), nanosec=min(999_999_999, int(round((seconds - whole) * 1e9))))
+
+
+def _visit_msg(visit) -> Visit:
+    from geometry_msgs.msg import PoseStamped
+
+    msg = Visit(name=visit.concept, camera=visit.camera, frame_id=visit.frame_id, first_seen=_stamp(visit.first_seen),
+                last_seen=_stamp(visit.last_seen), sightings=visit.sightings, best_score=float(visit.best_score),
+                best_stamp=_stamp(visit.best_stamp), pose_note=visit.pose_note)
+    if visit.box is not None:
+        msg.box = _roi_of(visit.box)
+    if visit.crop:
+        msg.crop = CompressedImage(header=Header(stamp=msg.best_stamp, frame_id=visit.frame_id), format="jpeg",
+                                   data=visit.crop)
+    if visit.pose is not None:
+        pose = PoseStamped(header=Header(stamp=msg.best_stamp, frame_id=visit.pose.frame_id))
+        (pose.pose.position.x, pose.pose.position.y, pose.pose.position.z) = visit.pose.position
+        (pose.pose.orientation.x, pose.pose.orientation.y, pose.pose.orientation.z,
+         pose.pose.orientation.w) = visit.pose.orientation
+        msg.has_pose, msg.pose, msg.pose_age_sec = True, pose, float(visit.pose_age_sec or 0.0)
+    return msg
 
 
 def _roi_of(box) -> RegionOfInterest:

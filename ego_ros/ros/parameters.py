@@ -53,6 +53,12 @@ PARAMETER_SPECS = {
     "recognition_hysteresis": (0.1, _describe(
         "a present concept is announced gone once its score stays below recognition_threshold minus this for two "
         "checks; 0: no hysteresis, each check's own score decides", floats=(0.0, 1.0))),
+    "pose_topic": ("", _describe("the robot's pose (geometry_msgs/PoseStamped or nav_msgs/Odometry), kept with "
+                                 "each sighting; empty: none")),
+    "sightings_max_age": (30 * 86400.0, _describe("visits older than this many seconds are pruned from the "
+                                                  "sightings memory", floats=(60.0, 3.2e9))),
+    "sightings_max_rows": (100_000, _describe("at most this many visits are kept (the oldest go first)",
+                                              ints=(1, 100_000_000))),
     "autostart": (False, _describe("configure and activate at start-up instead of waiting for lifecycle transitions")),
 }
 PARAMETERS = {name: default for name, (default, _) in PARAMETER_SPECS.items()}
@@ -78,6 +84,9 @@ class Settings:
     recognition_rate_hz: float
     recognition_threshold: float
     recognition_hysteresis: float
+    pose_topic: str
+    sightings_max_age: float
+    sightings_max_rows: int
 
     @property
     def recognition_off_threshold(self) -> float:
@@ -112,4 +121,6 @@ class Settings:
             recognition_rate_hz=float(p["recognition_rate_hz"]),
             recognition_threshold=float(p["recognition_threshold"]),
             recognition_hysteresis=float(p["recognition_hysteresis"]),
+            pose_topic=str(p["pose_topic"]).strip(), sightings_max_age=float(p["sightings_max_age"]),
+            sightings_max_rows=int(p["sightings_max_rows"]),
         )
