@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 ROSDEP = {"rclpy": "rclpy", "rcl_interfaces": "rcl_interfaces", "launch": "launch", "launch_ros": "launch_ros",
           "sensor_msgs": "sensor_msgs", "std_msgs": "std_msgs", "diagnostic_msgs": "diagnostic_msgs",
           "lifecycle_msgs": "lifecycle_msgs", "action_msgs": "action_msgs", "builtin_interfaces": "builtin_interfaces",
-          "std_srvs": "std_srvs", "py_trees": "py_trees", "numpy": "python3-numpy", "PIL": "python3-pil",
+          "std_srvs": "std_srvs", "geometry_msgs": "geometry_msgs", "nav_msgs": "nav_msgs",
+          "py_trees": "py_trees", "numpy": "python3-numpy", "PIL": "python3-pil",
           "yaml": "python3-yaml", "cv_bridge": "cv_bridge", "cv2": "python3-opencv", "aiohttp": "python3-aiohttp"}
 # Python module -> its distribution in requirements.txt (the pip step), for modules with no rosdep key.
 PIP = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
