@@ -20,8 +20,12 @@ time, more are refused at once as busy, action goals rejected), so ``list_concep
 responsive. Periodic recognition queues behind user requests and coalesces per camera.
 
 Live parameters (taken while active): ``recognition_threshold``, ``recognition_hysteresis``,
-``recognition_rate_hz``, ``max_new_tokens`` (and ``use_sim_time``); the others are read on configure. ``~/enable`` (std_srvs/SetBool) pauses and resumes
-recognition without unloading the model.
+``recognition_rate_hz``, ``max_new_tokens`` (and ``use_sim_time``); the others are read on configure. ``~/enable``
+(std_srvs/SetBool) pauses and resumes recognition without unloading the model.
+
+Sightings: every recognition of a concept is kept as a visit in the memory folder's ``sightings.db``
+(:mod:`ego_ros.sightings`), with the robot's pose from ``pose_topic`` (:mod:`ego_ros.ros.poses`); ``~/last_seen``
+reads them, and a question about time gets them in its prompt.
 
 Run it with ``ros2 launch ego_ros ego.launch.py``, ``ros2 run ego_ros ego_node --ros-args -p autostart:=true``, or in
 the venv ``ego-ros node --params-file config/ego.yaml``.
@@ -375,9 +379,14 @@ class EgoNode(LifecycleNode):
         if subscription is not None:
             self._active.append(subscription)
             self.get_logger().info(f"poses from {poses.topic} ({poses.type_name}) are kept with the sightings")
-        else:  # no publisher yet: look again in a second
-            timer = self.create_timer(1.0, lambda: (self.destroy_timer(timer), self._follow_poses()),
-                                      callback_group=self._fast_group)
+        else:  # no publisher yet: look again in a second (a one-shot timer, gone from _active once it fires)
+            def again() -> None:
+                if timer in self._active:
+                    self._active.remove(timer)
+                    self.destroy_timer(timer)
+                    self._follow_poses()
+
+            timer = self.create_timer(1.0, again, callback_group=self._fast_group)
             self._active.append(timer)
 
     def _record_sightings(self, camera: str, header, found: dict, image, to_sent, present) -> None:
@@ -1058,8 +1067,8 @@ def _box_of(roi) -> tuple[int, int, int, int] | None:
 
 
 def visit_text(visit, now: float) -> str:
-    """One visit as the prompt gets it: 'last seen 2026-12-05 14:02:11 to 14:02:40 (3 min ago) on /head/image_raw,
-    12 times, best score 0.91, the robot at (1.20, 3.40) in map'."""
+    """One visit as the prompt gets it: 'seen 2026-12-05 14:02:11 to 14:02:40 (3 min ago) on /head/image_raw, 12
+    times, best score 0.91, the robot at (1.20, 3.40) in map'."""
     day = time.strftime("%Y-%m-%d", time.localtime(visit.last_seen))
     start, end = (time.strftime("%H:%M:%S", time.localtime(t)) for t in (visit.first_seen, visit.last_seen))
     minutes = max(0.0, now - visit.last_seen) / 60
