@@ -226,16 +226,22 @@ class Api:
         task = self.bridge.commander.ask(question, image=pixels, on_feedback=on_feedback)
         task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, ("done", "", 0)))
         response = await start_stream(request)
+        streamed = ""
         try:
             while True:
                 kind, piece, tokens = await queue.get()
                 if kind == "done":
                     break
                 if piece:
+                    streamed += piece
                     await send(response, "text", {"text": piece, "tokens": tokens})
             failure = task.exception()
             if failure is None:
                 answer = task.result()
+                # The result and the last feedback travel on different topics: the result may come first. What the
+                # feedback did not bring yet is sent as the last piece, so the pieces always make the whole answer.
+                if answer.answer.startswith(streamed) and len(answer.answer) > len(streamed):
+                    await send(response, "text", {"text": answer.answer[len(streamed):], "tokens": answer.tokens})
                 await send(response, "done", {"answer": answer.answer, "concepts": answer.concepts_used,
                                               "latency": round(answer.latency_sec, 3), "tokens": answer.tokens,
                                               "frame": wanted})
