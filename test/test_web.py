@@ -256,6 +256,14 @@ def register_by_box(page, name: str, description: str = ""):
     return answered.value, frozen
 
 
+def message_reads(page, start: str) -> str:
+    """The page's message once it starts with ``start``: the page writes it after the server's answer has arrived,
+    so a test that has the answer may still be ahead of the page."""
+    page.wait_for_function("start => document.getElementById('message').textContent.startsWith(start)", arg=start,
+                           timeout=30_000)
+    return page.locator("#message").inner_text()
+
+
 def ensure_star(graph) -> None:
     """The concept "my star" on the node (registered by the first test; again here when a test runs alone)."""
     if "my star" not in concepts(graph["client"]):
@@ -332,7 +340,7 @@ def test_a_box_dragged_on_the_live_view_registers_that_frame_and_the_concept_app
     result = answered.value.json()
     assert answered.value.status == 200, result
     assert result["frame"] == frozen and result["stamp"] == pytest.approx(stamp, abs=1e-5)
-    assert page.locator("#message").inner_text().startswith("registered 'my star'")
+    message_reads(page, "registered 'my star'")
     item = page.locator('#concepts li[data-name="my star"]')
     item.wait_for(timeout=30_000)
     page.wait_for_function("() => document.querySelector('#concepts li[data-name=\"my star\"] img')?.naturalWidth > 0",
@@ -425,7 +433,7 @@ def test_bad_input_on_the_page_gets_a_clear_message_and_registers_nothing(graph,
     open_page(page, graph["url"])
     before = concepts(graph["client"])
     response, _ = register_by_box(page, "  ")
-    assert response.status == 400 and page.locator("#message").inner_text() == "the name is empty"
+    assert response.status == 400 and message_reads(page, "the name is empty") == "the name is empty"
     page.fill("#name", "a/b")
     page.click("#register")
     page.wait_for_function("() => document.getElementById('message').textContent.includes('path separator')")
@@ -468,7 +476,7 @@ def test_a_hostile_name_is_shown_as_text_and_forget_removes_the_concept(graph, p
     forget.click()
     item.wait_for(state="detached", timeout=30_000)
     assert hostile not in concepts(graph["client"])
-    assert page.locator("#message").inner_text().startswith("forgot")
+    message_reads(page, "forgot")
 
 
 # --- beyond localhost: the token ----------------------------------------------------------------------------------
