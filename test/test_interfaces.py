@@ -26,8 +26,8 @@ from std_msgs.msg import Header
 
 try:
     from ego_ros.action import Answer
-    from ego_ros.msg import ConceptDetection, ConceptInfo, RecognitionEvent
-    from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterConcept
+    from ego_ros.msg import ConceptDetection, ConceptInfo, RecognitionEvent, Visit
+    from ego_ros.srv import Ask, ForgetConcept, LastSeen, ListConcepts, Recognize, RegisterConcept
 except ImportError as err:  # pragma: no cover - only reached on a broken set-up
     import ego_ros
 
@@ -110,6 +110,25 @@ FIELDS = {
                             "layers_source": "string"},
     ForgetConcept.Request: {"name": "string", "request_id": "string"},
     ForgetConcept.Response: {"success": "boolean", "message": "string"},
+    Visit: {
+        "name": "string",
+        "camera": "string",
+        "frame_id": "string",
+        "first_seen": "builtin_interfaces/Time",
+        "last_seen": "builtin_interfaces/Time",
+        "sightings": "uint32",
+        "best_score": "float",
+        "best_stamp": "builtin_interfaces/Time",
+        "box": "sensor_msgs/RegionOfInterest",
+        "crop": "sensor_msgs/CompressedImage",
+        "has_pose": "boolean",
+        "pose": "geometry_msgs/PoseStamped",
+        "pose_age_sec": "float",
+        "pose_note": "string",
+    },
+    LastSeen.Request: {"name": "string", "since": "builtin_interfaces/Time", "camera": "string",
+                       "max_results": "uint32"},
+    LastSeen.Response: {"success": "boolean", "message": "string", "visits": "sequence<ego_ros/Visit>"},
     Answer.Goal: ASK_FIELDS,
     Answer.Result: ANSWER_FIELDS,
     Answer.Feedback: {"new_text": "string", "tokens": "uint32"},
@@ -173,6 +192,20 @@ def test_messages_hold_their_values():
     )
     assert event.detections[0].name == "Rex" and event.detections[0].score == pytest.approx(0.75)
     assert (event.appeared, event.disappeared, event.header.frame_id) == (["Rex"], ["my mug"], "front")
+
+
+def test_a_visit_holds_its_crop_and_pose():
+    from geometry_msgs.msg import Point, Pose, PoseStamped
+    from sensor_msgs.msg import CompressedImage, RegionOfInterest
+
+    visit = Visit(name="Rex", camera="/camera/image_raw", first_seen=Time(sec=10), last_seen=Time(sec=12),
+                  sightings=5, best_score=0.9, box=RegionOfInterest(x_offset=3, y_offset=4, width=20, height=10),
+                  crop=CompressedImage(format="jpeg", data=b"\xff\xd8\xff"), has_pose=True,
+                  pose=PoseStamped(header=Header(frame_id="map"), pose=Pose(position=Point(x=1.5, y=-2.0))))
+    assert (visit.last_seen.sec - visit.first_seen.sec, visit.sightings, visit.box.width) == (2, 5, 20)
+    assert bytes(visit.crop.data) == b"\xff\xd8\xff" and visit.pose.pose.position.x == 1.5
+    answer = LastSeen.Response(success=True, visits=[visit, Visit(name="Rex", pose_note="no pose_topic")])
+    assert [v.has_pose for v in answer.visits] == [True, False] and answer.visits[1].pose_note == "no pose_topic"
 
 
 def test_requests_and_results_hold_their_values():

@@ -6,6 +6,8 @@ and the services as LLM tools (checked against the .srv files and the generated 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ py_trees = pytest.importorskip("py_trees")
 from py_trees.common import Status  # noqa: E402
 
 from ego_ros.ros import tools  # noqa: E402
-from ego_ros.ros.behaviours import AskQuestion, WaitForConcept, example_tree, run  # noqa: E402
+from ego_ros.ros.behaviours import AskQuestion, RecallLastSeen, WaitForConcept, example_tree, run  # noqa: E402
 from ego_ros.ros.client import NodeError, NodeNotFound  # noqa: E402
 from ego_ros.ros.commander import EgoCommander, TaskCancelled, TaskStatus  # noqa: E402
 from ego_ros.testing.rosgraph import CameraPublisher, Client, NodeProcess, free_domain, wait_for  # noqa: E402
@@ -209,6 +211,24 @@ def test_behaviours_fail_with_the_reason_and_cancel_when_interrupted(graph):
     tree.shutdown()
 
 
+def test_recall_last_seen_puts_the_newest_visit_on_the_blackboard_or_fails_saying_why(graph):
+    _, commander, _ = graph
+    py_trees.blackboard.Blackboard.clear()
+    recall = RecallLastSeen("where was Rex", commander, "Rex", camera=CAMERA, within=600.0)
+    wait_for(lambda: run(recall, period=0.05, limit=30.0) == Status.SUCCESS, 60,
+             "a visit of Rex (threshold 0: every event is a sighting)")
+    visit = py_trees.blackboard.Blackboard.get("/last_seen")
+    assert visit.name == "Rex" and visit.camera == CAMERA and visit.sightings >= 1
+    assert time.time() - 60 < visit.last_seen.sec <= time.time() + 1 and len(visit.crop.data) > 0
+    assert recall.feedback_message.startswith("'Rex' was last seen") and CAMERA in recall.feedback_message
+    elsewhere = RecallLastSeen("Rex elsewhere", commander, "Rex", camera="/other/image_raw", key="elsewhere")
+    assert run(elsewhere, period=0.05, limit=30.0) == Status.FAILURE
+    assert elsewhere.feedback_message == "'Rex' was not seen on /other/image_raw"
+    unknown = RecallLastSeen("nobody", commander, "nobody", key="nobody")
+    assert run(unknown, period=0.05, limit=30.0) == Status.FAILURE
+    assert "nobody" in unknown.feedback_message and "Rex" in unknown.feedback_message, "the known names"
+
+
 # --- the services as LLM tools ----------------------------------------------------------------------------------
 
 
@@ -236,7 +256,8 @@ def test_tools_match_the_generated_message_classes():
             if kind.startswith("sequence<"):
                 assert schema["type"] == "array"
                 kind, schema = kind[len("sequence<"):-1], schema["items"]
-            expected = "integer" if "int" in kind else JSON_TYPE[kind]
+            expected = ("number" if kind == "builtin_interfaces/Time" else "integer" if "int" in kind
+                        else JSON_TYPE[kind])
             assert schema["type"] == expected, (function["name"], name, kind, schema)
             assert function["parameters"]["properties"][name]["description"], (function["name"], name)
         for required in function["parameters"].get("required", ()):
@@ -252,11 +273,18 @@ def test_tool_calls_run_on_the_node(graph):
     asked = tools.call_tool(commander, "ask", '{"question": "What is here?", "source": 0, "max_new_tokens": 3}',
                             timeout=60.0)
     assert asked["success"] and asked["answer"]
+    seen = tools.call_tool(commander, "last_seen", {"name": "Rex", "since": time.time() - 600}, timeout=30.0)
+    assert seen["success"] and seen["visits"][0]["camera"] == CAMERA, seen
+    newest = seen["visits"][0]
+    assert time.time() - 600 < newest["last_seen"] <= time.time() + 1, "times as seconds since the epoch"
+    assert re.fullmatch(r"\(\d+ bytes, left out\)", newest["crop"]["data"]), "no pixels for a language model"
+    assert len(json.dumps(seen)) < 4000
     forgot = tools.call_tool(commander, "forget_concept", {"name": "nobody"}, timeout=30.0)
     assert forgot["success"] is False and "nobody" in forgot["message"]
     for name, arguments, words in (("fly", {}, "no tool named"), ("ask", {"question": 3}, "must be a string"),
                                    ("ask", {"question": "q", "source": 2}, r"must be one of \[0, 1\]"),
                                    ("ask", {"question": "q", "image": {}}, "unknown argument"),
-                                   ("forget_concept", {}, "missing argument")):
+                                   ("forget_concept", {}, "missing argument"),
+                                   ("last_seen", {"name": "Rex", "since": -1}, r"must be in \[0, inf\]")):
         with pytest.raises(ValueError, match=words):
             tools.call_tool(commander, name, arguments)

@@ -9,6 +9,8 @@ rclpy client. Set ``EGO_ROS_WEB_SCREENSHOTS=docs`` to write the README's screens
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -343,14 +345,37 @@ def test_a_box_dragged_on_the_live_view_registers_that_frame_and_the_concept_app
     message_reads(page, "registered 'my star'")
     item = page.locator('#concepts li[data-name="my star"]')
     item.wait_for(timeout=30_000)
-    page.wait_for_function("() => document.querySelector('#concepts li[data-name=\"my star\"] img')?.naturalWidth > 0",
-                           timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#concepts li[data-name=\"my star\"] .picture img')?.naturalWidth > 0",
+        timeout=30_000)
     assert "1 view" in item.inner_text()
     assert concepts(graph["client"]) == ["my star"]
     # The view the node stored is the very frame the page showed when the box was drawn, pixel for pixel.
     stored = np.asarray(Image.open(views_dir(graph["memory"], "my star") / "0.png").convert("RGB"))
     assert np.array_equal(stored, seen)
     assert page.locator("#live").get_attribute("data-frozen") is None, "back to the live view after registering"
+
+
+def test_each_concept_says_when_and_where_it_was_last_seen_with_its_crop(graph, page):
+    from PIL import Image
+
+    ensure_star(graph)
+
+    def seen():  # the node recognises Rex in its camera's frames (events at 2 Hz) and keeps the visit
+        listed = {c["name"]: c for c in api(graph["url"], "/api/concepts")[1]["concepts"]}
+        return listed["my star"]["last_seen"]
+    visit = wait_for(seen, 90, "a sighting of 'my star'")
+    assert visit["camera"] in ("camera/image_raw", "") and 0 <= visit["ago"] < 90 and visit["score"] >= 0.3
+    crop = Image.open(io.BytesIO(base64.b64decode(visit["crop"].removeprefix("data:image/jpeg;base64,"))))
+    assert crop.format == "JPEG" and max(crop.size) <= 96
+    open_page(page, graph["url"])
+    line = page.locator('#concepts li[data-name="my star"] .last-seen')
+    line.wait_for(timeout=30_000)
+    assert re.fullmatch(r"last seen \d+ (s|min) ago, (camera camera/image_raw|in a sent image) \(score 0\.\d\d\)",
+                        line.inner_text().strip()), line.inner_text()
+    page.wait_for_function(
+        "() => document.querySelector('#concepts li[data-name=\"my star\"] .last-seen img')?.naturalWidth > 0",
+        timeout=30_000)
     shot(page, "web_concepts.png", "#concepts-panel")
 
 

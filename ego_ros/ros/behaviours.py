@@ -6,8 +6,12 @@
   moves on, or is stopped), it cancels the goal on the node.
 - :class:`WaitForConcept` waits for a concept to be recognised (a ``~/recognitions`` event naming it): RUNNING
   until then, SUCCESS (the score on the blackboard), FAILURE after its timeout.
+- :class:`RecallLastSeen` asks the node's sightings memory where and when a concept was last seen (``~/last_seen``):
+  SUCCESS with the newest visit (``ego_ros/msg/Visit``: camera, time, box, crop, the robot's pose) on the
+  blackboard, FAILURE when it was never seen (since ``within`` seconds, on ``camera``) or is unknown. A fetch tree
+  tries WaitForConcept briefly, and falls back on it to know where to go.
 
-Neither blocks a tick: each starts a task in ``initialise`` and polls it in ``update``. :func:`example_tree` puts
+None blocks a tick: each starts a task in ``initialise`` and polls it in ``update``. :func:`example_tree` puts
 them together (wait for "my mug", then ask where it is), and ``python -m ego_ros.ros.behaviours`` runs that tree
 against a running node::
 
@@ -122,6 +126,39 @@ class WaitForConcept(_TaskBehaviour):
 
     def done_message(self, value) -> str:
         return f"recognised {self.concept!r} ({value[0]:.2f}) on {value[1].camera}"
+
+
+class RecallLastSeen(_TaskBehaviour):
+    """Looks up where and when ``concept`` was last seen (on ``camera`` if given; within the last ``within``
+    seconds if given) and writes the newest visit to the blackboard variable ``key``."""
+
+    def __init__(self, name: str, commander: EgoCommander, concept: str, *, camera: str = "",
+                 within: float | None = None, key: str = "last_seen"):
+        super().__init__(name, commander, key)
+        self.concept, self.camera, self.within = concept, camera, within
+
+    def start(self) -> Task:
+        since = None if self.within is None else time.time() - self.within
+        return self.commander.last_seen(self.concept, since=since, camera=self.camera, max_results=1)
+
+    def update(self) -> Status:
+        if self.task is not None and self.task.done() and self.task.exception() is None and not self.task.result():
+            self.feedback_message = f"{self.concept!r} was not seen" + (
+                f" in the last {self.within:g} s" if self.within is not None else "") + (
+                f" on {self.camera}" if self.camera else "")
+            return Status.FAILURE
+        return super().update()
+
+    def running_message(self) -> str:
+        return f"recalling where {self.concept!r} was seen"
+
+    def blackboard_value(self, value):
+        return value[0]
+
+    def done_message(self, value) -> str:
+        visit = value[0]
+        ago = time.time() - (visit.last_seen.sec + visit.last_seen.nanosec * 1e-9)
+        return f"{self.concept!r} was last seen {ago:.0f} s ago on {visit.camera or 'a sent image'}"
 
 
 def example_tree(commander: EgoCommander, concept: str = "my mug", question: str | None = None, *,

@@ -5,7 +5,8 @@
 ``{"type": "function", "function": {"name", "description", "parameters": <JSON schema>}}``, generated from
 ``srv/*.srv``: each tool's description is the comment at the top of its .srv file, each parameter's the comment
 above its field, and its type follows the field's (string, boolean, integer with bounds, number, arrays of them;
-``SOURCE_*`` constants become an enum). Image fields are left out: an agent names a camera, it does not send
+``SOURCE_*`` constants become an enum; a ``builtin_interfaces/Time`` is a number of seconds since the Unix epoch).
+Image fields are left out: an agent names a camera, it does not send
 pixels (and so ``SOURCE_IMAGE`` is not offered). test/test_planners.py checks the file against the .srv files and
 against the generated message classes, so it cannot drift from them::
 
@@ -19,6 +20,7 @@ and returns the response as a JSON-ready dict.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -26,9 +28,10 @@ from pathlib import Path
 TOOLS_FILE = Path(__file__).with_name("tools.json")
 # tool name (the service's name under the node) -> its .srv file's stem
 SERVICES = {"list_concepts": "ListConcepts", "register_concept": "RegisterConcept", "ask": "Ask",
-            "recognize": "Recognize", "forget_concept": "ForgetConcept"}
+            "recognize": "Recognize", "forget_concept": "ForgetConcept", "last_seen": "LastSeen"}
 # Fields without which a request makes no sense (a .srv cannot say so: every field has a default).
-REQUIRED = {"register_concept": ["name"], "ask": ["question"], "forget_concept": ["name"]}
+REQUIRED = {"register_concept": ["name"], "ask": ["question"], "forget_concept": ["name"], "last_seen": ["name"]}
+TIME = "builtin_interfaces/Time"
 # Pixels are for programs, not for a language model: these fields are left out of the tools.
 IMAGE_TYPES = ("sensor_msgs/Image", "Image", "sensor_msgs/RegionOfInterest")
 # Set by the caller, not by the agent: the request id by which the node tells a request sent again (call_tool sets it).
@@ -89,6 +92,8 @@ def _schema(field: dict, constants: dict[str, int]) -> dict:
         item = {"type": "integer", "minimum": low, "maximum": high}
     elif ros_type in ("float32", "float64"):
         item = {"type": "number"}
+    elif ros_type == TIME:  # an agent reads and writes clock times as numbers, not as {sec, nanosec}
+        item = {"type": "number", "minimum": 0}
     else:
         raise ValueError(f"no JSON type for the field {field['name']} of type {ros_type}")
     prefix = field["name"].upper() + "_"
@@ -100,6 +105,8 @@ def _schema(field: dict, constants: dict[str, int]) -> dict:
     if values:
         ordered = sorted(values.items(), key=lambda item: item[1])
         description += " Values: " + ", ".join(f"{value} = {name}" for name, value in ordered)
+    if ros_type == TIME:
+        description += " In seconds since the Unix epoch (UTC)."
     schema["description"] = description
     return schema
 
@@ -131,13 +138,16 @@ def load_tools() -> list[dict]:
 
 
 def to_plain(message):
-    """A ROS message (or a list or array of them) as JSON-ready Python values."""
+    """A ROS message (or a list or array of them) as JSON-ready Python values. Times become seconds since the
+    epoch; bytes (a sighting's JPEG crop) are left out, said in a few words: a language model reads no pixels."""
+    if type(message).__name__ == "Time" and hasattr(message, "nanosec"):
+        return message.sec + message.nanosec * 1e-9
+    if isinstance(message, bytes) or getattr(message, "typecode", None) == "B":
+        return f"({len(message)} bytes, left out)"
     if hasattr(message, "get_fields_and_field_types"):
         return {name: to_plain(getattr(message, name)) for name in message.get_fields_and_field_types()}
     if isinstance(message, (list, tuple)) or type(message).__name__ in ("array", "ndarray"):
         return [to_plain(item) for item in message]
-    if isinstance(message, bytes):
-        return list(message)
     return message
 
 
@@ -146,7 +156,7 @@ def call_tool(commander, name: str, arguments: dict | str, timeout: float | None
     the response as a dict (``success`` and ``message`` say whether it worked). Unknown tools, unknown arguments
     and values of the wrong type raise ValueError before anything is sent."""
     from ego_ros import srv
-    from ego_ros.ros.client import new_request_id
+    from ego_ros.ros.client import new_request_id, time_msg
 
     if isinstance(arguments, str):
         arguments = json.loads(arguments or "{}")
@@ -165,8 +175,13 @@ def call_tool(commander, name: str, arguments: dict | str, timeout: float | None
     request = getattr(srv, SERVICES[name]).Request()
     if hasattr(request, "request_id"):
         request.request_id = new_request_id()
+    types = request.get_fields_and_field_types()
     for key, value in arguments.items():
-        setattr(request, key, float(value) if properties[key].get("type") == "number" else value)
+        if types[key] == TIME:
+            value = time_msg(value)
+        elif properties[key].get("type") == "number":
+            value = float(value)
+        setattr(request, key, value)
     return to_plain(commander.call(name, request).result(timeout))
 
 
@@ -185,8 +200,9 @@ def _check(tool: str, key: str, value, schema: dict) -> None:
         raise ValueError(f"{tool}: {key} must be a {schema['type']}, got {value!r}")
     if "enum" in schema and value not in schema["enum"]:
         raise ValueError(f"{tool}: {key} must be one of {schema['enum']}, got {value!r}")
-    if "minimum" in schema and not schema["minimum"] <= value <= schema["maximum"]:
-        raise ValueError(f"{tool}: {key} must be in [{schema['minimum']}, {schema['maximum']}], got {value!r}")
+    low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
+    if schema["type"] in ("integer", "number") and not low <= value <= high:
+        raise ValueError(f"{tool}: {key} must be in [{low}, {high}], got {value!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@
 | | id, stamp and size in ``X-Frame-*`` headers |
 | ``POST /api/hold {frame}`` | keep that frame (the page froze on it to draw a box) |
 | ``GET /api/events`` | Server-Sent Events: the node's recognition events about this camera (boxes, names, scores) |
-| ``GET /api/concepts`` | the node's concepts |
+| ``GET /api/concepts`` | the node's concepts, each with its last visit (when, which camera, a crop) or null |
 | ``GET /api/picture?name=N&updated=T`` | what ``ego-ros show`` draws for ``N``, as PNG |
 | ``POST /api/register {frame, box, name, description}`` | register what the box holds, from that frame's own pixels |
 | ``POST /api/recognize {frame}`` | the concepts in that frame, with boxes |
@@ -24,6 +24,7 @@ the node (or the camera) is not there. Every message is meant for the person at 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from pathlib import Path
@@ -148,11 +149,14 @@ class Api:
         return response
 
     async def concepts(self, request: web.Request) -> web.Response:
-        concepts = await self._node(self.bridge.commander.list_concepts())
+        concepts = sorted(await self._node(self.bridge.commander.list_concepts()), key=lambda c: c.name.casefold())
+        visits = await asyncio.gather(*(self.bridge.commander.last_seen(c.name, max_results=1) for c in concepts),
+                                      return_exceptions=True)
+        now = time.time()
         return web.json_response({"concepts": [{
             "name": c.name, "views": c.num_views, "tokens": c.num_tokens, "area": round(float(c.area_percent), 1),
-            "keywords": list(c.keywords), "updated": c.updated.sec + c.updated.nanosec * 1e-9,
-        } for c in sorted(concepts, key=lambda c: c.name.casefold())]})
+            "keywords": list(c.keywords), "updated": stamp_sec(c.updated), "last_seen": last_visit(found, now),
+        } for c, found in zip(concepts, visits)]})
 
     async def picture(self, request: web.Request) -> web.Response:
         name = request.query.get("name", "")
@@ -301,6 +305,22 @@ class NodeAbsent(Exception):
 
 class NodeRefused(Exception):
     """422: the node answered with a refusal."""
+
+
+def stamp_sec(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def last_visit(visits, now: float) -> dict | None:
+    """The newest visit as the page shows it ("last seen 12 s ago, camera ..." beside its crop), or None: never seen,
+    or the node could not say (an older node without ``last_seen``: the page then shows no line at all)."""
+    if isinstance(visits, BaseException) or not visits:
+        return None
+    visit = visits[0]
+    crop = bytes(visit.crop.data)
+    return {"seen": stamp_sec(visit.last_seen), "ago": round(max(0.0, now - stamp_sec(visit.last_seen)), 1),
+            "camera": visit.camera, "score": round(float(visit.best_score), 3), "sightings": visit.sightings,
+            "crop": "data:image/jpeg;base64," + base64.b64encode(crop).decode() if crop else None}
 
 
 def node_message(failure: BaseException, node: str) -> str:

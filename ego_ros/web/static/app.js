@@ -426,6 +426,34 @@ function forgetButton(name) {
   return button;
 }
 
+function ago(seconds) { // "12 s", "5 min", "3 h", "2 days": one unit, as the command line says it
+  for (const [limit, unit, size] of [[120, "s", 1], [7200, "min", 60], [172800, "h", 3600]]) {
+    if (seconds < limit) return `${Math.round(seconds / size)} ${unit}`;
+  }
+  return `${Math.round(seconds / 86400)} days`;
+}
+
+function lastSeen(visit) { // "last seen 12 s ago, camera /camera/image_raw" beside the crop of that sighting
+  const line = document.createElement("div");
+  line.className = "last-seen";
+  const words = document.createElement("span");
+  if (!visit) {
+    words.textContent = "not seen yet";
+    line.append(words);
+    return line;
+  }
+  if (visit.crop) {
+    const crop = document.createElement("img");
+    crop.src = visit.crop;
+    crop.alt = "where it was last seen";
+    line.append(crop);
+  }
+  const where = visit.camera ? `camera ${visit.camera}` : "in a sent image";
+  words.textContent = `last seen ${ago(visit.ago)} ago, ${where} (score ${visit.score.toFixed(2)})`;
+  line.append(words);
+  return line;
+}
+
 async function refreshConcepts() {
   let concepts;
   try {
@@ -452,7 +480,7 @@ async function refreshConcepts() {
       `area ${concept.area}%${keywords}`;
     const holder = document.createElement("div");
     holder.className = "picture";
-    item.append(head, facts, holder);
+    item.append(head, facts, lastSeen(concept.last_seen), holder);
     conceptPicture(concept, holder);
     return item;
   });
