@@ -333,13 +333,15 @@ def test_the_tally_grades_what_was_said_against_what_each_frame_showed():
         honest.add(frame, truth(frame, IN_VIEW))
         always.add(frame, set(camera.names))
         never.add(frame, set())
-    assert honest.macro_f1 == 1.0 and all(c.shown and c.hidden for c in honest.rows.values())
+    assert honest.macro_f1 == 1.0 and all(c.true_positives and c.true_negatives for c in honest.rows.values())
+    assert all(c.false_positives == c.false_negatives == 0 for c in honest.rows.values())
     for name, c in always.rows.items():  # "yes" to everything: all shown frames found, every hidden one wrong
-        assert (c.said_present, c.said_absent) == (c.shown, 0) and c.recall == 1.0 and c.precision < 0.5
+        assert (c.false_negatives, c.true_negatives) == (0, 0) and c.recall == 1.0 and c.precision < 0.5
         shown = sum(frame.shows(camera.names[name], IN_VIEW) for frame in frames)
         hidden = sum(not any(s.instance == camera.names[name] for s in frame.visible) for frame in frames)
-        assert (c.shown, c.hidden) == (shown, hidden) and shown + hidden < len(frames)  # slivers are not counted
-    assert never.macro_f1 == 0.0 and all(c.said_absent == c.hidden for c in never.rows.values())
+        assert (c.true_positives, c.false_positives) == (shown, hidden)
+        assert shown + hidden < len(frames)  # slivers are not counted
+    assert never.macro_f1 == 0.0 and all(c.true_positives == c.false_positives == 0 for c in never.rows.values())
     table = honest.table()
     assert f"| Rex ({camera.names['Rex'].phrase}) | " in table
     assert table.endswith(f"macro F1 100.0 over {len(frames)} frames")

@@ -304,6 +304,20 @@ def ago(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def print_visits(name: str, visits: list[tuple], args, now: float, searched: str = "") -> None:
+    """``last-seen``'s output, live or offline: one line per visit (camera, first and last seen, sightings, best
+    score, where the robot was), or why there is none; ``searched`` says where it looked."""
+    if not visits:
+        info(f"{name!r} has not been seen{' on ' + args.camera if args.camera else ''}"
+             f"{' in the last ' + ago(args.since) if args.since else ''}{searched}")
+    for camera, first, last, sightings, best, pose in visits:
+        print(f"{name}: {visit_line(camera, first, last, sightings, best, pose, now)}")
+
+
+def robot_at(frame_id: str, x: float, y: float) -> str:
+    return f"robot at ({x:.2f}, {y:.2f}) in {frame_id}"
+
+
 def visit_line(camera: str, first: float, last: float, sightings: int, best: float, pose: str, now: float) -> str:
     """One visit of ``last-seen``: when (how long ago, and the clock times), where, how sure."""
     span = time.strftime("%H:%M:%S", time.localtime(first))

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ego_ros.cli.common import PROG, StreamPrinter, UsageError, ago, concept_row, error_line, info, layers_line, \
-    print_concepts, visit_line, warn
+from ego_ros.cli.common import PROG, StreamPrinter, UsageError, concept_row, error_line, info, layers_line, \
+    print_concepts, print_visits, robot_at, warn
 from ego_ros.ros.client import EgoClient, NodeError, NodeNotFound
 
 # Images read from files are sent at most this big (rgb8, about 6 MB); the node downscales to its max_image_pixels.
@@ -170,15 +170,9 @@ def cmd_last_seen(args: argparse.Namespace) -> int:
         now = time.time()
         visits = ego.last_seen(args.name, since=now - args.since if args.since else None, camera=args.camera or "",
                                max_results=args.max_results)
-        if not visits:
-            info(f"{args.name!r} has not been seen{' on ' + args.camera if args.camera else ''}"
-                 f"{' in the last ' + ago(args.since) if args.since else ''}")
-            return 0
-        for v in visits:
-            p = v.pose.pose.position
-            pose = f"robot at ({p.x:.2f}, {p.y:.2f}) in {v.pose.header.frame_id}" if v.has_pose else v.pose_note
-            print(f"{v.name}: " + visit_line(v.camera, _seconds(v.first_seen), _seconds(v.last_seen), v.sightings,
-                                             v.best_score, pose, now))
+        print_visits(args.name, [(v.camera, _seconds(v.first_seen), _seconds(v.last_seen), v.sightings, v.best_score,
+                                  robot_at(v.pose.header.frame_id, v.pose.pose.position.x, v.pose.pose.position.y)
+                                  if v.has_pose else v.pose_note) for v in visits], args, now)
         return 0
 
     return run_live(run, args, WITH_STORE)

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from ego_ros.cli.common import (
-    StreamPrinter, UsageError, ago, concept_row, engine_settings, info, join, layers_line, load_engine,
-    max_image_pixels, memory_dir, print_concepts, report_skipped, require_concepts, require_model, stored_concepts,
-    visit_line, warn,
+    StreamPrinter, UsageError, concept_row, engine_settings, info, join, layers_line, load_engine,
+    max_image_pixels, memory_dir, print_concepts, print_visits, report_skipped, require_concepts, require_model,
+    robot_at, stored_concepts, warn,
 )
 
 TOY_CALIBRATION_SCENES = 200  # `ego-ros calibrate toy` without --count
@@ -155,14 +155,9 @@ def cmd_last_seen(args: argparse.Namespace) -> int:
     since = now - args.since if args.since else None
     visits = SightingsStore(root / FILE_NAME, readonly=True).last_seen(name, since=since, camera=args.camera,
                                                                        limit=args.max_results)
-    if not visits:
-        info(f"{name!r} has not been seen{' on ' + args.camera if args.camera else ''}"
-             f"{' in the last ' + ago(args.since) if args.since else ''} (in {root / FILE_NAME})")
-        return 0
-    for v in visits:
-        pose = (f"robot at ({v.pose.position[0]:.2f}, {v.pose.position[1]:.2f}) in {v.pose.frame_id}" if v.pose
-                else v.pose_note)
-        print(f"{name}: {visit_line(v.camera, v.first_seen, v.last_seen, v.sightings, v.best_score, pose, now)}")
+    print_visits(name, [(v.camera, v.first_seen, v.last_seen, v.sightings, v.best_score,
+                         robot_at(v.pose.frame_id, *v.pose.position[:2]) if v.pose else v.pose_note)
+                        for v in visits], args, now, searched=f" (in {root / FILE_NAME})")
     return 0
 
 

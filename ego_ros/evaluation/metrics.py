@@ -35,6 +35,12 @@ class ConceptCounts:
         present = self.true_positives + self.false_negatives
         return self.true_positives / present if present else 0.0
 
+    @property
+    def f1(self) -> float:
+        """This concept's own F1 (the paper's table computes F1 from averages instead: RecognitionScore.f1)."""
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
 
 @dataclass
 class RecognitionScore:

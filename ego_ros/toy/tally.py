@@ -14,35 +14,10 @@ recognition events, graded by the camera that sent the frames; scripts/run.sh pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from ego_ros.evaluation.metrics import ConceptCounts
 from ego_ros.toy.camera import ToyCamera, ToyFrame
 
 IN_VIEW = 0.6  # an instance counts as shown when this share of it is in the frame
-
-
-@dataclass
-class Counts:
-    """One instance's frames: shown (>= IN_VIEW in view) and said present; hidden (none in view) and said absent."""
-
-    shown: int = 0
-    said_present: int = 0
-    hidden: int = 0
-    said_absent: int = 0
-
-    @property
-    def precision(self) -> float:
-        said = self.said_present + (self.hidden - self.said_absent)
-        return self.said_present / said if said else 0.0
-
-    @property
-    def recall(self) -> float:
-        return self.said_present / self.shown if self.shown else 0.0
-
-    @property
-    def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
 
 
 class Tally:
@@ -50,20 +25,15 @@ class Tally:
 
     def __init__(self, camera: ToyCamera):
         self.camera = camera
-        self.rows = {name: Counts() for name in camera.names}
+        self.rows = {name: ConceptCounts() for name in camera.names}
         self.frames = 0
 
     def add(self, frame: ToyFrame, said_present: set[str]) -> None:
         self.frames += 1
         for name, instance in self.camera.names.items():
             shown = max((s.fraction for s in frame.visible if s.instance == instance), default=0.0)
-            counts = self.rows[name]
-            if shown >= IN_VIEW:
-                counts.shown += 1
-                counts.said_present += name in said_present
-            elif shown == 0.0:
-                counts.hidden += 1
-                counts.said_absent += name not in said_present
+            if shown >= IN_VIEW or shown == 0.0:  # a sliver at the edge is neither
+                self.rows[name].add(said_yes=name in said_present, present=shown > 0.0)
 
     @property
     def macro_f1(self) -> float:
@@ -74,8 +44,9 @@ class Tally:
         lines = [f"| instance | said present when >= {IN_VIEW:.0%} in view | said absent when out of view | "
                  "precision | recall | F1 |", "|---|---|---|---|---|---|"]
         for name, c in self.rows.items():
-            lines.append(f"| {name} ({self.camera.names[name].phrase}) | {c.said_present}/{c.shown} | "
-                         f"{c.said_absent}/{c.hidden} | {100 * c.precision:.0f} | {100 * c.recall:.0f} | "
+            shown, hidden = c.true_positives + c.false_negatives, c.true_negatives + c.false_positives
+            lines.append(f"| {name} ({self.camera.names[name].phrase}) | {c.true_positives}/{shown} | "
+                         f"{c.true_negatives}/{hidden} | {100 * c.precision:.0f} | {100 * c.recall:.0f} | "
                          f"{100 * c.f1:.0f} |")
         lines.append(f"\nmacro F1 {100 * self.macro_f1:.1f} over {self.frames} frames")
         return "\n".join(lines)
