@@ -431,7 +431,11 @@ def set_parameter(client, name, value, node="/lc/ego"):
     from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
     from rcl_interfaces.srv import SetParameters
 
-    parameter = Parameter(name=name, value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value))
+    if isinstance(value, int):
+        value = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
+    else:
+        value = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
+    parameter = Parameter(name=name, value=value)
     return client.call(SetParameters, f"{node}/set_parameters", SetParameters.Request(parameters=[parameter])).results
 
 
@@ -655,6 +659,12 @@ def test_live_parameters_enable_and_the_last_forget_sends_disappeared(graph):
     (refused,) = set_parameter(client, "recognition_hysteresis", 1.5, node="/ego")
     assert not refused.successful
     (result,) = set_parameter(client, "recognition_hysteresis", 0.1, node="/ego")
+    assert result.successful
+    (result,) = set_parameter(client, "recognition_confirm_frames", 2, node="/ego")
+    assert result.successful, result.reason
+    (refused,) = set_parameter(client, "recognition_confirm_frames", 0, node="/ego")
+    assert not refused.successful
+    (result,) = set_parameter(client, "recognition_confirm_frames", 1, node="/ego")
     assert result.successful
 
 

@@ -869,6 +869,9 @@ def test_thresholds_change_live_and_presence_is_kept():
     with pytest.raises(ValueError, match="min_off_frames"):
         tracker.set_thresholds(0.9, 0.9, min_off_frames=0)
     assert tracker.min_off_frames == 1
+    tracker.set_thresholds(0.9, 0.9, min_on_frames=2)  # a single check above is not yet present
+    assert tracker.update({"mug": 0.95}).appeared == [] and tracker.update({"mug": 0.1}).present == {}
+    assert tracker.update({"mug": 0.95}).appeared == [] and tracker.update({"mug": 0.95}).appeared == ["mug"]
 
 
 def test_clients_refuse_a_name_with_a_nul_and_an_empty_box_before_sending():

@@ -75,12 +75,14 @@ class PresenceTracker:
     def present(self) -> list[str]:
         return [name for name, state in self._states.items() if state.present]
 
-    def set_thresholds(self, on_threshold: float, off_threshold: float, min_off_frames: int | None = None) -> None:
+    def set_thresholds(self, on_threshold: float, off_threshold: float, min_off_frames: int | None = None,
+                       min_on_frames: int | None = None) -> None:
         """New thresholds (a live parameter change); presence so far is kept and judged by them from now on."""
-        checked = PresenceTracker(on_threshold, off_threshold, self.min_on_frames,
+        checked = PresenceTracker(on_threshold, off_threshold,
+                                  self.min_on_frames if min_on_frames is None else min_on_frames,
                                   self.min_off_frames if min_off_frames is None else min_off_frames)
         self.on_threshold, self.off_threshold = checked.on_threshold, checked.off_threshold
-        self.min_off_frames = checked.min_off_frames
+        self.min_on_frames, self.min_off_frames = checked.min_on_frames, checked.min_off_frames
 
     def reset(self) -> None:
         """Forget all state (camera restarted, node deactivated): everything present will appear again."""

@@ -20,7 +20,7 @@ time, more are refused at once as busy, action goals rejected), so ``list_concep
 responsive. Periodic recognition queues behind user requests and coalesces per camera.
 
 Live parameters (taken while active): ``recognition_threshold``, ``recognition_hysteresis``,
-``recognition_rate_hz``, ``max_new_tokens`` (and ``use_sim_time``); the others are read on configure. ``~/enable``
+``recognition_confirm_frames``, ``recognition_rate_hz``, ``max_new_tokens`` (and ``use_sim_time``); the others are read on configure. ``~/enable``
 (std_srvs/SetBool) pauses and resumes recognition without unloading the model.
 
 Sightings: every recognition of a concept is kept as a visit in the memory folder's ``sightings.db``
@@ -97,8 +97,8 @@ DIAGNOSTICS_PERIOD_SEC = 1.0
 # dropped 5 of a burst of 16 without a trace. Deep enough that every one is taken, answered or refused as busy.
 REQUEST_QOS = QoSProfile(depth=256, reliability=ReliabilityPolicy.RELIABLE)
 # Parameters taken live while configured; the others are read on configure.
-LIVE_PARAMETERS = ("recognition_threshold", "recognition_hysteresis", "recognition_rate_hz", "max_new_tokens",
-                   "use_sim_time")
+LIVE_PARAMETERS = ("recognition_threshold", "recognition_hysteresis", "recognition_confirm_frames",
+                   "recognition_rate_hz", "max_new_tokens", "use_sim_time")
 # How long deactivate or a signal waits for callers to be answered before it says so in the log (it goes on waiting).
 STOP_WARN_SEC = 10.0
 RESPONSE_GRACE_SEC = 0.2
@@ -199,9 +199,10 @@ class EgoNode(LifecycleNode):
         if not changes:
             return
         self.settings = s = dataclasses.replace(s, **{k: type(getattr(s, k))(v) for k, v in changes.items()})
-        if "recognition_threshold" in changes or "recognition_hysteresis" in changes:
+        if {"recognition_threshold", "recognition_hysteresis", "recognition_confirm_frames"} & set(changes):
             for tracker in self.trackers.values():
-                tracker.set_thresholds(s.recognition_threshold, s.recognition_off_threshold, s.recognition_off_frames)
+                tracker.set_thresholds(s.recognition_threshold, s.recognition_off_threshold, s.recognition_off_frames,
+                                       s.recognition_confirm_frames)
         if "max_new_tokens" in changes and self.ego is not None:
             self.ego.config.max_new_tokens = s.max_new_tokens
         if "recognition_rate_hz" in changes:
@@ -231,6 +232,7 @@ class EgoNode(LifecycleNode):
         self.buffers = {t: FrameBuffer(s.buffer_seconds, s.buffer_fps, s.max_image_pixels,
                                        on_jump_back=self._time_went_back(t)) for t in s.camera_topics}
         self.trackers = {t: PresenceTracker(s.recognition_threshold, s.recognition_off_threshold,
+                                            min_on_frames=s.recognition_confirm_frames,
                                             min_off_frames=s.recognition_off_frames) for t in s.camera_topics}
         self._recognitions_pub = self.create_lifecycle_publisher(RecognitionEvent, "~/recognitions", 10)
         self._debug_pub = self.create_lifecycle_publisher(Image, "~/debug_image", 2)

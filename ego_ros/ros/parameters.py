@@ -53,6 +53,9 @@ PARAMETER_SPECS = {
     "recognition_hysteresis": (0.1, _describe(
         "a present concept is announced gone once its score stays below recognition_threshold minus this for two "
         "checks; 0: no hysteresis, each check's own score decides", floats=(0.0, 1.0))),
+    "recognition_confirm_frames": (1, _describe(
+        "a concept is announced present once its score is at or above recognition_threshold this many checks in a "
+        "row; 2 keeps one check's false alarm out of the events and the sightings", ints=(1, 30))),
     "pose_topic": ("", _describe("the robot's pose (geometry_msgs/PoseStamped or nav_msgs/Odometry), kept with "
                                  "each sighting; empty: none")),
     "sightings_max_age": (30 * 86400.0, _describe("visits older than this many seconds are pruned from the "
@@ -84,6 +87,7 @@ class Settings:
     recognition_rate_hz: float
     recognition_threshold: float
     recognition_hysteresis: float
+    recognition_confirm_frames: int
     pose_topic: str
     sightings_max_age: float
     sightings_max_rows: int
@@ -121,6 +125,7 @@ class Settings:
             recognition_rate_hz=float(p["recognition_rate_hz"]),
             recognition_threshold=float(p["recognition_threshold"]),
             recognition_hysteresis=float(p["recognition_hysteresis"]),
+            recognition_confirm_frames=int(p["recognition_confirm_frames"]),
             pose_topic=str(p["pose_topic"]).strip(), sightings_max_age=float(p["sightings_max_age"]),
             sightings_max_rows=int(p["sightings_max_rows"]),
         )
