@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_register_list_forget(ego, make_view):
     progress = []
-    info = ego.register("my mug", [make_view(1), make_view(2)], on_view=lambda done, total: progress.append((done, total)))
+    info = ego.register("my mug", [make_view(1), make_view(2)],
+                        on_view=lambda done, total: progress.append((done, total)))
     assert progress == [(1, 2), (2, 2)]
     assert info.name == "my mug" and info.num_views == 2
     assert info.num_tokens == sum(t.selected.numel() for t in info.traces) == ego.store.get("my mug").num_tokens
@@ -422,8 +423,8 @@ def test_streaming_decodes_each_token_once_and_the_pieces_join_to_the_answer(ego
 
     ego.tokenizer.decode = counting_decode
     try:
-        answer = ego.ask("Describe it.", make_view(1), max_new_tokens=40, on_new_text=lambda text, tokens: pieces.append(text),
-                         on_text=so_far.append)
+        answer = ego.ask("Describe it.", make_view(1), max_new_tokens=40,
+                         on_new_text=lambda text, tokens: pieces.append(text), on_text=so_far.append)
     finally:
         del ego.tokenizer.decode
     assert answer.new_tokens <= len(pieces) == len(so_far) <= answer.new_tokens + 1  # + a held-back rest

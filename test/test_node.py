@@ -34,8 +34,9 @@ def graph(tiny_model_dir, tmp_path_factory):
     domain = free_domain()
     folder = tmp_path_factory.mktemp("node")
     node = NodeProcess(
-        domain, folder / "node.log", params_file=REPO / "config" / "ego.yaml", model=str(tiny_model_dir), memory_dir=str(folder / "memory"),
-        camera_topics=[CAMERA, SILENT_CAMERA, MANUAL_CAMERA], buffer_seconds=6.0, buffer_fps=2.0, max_image_pixels=224 * 224,
+        domain, folder / "node.log", params_file=REPO / "config" / "ego.yaml", model=str(tiny_model_dir),
+        memory_dir=str(folder / "memory"), camera_topics=[CAMERA, SILENT_CAMERA, MANUAL_CAMERA], buffer_seconds=6.0,
+        buffer_fps=2.0, max_image_pixels=224 * 224,
         recognition_rate_hz=2.0, recognition_threshold=0.5, video_frames=4, max_new_tokens=8, autostart=True,
     ).start()
     client = Client(domain)
@@ -125,7 +126,8 @@ def test_register_from_buffer_is_listed_persisted_and_survives_restart(graph, tm
 
 def _try_names(client):
     try:
-        return client.call(ListConcepts, "/ego/list_concepts", ListConcepts.Request(), wait=2.0, timeout=10.0) and names(client)
+        listed = client.call(ListConcepts, "/ego/list_concepts", ListConcepts.Request(), wait=2.0, timeout=10.0)
+        return listed and names(client)
     except TimeoutError:
         return None
 
@@ -229,7 +231,8 @@ def test_recognition_events_at_the_configured_rate(graph):
 
 
 def _inside_frame(box, width: int, height: int) -> bool:
-    return box.width > 0 and box.height > 0 and box.x_offset + box.width <= width and box.y_offset + box.height <= height
+    return (box.width > 0 and box.height > 0 and box.x_offset + box.width <= width
+            and box.y_offset + box.height <= height)
 
 
 def test_a_box_says_which_object_a_registration_is_about_and_a_detection_where_it_is(graph, make_view):
@@ -247,7 +250,8 @@ def test_a_box_says_which_object_a_registration_is_about_and_a_detection_where_i
     assert scored.success and [d.name for d in scored.detections] == ["boxed"]
     assert _inside_frame(scored.detections[0].box, 500, 300)  # in the analysed image's pixels
     for regions, why in (([(500, 0, 600, 50)], "outside"), ([(0, 0, 10, 10)] * 2, "2 regions given for 1 views")):
-        refused = client.call(RegisterConcept, "/ego/register_concept", register_request("other", [view], regions=regions))
+        refused = client.call(RegisterConcept, "/ego/register_concept",
+                              register_request("other", [view], regions=regions))
         assert not refused.success and why in refused.message
     assert "other" not in names(client)
     client.call(ForgetConcept, "/ego/forget_concept", ForgetConcept.Request(name="boxed"))
@@ -1134,7 +1138,8 @@ def test_two_nodes_on_one_memory_folder_see_each_others_concepts_and_lose_none(t
         answer = client.call(Ask, "/two/ego/ask", question)
         assert answer.success and answer.concepts_used == ["Rex"], answer.message
         # Both at once, one name: stored once; the other node says it exists (or changed under it).
-        calls = [client.node.create_client(RegisterConcept, f"/{robot}/ego/register_concept") for robot in ("one", "two")]
+        calls = [client.node.create_client(RegisterConcept, f"/{robot}/ego/register_concept")
+                 for robot in ("one", "two")]
         futures = [c.call_async(RegisterConcept.Request(name="Anna", views=[image_to_msg(make_view(3 + i), Image)]))
                    for i, c in enumerate(calls)]
         wait_for(lambda: all(f.done() for f in futures), 120, "both registrations")

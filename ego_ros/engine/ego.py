@@ -123,7 +123,8 @@ class Ego:
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos])
         # Never generate a placeholder, an image token or a chat-control token: the answer is plain text.
-        special = set(self.tokenizer.all_special_ids) | {self.tokenizer.convert_tokens_to_ids(t) for t in self._special_texts}
+        special = set(self.tokenizer.all_special_ids)
+        special |= {self.tokenizer.convert_tokens_to_ids(t) for t in self._special_texts}
         self._never_generate = sorted(special - self._eos_ids)
         self._yes_ids = self._first_token_ids(prompts.YES_WORDS)
         self._no_ids = self._first_token_ids(prompts.NO_WORDS) - self._yes_ids

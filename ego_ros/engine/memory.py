@@ -350,7 +350,8 @@ class MemoryStore:
         if folder is not None and folder == self._folder_seen:
             return
         files = {}
-        for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:  # temp and orphan tensor files are never looked at
+        # Temp and orphan tensor files are never looked at: a concept is its .json record.
+        for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:
             identity = _identity(path)
             if identity is None:
                 continue  # removed since the glob

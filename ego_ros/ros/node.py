@@ -20,8 +20,8 @@ time, more are refused at once as busy, action goals rejected), so ``list_concep
 responsive. Periodic recognition queues behind user requests and coalesces per camera.
 
 Live parameters (taken while active): ``recognition_threshold``, ``recognition_hysteresis``,
-``recognition_confirm_frames``, ``recognition_rate_hz``, ``max_new_tokens`` (and ``use_sim_time``); the others are read on configure. ``~/enable``
-(std_srvs/SetBool) pauses and resumes recognition without unloading the model.
+``recognition_confirm_frames``, ``recognition_rate_hz``, ``max_new_tokens`` (and ``use_sim_time``); the others are
+read on configure. ``~/enable`` (std_srvs/SetBool) pauses and resumes recognition without unloading the model.
 
 Sightings: every recognition of a concept is kept as a visit in the memory folder's ``sightings.db``
 (:mod:`ego_ros.sightings`), with the robot's pose from ``pose_topic`` (:mod:`ego_ros.ros.poses`); ``~/last_seen``

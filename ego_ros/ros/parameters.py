@@ -29,18 +29,25 @@ def _describe(description: str, *, floats: tuple[float, float] | None = None, in
 PARAMETER_SPECS = {
     "model": ("", _describe("VLM to load: a local folder or a hub id in the local Hugging Face cache")),
     "device": ("auto", _describe("torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")),
-    "dtype": ("auto", _describe("weights' dtype: auto (bf16 on a GPU that has it, else float32), float32, bfloat16, float16")),
-    "memory_dir": ("", _describe("folder of the concept memories; empty: $EGO_ROS_MEMORY_DIR or ~/.local/share/ego_ros/memory")),
+    "dtype": ("auto", _describe("weights' dtype: auto (bf16 on a GPU that has it, else float32), float32, bfloat16, "
+                                "float16")),
+    "memory_dir": ("", _describe("folder of the concept memories; empty: $EGO_ROS_MEMORY_DIR or "
+                                 "~/.local/share/ego_ros/memory")),
     "camera_topics": (["camera/image_raw"], _describe(
         "image topics, one rolling buffer each; a topic ending in /compressed is sensor_msgs/CompressedImage",
         kind=ParameterType.PARAMETER_STRING_ARRAY)),
-    "buffer_seconds": (10.0, _describe("how much recent video each camera buffer keeps, seconds", floats=(0.5, 600.0))),
-    "buffer_fps": (2.0, _describe("frames per second kept in the buffers (input is decimated to this)", floats=(0.1, 60.0))),
-    "max_image_pixels": (640 * 480, _describe("frames and views are downscaled to at most this many pixels", ints=(784, 16_777_216))),
-    "max_tokens_per_view": (64, _describe("K: at most this many visual tokens kept per reference view", ints=(1, 16384))),
+    "buffer_seconds": (10.0, _describe("how much recent video each camera buffer keeps, seconds",
+                                       floats=(0.5, 600.0))),
+    "buffer_fps": (2.0, _describe("frames per second kept in the buffers (input is decimated to this)",
+                                  floats=(0.1, 60.0))),
+    "max_image_pixels": (640 * 480, _describe("frames and views are downscaled to at most this many pixels",
+                                              ints=(784, 16_777_216))),
+    "max_tokens_per_view": (64, _describe("K: at most this many visual tokens kept per reference view",
+                                          ints=(1, 16384))),
     "layers": ([], _describe("decoder layers scoring the tokens (eq. 3); empty: the middle half of the decoder",
                              kind=ParameterType.PARAMETER_INTEGER_ARRAY)),
-    "max_concepts_in_context": (8, _describe("at most this many concept memories in one prompt (most similar first)", ints=(1, 256))),
+    "max_concepts_in_context": (8, _describe("at most this many concept memories in one prompt (most similar first)",
+                                             ints=(1, 256))),
     "video_frames": (8, _describe("frames sampled from the buffer window for a video question", ints=(1, 64))),
     "max_new_tokens": (128, _describe("default answer length bound, tokens", ints=(1, 8192))),
     "recognition_order": ("concept_first", _describe(
@@ -48,7 +55,8 @@ PARAMETER_SPECS = {
         "concepts: faster with many concepts)")),
     "static_cache": (False, _describe("decode with a static KV cache, compiled on a GPU: faster answers and "
                                       "registrations after a one-time compile")),
-    "recognition_rate_hz": (0.0, _describe("how often each camera's latest frame is checked for concepts; 0 = off", floats=(0.0, 30.0))),
+    "recognition_rate_hz": (0.0, _describe("how often each camera's latest frame is checked for concepts; 0 = off",
+                                           floats=(0.0, 30.0))),
     "recognition_threshold": (0.5, _describe("probability above which a concept counts as present", floats=(0.0, 1.0))),
     "recognition_hysteresis": (0.1, _describe(
         "a present concept is announced gone once its score stays below recognition_threshold minus this for two "
