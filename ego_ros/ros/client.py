@@ -85,22 +85,13 @@ def register_request(name: str, views: Sequence = (), *, camera: str = "", num_v
 
 def last_seen_request(name: str, *, since: float | None = None, camera: str = "", max_results: int = 5):
     """A ``LastSeen`` request: ``since`` in seconds since the epoch (None: any time)."""
+    from ego_ros.ros.messages import time_msg
     from ego_ros.srv import LastSeen
 
     request = LastSeen.Request(name=sendable_name(name), camera=camera, max_results=int(max_results))
     if since is not None:
         request.since = time_msg(since)
     return request
-
-
-def time_msg(seconds: float):
-    """``builtin_interfaces/Time`` of ``seconds`` since the epoch."""
-    import math
-
-    from builtin_interfaces.msg import Time
-
-    whole = math.floor(seconds)
-    return Time(sec=int(whole), nanosec=min(999_999_999, int((seconds - whole) * 1e9)))
 
 
 def forget_request(name: str):

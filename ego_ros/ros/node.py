@@ -1,7 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """The ``ego`` node: camera buffers, concept and question services, a streaming answer action, recognition events.
 
-A managed lifecycle node, thin plumbing over :class:`ego_ros.engine.Ego`:
+A managed lifecycle node, thin plumbing over :class:`ego_ros.engine.Ego`. This module holds its lifecycle and its
+wiring (cameras, publishers, diagnostics, the process); the services and the action are in
+:mod:`ego_ros.ros.handlers`, the periodic recognition in :mod:`ego_ros.ros.recognition`, the message conversions in
+:mod:`ego_ros.ros.messages`.
 
     configure   parameters read and validated (camera topic names included), memory folder checked, publishers
                 and camera buffers created
@@ -37,7 +40,6 @@ import dataclasses
 import gc
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -45,14 +47,12 @@ import tempfile
 import threading
 import time
 import weakref
-from concurrent.futures import CancelledError
-from contextlib import contextmanager
 from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.action import ActionServer
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.parameter import Parameter
@@ -61,68 +61,41 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.service import Service
 from rclpy.signals import SignalHandlerOptions
 from rclpy.timer import Timer
-from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool
 
 from ego_ros.action import Answer
-from ego_ros.engine.memory import validate_name
-from ego_ros.msg import ConceptDetection, ConceptInfo, RecognitionEvent, Visit
+from ego_ros.msg import RecognitionEvent
+from ego_ros.sightings import FILE_NAME as SIGHTINGS_FILE
+from ego_ros.sightings import SightingsStore
 from ego_ros.srv import Ask, ForgetConcept, LastSeen, ListConcepts, Recognize, RegisterConcept
 
 from .frame_buffer import FrameBuffer
+from .handlers import MAX_PENDING_REQUESTS, ServiceHandlers, Slots
 from .heap import limit_arenas, trim_heap
 from .hysteresis import PresenceTracker
-from .debug_image import annotated
-from .image_msgs import image_from_msg, image_to_msg, is_compressed_topic, rgb_from_msg
-from .parameters import PARAMETER_SPECS, PARAMETERS, Settings  # noqa: F401 - PARAMETERS: the node's public table
-from ego_ros.sightings import FILE_NAME as SIGHTINGS_FILE
-from ego_ros.sightings import SightingsStore, crop_jpeg
-
+from .image_msgs import is_compressed_topic, rgb_from_msg
+from .parameters import LIVE, PARAMETER_SPECS, PARAMETERS, Settings  # noqa: F401 - PARAMETERS: the node's public table
 from .poses import PoseHistory
-from .requests import (MAX_REQUEST_PIXELS, RepeatedRequests, RequestError, check_model_can_take, check_request,
-                       message_of, shown)
-from .worker import InferenceWorker, Priority
+from .recognition import RecognitionLoop
+from .requests import MAX_REQUEST_PIXELS, RepeatedRequests, RequestError, check_model_can_take, message_of, shown
+from .worker import InferenceWorker
 
-# Requests waiting for the model at once; each holds an executor thread, so this must stay below EXECUTOR_THREADS.
-MAX_PENDING_REQUESTS = 4
-# A question with one of these words gets the visits of the concepts it names in its prompt (see _visits_in_context).
-TIME_WORDS = re.compile(r"\b(when|where|last|ago|seen|saw|see|today|yesterday|morning|afternoon|evening|night|"
-                        r"earlier|before|since|time|hours?|minutes?)\b", re.IGNORECASE)
-VISITS_IN_CONTEXT = 3  # per concept, newest first
-MAX_CONCEPTS_WITH_VISITS = 4
+# Each request waiting for the model holds an executor thread: a few more serve everything else meanwhile.
 EXECUTOR_THREADS = MAX_PENDING_REQUESTS + 4
 DIAGNOSTICS_PERIOD_SEC = 1.0
 # Requests that arrive together are queued by DDS until an executor thread takes them: the default depth of 10
 # dropped 5 of a burst of 16 without a trace. Deep enough that every one is taken, answered or refused as busy.
 REQUEST_QOS = QoSProfile(depth=256, reliability=ReliabilityPolicy.RELIABLE)
 # Parameters taken live while configured; the others are read on configure.
-LIVE_PARAMETERS = ("recognition_threshold", "recognition_hysteresis", "recognition_confirm_frames",
-                   "recognition_rate_hz", "max_new_tokens", "use_sim_time")
+LIVE_PARAMETERS = (*LIVE, "use_sim_time")
 # How long deactivate or a signal waits for callers to be answered before it says so in the log (it goes on waiting).
 STOP_WARN_SEC = 10.0
 RESPONSE_GRACE_SEC = 0.2
 
 
-class _Slots:
-    """At most ``n`` requests waiting for the model; a goal takes its slot when it is accepted."""
-
-    def __init__(self, n: int):
-        self.n, self.used, self._lock = n, 0, threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            if self.used >= self.n:
-                return False
-            self.used += 1
-            return True
-
-    def give(self) -> None:
-        with self._lock:
-            self.used = max(0, self.used - 1)
-
-
-class EgoNode(LifecycleNode):
+class EgoNode(ServiceHandlers, RecognitionLoop, LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("ego", **kwargs)
         self._lifecycle_group = self._move_lifecycle_services()
@@ -143,7 +116,7 @@ class EgoNode(LifecycleNode):
         self._active: list = []  # subscriptions, services, the action server and timers made on activate
         self._configured: list = []  # the diagnostics timer, made on configure
         self._recognition_timer: Timer | None = None
-        self._slots = _Slots(MAX_PENDING_REQUESTS)
+        self._slots = Slots(MAX_PENDING_REQUESTS)
         self._cancel_events: set[threading.Event] = set()  # one per generation in progress
         self._goal_events: dict[bytes, threading.Event] = {}  # goal id -> its cancel event
         self.sightings: SightingsStore | None = None  # where and when each concept was seen (its visits)
@@ -153,7 +126,8 @@ class EgoNode(LifecycleNode):
         self._idle = threading.Condition()
         self._stopping = False
         self._enabled = True  # ~/enable: periodic recognition on or paused
-        self._last_analysed: dict[str, float] = {}
+        self._last_analysed: dict[str, float] = {}  # camera -> stamp of the last frame recognised
+        self._waiting_for_frame: set[str] = set()  # cameras whose next kept frame is recognised as it comes
         self._load_error = ""
         self._loading = False  # activate is loading the model
         # Fast callbacks (list, forget, diagnostics, camera frames) never share a thread pool slot with requests
@@ -289,7 +263,7 @@ class EgoNode(LifecycleNode):
                                             max_rows=s.sightings_max_rows)
         except Exception as error:  # noqa: BLE001
             self.get_logger().error(f"no sightings memory: {message_of(error)}")
-        self._slots = _Slots(MAX_PENDING_REQUESTS)
+        self._slots = Slots(MAX_PENDING_REQUESTS)
         self.worker = InferenceWorker()
         self.ego = ego
         self._loading = False
@@ -330,6 +304,7 @@ class EgoNode(LifecycleNode):
         for buffer in self.buffers.values():
             buffer.clear()  # the next activation must not answer about frames from before
         self._last_analysed.clear()
+        self._waiting_for_frame.clear()
 
     def _release_configured(self) -> None:
         self.settings = None  # parameters may change again until the next configure
@@ -391,26 +366,6 @@ class EgoNode(LifecycleNode):
             timer = self.create_timer(1.0, again, callback_group=self._fast_group)
             self._active.append(timer)
 
-    def _record_sightings(self, camera: str, header, found: dict, image, to_sent, present) -> None:
-        """Keep the sightings of the ``present`` concepts of one analysed frame (on the worker thread)."""
-        store = self.sightings
-        if store is None:
-            return
-        stamp = header.stamp.sec + header.stamp.nanosec * 1e-9 if header is not None else time.time()
-        pose, age, note = self.poses.nearest(stamp) if self.poses is not None else (None, None, "no pose_topic")
-        ego = self.ego
-        for name in present:
-            if ego is None or name not in ego.store:
-                continue  # forgotten while this frame was analysed: its visits are gone, and stay gone
-            score, box = found[name]
-            try:
-                store.record(name, camera=camera, frame_id=header.frame_id if header is not None else "",
-                             stamp=stamp, score=score, box=to_sent(box) if box is not None else None,
-                             crop=lambda b=box: crop_jpeg(image, b), pose=pose, pose_age_sec=age, pose_note=note)
-            except Exception as error:  # noqa: BLE001 - a full disk must not stop recognition
-                self.get_logger().warning(f"could not record a sighting of {shown(name)}: {message_of(error)}",
-                                          throttle_duration_sec=10.0)
-
     def _set_recognition_rate(self, rate_hz: float) -> None:
         timer = self._recognition_timer
         if timer is None:
@@ -420,6 +375,7 @@ class EgoNode(LifecycleNode):
             timer.reset()
         else:
             timer.cancel()
+            self._waiting_for_frame.clear()  # no tick is waiting for a frame any more
 
     def _destroy(self, entities: list) -> None:
         for entity in entities:
@@ -482,9 +438,12 @@ class EgoNode(LifecycleNode):
                 header = Header(stamp=self.get_clock().now().to_msg(), frame_id=header.frame_id)
             stamp = header.stamp.sec + header.stamp.nanosec * 1e-9
             try:
-                buffer.offer(stamp, lambda: decode(msg), header=header)
+                kept = buffer.offer(stamp, lambda: decode(msg), header=header)
             except ValueError as error:
                 self.get_logger().warning(f"dropping a frame from {topic}: {error}", throttle_duration_sec=5.0)
+                return
+            if kept:
+                self._frame_kept(topic)
 
         return on_frame
 
@@ -530,358 +489,6 @@ class EgoNode(LifecycleNode):
         if not frames:
             raise self._no_frame(camera)
         return frames
-
-    # --- services ---------------------------------------------------------------------------------------------
-
-    def _list_concepts(self, request, response):
-        ego = self.ego
-        response.concepts = [_concept_msg(info) for info in ego.concepts()] if ego is not None else []
-        if ego is not None:
-            response.layers, response.layers_source = [int(layer) for layer in ego.layers], ego.layers_source
-        elif self._loading:
-            response.layers_source = "the model is loading: its concepts are listed once it is loaded"
-        return response
-
-    def _forget_concept(self, request, response):
-        # The store is thread-safe and the engine reads it in consistent snapshots: answered here, not queued
-        # behind the model. A registration appending to it meanwhile is refused at its commit (ConceptChanged).
-        def forget():
-            ego = self.ego
-            try:
-                check_request(request)
-                if ego is None:
-                    raise RequestError("the node is not active")
-                ego.forget(request.name)
-                if self.sightings is not None:
-                    self.sightings.forget(validate_name(request.name))
-                response.success, response.message = True, f"forgot {shown(request.name)}"
-            except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
-                response.success, response.message = False, message_of(error)
-            return response
-
-        return self._repeats.answer(("forget",), request.request_id, forget)
-
-    def _last_seen(self, request, response):
-        # Answered at once, like list_concepts: SQLite reads do not wait for the model.
-        try:
-            ego, store = self.ego, self.sightings
-            if ego is None:
-                raise RequestError("the node is not active")
-            name = ego.store.get(request.name).name  # an unknown name: UnknownConcept, listing the known ones
-            since = request.since.sec + request.since.nanosec * 1e-9
-            visits = store.last_seen(name, since=since or None, camera=request.camera or None,
-                                     limit=request.max_results or 5) if store is not None else []
-            response.visits = [_visit_msg(v) for v in visits]
-            response.success = True
-            response.message = (f"{len(visits)} visit{'s' * (len(visits) != 1)} of {shown(name)}" if visits
-                                else f"{shown(name)} has not been seen" + ("" if store is not None else
-                                                                           " (no sightings memory: see the log)"))
-        except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
-            response.success, response.message = False, message_of(error)
-        return response
-
-    def _enable(self, request, response):
-        self._enabled = bool(request.data)
-        if not self._enabled:
-            for tracker in self.trackers.values():
-                tracker.reset()  # resuming starts fresh: what is present then appears again
-        response.success = True
-        response.message = "recognition enabled" if self._enabled else "recognition paused (the model stays loaded)"
-        self.get_logger().info(response.message)
-        return response
-
-    def _register_concept(self, request, response):
-        def prepare():
-            check_request(request)
-            name = validate_name(request.name)
-            found = self.ego.store.find(name)
-            if found is not None and not request.append:
-                raise RequestError(f"concept {shown(name)} already exists; set append to add views, or forget it first")
-            if found is None and request.append:
-                raise RequestError(f"no concept named {shown(name)} to add views to; register it with append false")
-            if request.views:
-                views = [image_from_msg(view, limit_pixels=MAX_REQUEST_PIXELS) for view in request.views]
-                source, headers = f"{len(views)} given views", []
-            else:
-                camera = self._camera(request.camera)
-                frames = self._frames(camera, request.window_sec, request.num_views or 1)
-                views, headers = [frame.image for frame in frames], [frame.header for frame in frames]
-                source = f"{len(views)} views from {camera}"
-
-            def on_view(done: int, total: int) -> None:
-                if self._stopping:  # deactivating: stop between views, nothing stored
-                    raise RequestError(f"stopped after {done} of {total} views: the node is being deactivated")
-
-            regions = [_box_of(roi) for roi in request.regions] or None  # one for all views, or one per view
-            regions = regions[0] if regions is not None and len(regions) == 1 else regions
-            description = request.description.strip() or None
-
-            def job():
-                info = self.ego.register(name, views, append=request.append, create=not request.append,
-                                         regions=regions, description=description, on_view=on_view)
-                return info, source, headers
-            return job
-
-        def respond(result):
-            info, source, headers = result
-            response.concept = _concept_msg(info)
-            response.frames = [h for h in headers if h is not None]
-            response.message = f"registered {shown(info.name)} from {source}: {info.num_tokens} tokens in memory"
-            self.get_logger().info(response.message)
-
-        return self._repeats.answer(("register",), request.request_id,
-                                    lambda: self._serve(request, response, prepare, respond))
-
-    def _ask(self, request, response):
-        def respond(result):
-            answer, headers, noted = result
-            response.answer, response.concepts_used = answer.text, answer.concepts
-            response.latency_sec = float(answer.timings["total"])
-            response.frames = headers
-            response.message = f"{answer.new_tokens} tokens{noted}"
-
-        return self._serve(request, response, lambda: self._ask_job(request), respond)
-
-    def _recognize(self, request, response):
-        def prepare():
-            check_request(request)
-            camera = ""  # a given image: no camera
-            if request.camera or not _has_image(request.image):  # no camera and no image: the default camera
-                camera = self._camera(request.camera)
-                frame = self._latest_frame(camera)
-                image, header, to_sent = frame.image, frame.header, frame.to_sent
-            else:
-                image, header = image_from_msg(request.image, limit_pixels=MAX_REQUEST_PIXELS), request.image.header
-
-                def to_sent(box):  # the box is in the given image's pixels already
-                    return box
-            concepts = self._known_concepts(request.concepts)
-
-            def job():
-                found = self.ego.recognize(image, concepts, boxes=True)
-                threshold = self.settings.recognition_threshold
-                self._record_sightings(camera, header, found, image, to_sent,
-                                       [n for n, (p, _) in found.items() if p >= threshold])
-                return {name: (p, to_sent(box)) for name, (p, box) in found.items()}, header
-            return job
-
-        def respond(result):
-            scores, header = result
-            response.detections = [ConceptDetection(name=n, score=float(p), box=_roi_of(box))
-                                   for n, (p, box) in sorted(scores.items(), key=lambda kv: -kv[1][0])]
-            if header is not None:
-                response.frame = header
-            response.message = f"{len(scores)} concepts scored"
-
-        return self._serve(request, response, prepare, respond)
-
-    def _ask_job(self, request, on_new_text=None, cancel=None):
-        """Validate an Ask request (or Answer goal) here and return the job that answers it on the worker."""
-        check_request(request)
-        question = request.question.strip()
-        if not question:
-            raise RequestError("the question is empty")
-        s = self.settings
-        times = None
-        if request.source == Ask.Request.SOURCE_IMAGE:
-            images, headers = [image_from_msg(request.image, limit_pixels=MAX_REQUEST_PIXELS)], [request.image.header]
-        elif request.source == Ask.Request.SOURCE_VIDEO:
-            frames = self._frames(self._camera(request.camera), request.window_sec, s.video_frames)
-            images, times = [f.image for f in frames], [f.stamp_sec for f in frames]
-            headers = [f.header for f in frames]
-        elif request.source == Ask.Request.SOURCE_LATEST:
-            frame = self._latest_frame(self._camera(request.camera))
-            images, headers = [frame.image], [frame.header]
-        else:
-            raise RequestError(f"unknown source {request.source}: use SOURCE_LATEST (0), SOURCE_VIDEO (1) or "
-                               "SOURCE_IMAGE (2)")
-        headers = [h if h is not None else Header() for h in headers]
-        concepts = self._known_concepts(request.concepts)
-        visits, noted = self._visits_in_context(question, concepts)
-        question = visits + question
-        max_new_tokens = int(request.max_new_tokens) or None
-        cancel = cancel or threading.Event()
-
-        def job():
-            if cancel.is_set():  # cancelled while it waited in the queue: no token is generated
-                raise RequestError("cancelled before it started")
-            self._cancel_events.add(cancel)  # so that deactivating stops this generation at its next token
-            try:
-                answer = self.ego.ask(question, images, concepts=concepts, times=times,
-                                      max_new_tokens=max_new_tokens, on_new_text=on_new_text, cancel=cancel)
-            finally:
-                self._cancel_events.discard(cancel)
-            if self._stopping:
-                raise RequestError("stopped: the node is being deactivated")
-            return answer, headers, noted
-
-        return job
-
-    def _visits_in_context(self, question: str, concepts) -> tuple[str, str]:
-        """For a question about time or place ("When did you last see Rex?", "Where was my mug this morning?"):
-        the recent visits of the concepts it names (or asks about), as dated text to put before it, and a note
-        for the response saying whose visits are in context. ("", "") for other questions."""
-        store = self.sightings
-        if store is None or not TIME_WORDS.search(question):
-            return "", ""
-        names = concepts or [n for n in self.ego.store.names()
-                             if re.search(rf"(?<!\w){re.escape(n)}(?!\w)", question, re.IGNORECASE)]
-        lines, now = [], time.time()
-        for name in names[:MAX_CONCEPTS_WITH_VISITS]:
-            visits = store.last_seen(name, limit=VISITS_IN_CONTEXT)
-            lines += [f"- {name}: {visit_text(v, now)}" for v in visits] or [f"- {name}: not seen yet"]
-        if not lines:
-            return "", ""
-        shown_names = ", ".join(shown(n) for n in names[:MAX_CONCEPTS_WITH_VISITS])
-        return ("What the robot's memory says about when and where it saw them (newest first; now is "
-                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(now))}):\n" + "\n".join(lines) + "\n\n",
-                f"; visits of {shown_names} in context")
-
-    def _known_concepts(self, names) -> list[str] | None:
-        """The requested concepts (None: all), checked here so that a typo is refused before waiting in line."""
-        for name in names:
-            self.ego.store.get(name)  # raises UnknownConcept listing the known ones
-        return list(names) or None
-
-    def _serve(self, request, response, prepare, respond):
-        """The shape of every model-backed service: validate, queue, wait, and always answer with a message."""
-        started = time.perf_counter()
-        try:
-            with self._serving():
-                result = self._run_on_worker(prepare)
-                respond(result)
-                response.success = True
-        except Exception as error:  # noqa: BLE001 - the caller gets the reason; the node keeps running
-            response.success, response.message = False, message_of(error)
-            self.get_logger().warning(f"{type(request).__name__} refused: {response.message}")
-        if hasattr(response, "latency_sec") and not response.latency_sec:
-            response.latency_sec = float(time.perf_counter() - started)
-        return response
-
-    @contextmanager
-    def _serving(self):
-        """Counts a request or goal in flight until its answer is decided."""
-        with self._idle:
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._in_flight -= 1
-                self._idle.notify_all()
-
-    def _run_on_worker(self, prepare, *, slot_taken: bool = False):
-        """Run ``prepare()`` (validation) here, then the job it returns on the model's thread.
-
-        Takes one of the MAX_PENDING_REQUESTS slots (an accepted goal already holds one) or refuses at once."""
-        worker, ego = self.worker, self.ego
-        if worker is None or ego is None or self._stopping:
-            if slot_taken:
-                self._slots.give()
-            raise RequestError("the model is still loading; retry later" if self._loading else "the node is not active")
-        if not slot_taken and not self._slots.take():
-            raise RequestError(f"busy: {MAX_PENDING_REQUESTS} requests are already waiting for the model; retry later")
-        try:
-            job = prepare()
-            return worker.submit(job, priority=Priority.USER).result()
-        except CancelledError:
-            raise RequestError("cancelled: the node is being deactivated") from None
-        finally:
-            self._slots.give()
-
-    # --- action -----------------------------------------------------------------------------------------------
-
-    def _accept_goal(self, goal) -> GoalResponse:
-        """Reject at once when busy (the llama_ros convention), rather than accept and abort: a goal accepted
-        holds a request slot until its result is set."""
-        if self.worker is None or self._stopping or not self._slots.take():
-            self.get_logger().info("answer goal rejected: busy or not active", throttle_duration_sec=1.0)
-            return GoalResponse.REJECT
-        return GoalResponse.ACCEPT
-
-    def _cancel_goal(self, goal_handle) -> CancelResponse:
-        # Set the goal's event now: a generation stops at its next token, a queued goal never starts.
-        event = self._goal_events.get(bytes(goal_handle.goal_id.uuid))
-        if event is not None:
-            event.set()
-        return CancelResponse.ACCEPT
-
-    def _answer_execute(self, goal_handle):
-        result = Answer.Result()
-        key = bytes(goal_handle.goal_id.uuid)
-        cancel = self._goal_events.setdefault(key, threading.Event())
-        if goal_handle.is_cancel_requested:
-            cancel.set()
-
-        def on_new_text(text: str, count: int) -> None:
-            # Only the new text: resending the whole answer at every token was quadratic in its length.
-            goal_handle.publish_feedback(Answer.Feedback(new_text=text, tokens=count))
-            if goal_handle.is_cancel_requested:
-                cancel.set()
-
-        with self._serving():  # until the goal's terminal state is set, so deactivate waits for it
-            try:
-                answer, headers, noted = self._run_on_worker(
-                    lambda: self._ask_job(goal_handle.request, on_new_text, cancel), slot_taken=True)
-                result.success, result.answer = True, answer.text
-                result.concepts_used, result.latency_sec = answer.concepts, float(answer.timings["total"])
-                result.frames = headers
-                result.message = f"{answer.new_tokens} tokens{noted}" + (" (cancelled)" if cancel.is_set() else "")
-            except Exception as error:  # noqa: BLE001
-                result.success, result.message = False, message_of(error)
-            finally:
-                self._goal_events.pop(key, None)
-            if goal_handle.is_cancel_requested:
-                goal_handle.canceled()
-            elif result.success:
-                goal_handle.succeed()
-            else:
-                goal_handle.abort()
-        return result
-
-    # --- recognition ------------------------------------------------------------------------------------------
-
-    def _recognition_tick(self) -> None:
-        worker, ego = self.worker, self.ego
-        if worker is None or ego is None or not self._enabled or self._stopping:
-            return
-        if len(ego.store) == 0 and not any(tracker.present for tracker in self.trackers.values()):
-            return  # nothing to look for, and nothing present to announce gone (the last one forgotten)
-        for camera, buffer in self.buffers.items():
-            frame = buffer.latest(max_age=self.settings.buffer_seconds)
-            if frame is None or self._last_analysed.get(camera) == frame.stamp_sec:
-                continue  # nothing new to look at
-            self._last_analysed[camera] = frame.stamp_sec
-            try:
-                job = worker.submit_periodic(("recognize", camera),
-                                             lambda c=camera, f=frame: self._recognize_frame(c, f))
-            except RuntimeError:  # the worker stopped between the check above and now: deactivating
-                return
-            job.add_done_callback(self._report_recognition_failure)
-
-    def _report_recognition_failure(self, job) -> None:
-        # Nobody waits for a periodic job: a failure would pass unseen if it were not logged here.
-        if not job.cancelled() and job.exception() is not None:
-            self.get_logger().error(f"recognition failed: {message_of(job.exception())}", throttle_duration_sec=10.0)
-
-    def _recognize_frame(self, camera: str, frame) -> None:
-        ego = self.ego
-        if ego is None or not self._enabled:
-            return
-        found = ego.recognize(frame.image, boxes=True)  # {} once the last concept is forgotten: all disappear
-        present, appeared, disappeared = self.trackers[camera].update({n: p for n, (p, _) in found.items()})
-        self._record_sightings(camera, frame.header, found, frame.image, frame.to_sent, list(present))
-        event = RecognitionEvent(camera=camera, appeared=list(appeared), disappeared=list(disappeared))
-        if frame.header is not None:
-            event.header = frame.header
-        event.detections = [ConceptDetection(name=n, score=float(p), box=_roi_of(frame.to_sent(found[n][1])))
-                            for n, p in sorted(present.items(), key=lambda kv: -kv[1])]
-        if self._recognitions_pub is not None:
-            self._recognitions_pub.publish(event)
-        debug = self._debug_pub
-        if debug is not None and debug.get_subscription_count() > 0:  # drawing costs: only for someone watching
-            boxes = [(n, p, found[n][1]) for n, p in present.items()]
-            debug.publish(image_to_msg(annotated(frame.image, boxes), Image, header=frame.header))
 
     # --- diagnostics ------------------------------------------------------------------------------------------
 
@@ -940,19 +547,6 @@ def _default_memory_dir() -> Path:
     from ego_ros.engine.config import default_memory_dir
 
     return default_memory_dir()
-
-
-def _concept_msg(info) -> ConceptInfo:
-    msg = ConceptInfo(name=info.name, keywords=list(info.keywords), num_views=info.num_views,
-                      num_tokens=info.num_tokens, area_percent=float(info.area_percent), model=info.model)
-    for field, seconds in (("created", info.created), ("updated", info.updated)):
-        stamp = getattr(msg, field)
-        stamp.sec, stamp.nanosec = int(seconds), int((seconds % 1) * 1e9)
-    return msg
-
-
-def _has_image(image) -> bool:
-    return bool(image.height or image.width or len(image.data))
 
 
 def _values(**pairs) -> list[KeyValue]:
@@ -1059,61 +653,6 @@ def _spin(executor) -> None:
 def _autostart(node: EgoNode) -> None:
     if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
         node.trigger_activate()
-
-
-def _box_of(roi) -> tuple[int, int, int, int] | None:
-    """A RegionOfInterest as (x0, y0, x1, y1); None for one of zero width or height (the whole image)."""
-    if roi.width == 0 or roi.height == 0:
-        return None
-    return (roi.x_offset, roi.y_offset, roi.x_offset + roi.width, roi.y_offset + roi.height)
-
-
-def visit_text(visit, now: float) -> str:
-    """One visit as the prompt gets it: 'seen 2026-12-05 14:02:11 to 14:02:40 (3 min ago) on /head/image_raw, 12
-    times, best score 0.91, the robot at (1.20, 3.40) in map'."""
-    day = time.strftime("%Y-%m-%d", time.localtime(visit.last_seen))
-    start, end = (time.strftime("%H:%M:%S", time.localtime(t)) for t in (visit.first_seen, visit.last_seen))
-    minutes = max(0.0, now - visit.last_seen) / 60
-    ago = f"{minutes:.0f} min ago" if minutes < 120 else f"{minutes / 60:.0f} h ago"
-    text = (f"seen {day} {start}" + (f" to {end}" if end != start else "") + f" ({ago}) "
-            + (f"on {visit.camera}" if visit.camera else "in an image sent to the robot")
-            + f", {visit.sightings} time{'s' * (visit.sightings != 1)}, best score {visit.best_score:.2f}")
-    if visit.pose is not None:
-        x, y, _ = visit.pose.position
-        text += f", the robot at ({x:.2f}, {y:.2f}) in {visit.pose.frame_id}"
-    return text
-
-
-def _stamp(seconds: float):
-    from builtin_interfaces.msg import Time
-
-    whole = math.floor(seconds)
-    return Time(sec=int(whole), nanosec=min(999_999_999, int(round((seconds - whole) * 1e9))))
-
-
-def _visit_msg(visit) -> Visit:
-    from geometry_msgs.msg import PoseStamped
-
-    msg = Visit(name=visit.concept, camera=visit.camera, frame_id=visit.frame_id, first_seen=_stamp(visit.first_seen),
-                last_seen=_stamp(visit.last_seen), sightings=visit.sightings, best_score=float(visit.best_score),
-                best_stamp=_stamp(visit.best_stamp), pose_note=visit.pose_note)
-    if visit.box is not None:
-        msg.box = _roi_of(visit.box)
-    if visit.crop:
-        msg.crop = CompressedImage(header=Header(stamp=msg.best_stamp, frame_id=visit.frame_id), format="jpeg",
-                                   data=visit.crop)
-    if visit.pose is not None:
-        pose = PoseStamped(header=Header(stamp=msg.best_stamp, frame_id=visit.pose.frame_id))
-        (pose.pose.position.x, pose.pose.position.y, pose.pose.position.z) = visit.pose.position
-        (pose.pose.orientation.x, pose.pose.orientation.y, pose.pose.orientation.z,
-         pose.pose.orientation.w) = visit.pose.orientation
-        msg.has_pose, msg.pose, msg.pose_age_sec = True, pose, float(visit.pose_age_sec or 0.0)
-    return msg
-
-
-def _roi_of(box) -> RegionOfInterest:
-    x0, y0, x1, y1 = (int(v) for v in box)
-    return RegionOfInterest(x_offset=x0, y_offset=y0, width=max(0, x1 - x0), height=max(0, y1 - y0))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """The ego node's parameters: names, defaults and descriptors (with ranges), and their validated snapshot.
 
-``config/ego.yaml`` documents the same set, and test_launch checks that the two agree.
+``config/ego.yaml`` documents the same set, and test_launch checks that the two agree. ``docs/node.md``'s table of
+them is this module's output (test_docs checks it)::
+
+    python -m ego_ros.ros.parameters     # the Markdown table
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ PARAMETER_SPECS = {
     "autostart": (False, _describe("configure and activate at start-up instead of waiting for lifecycle transitions")),
 }
 PARAMETERS = {name: default for name, (default, _) in PARAMETER_SPECS.items()}
+# Taken while the node is active (the others are read on configure).
+LIVE = ("recognition_threshold", "recognition_hysteresis", "recognition_confirm_frames", "recognition_rate_hz",
+        "max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -137,3 +143,22 @@ class Settings:
             pose_topic=str(p["pose_topic"]).strip(), sightings_max_age=float(p["sightings_max_age"]),
             sightings_max_rows=int(p["sightings_max_rows"]),
         )
+
+
+def markdown_table() -> str:
+    """The parameters as a Markdown table: name, default, range, whether live, what."""
+    rows = ["| parameter | default | range | live | what |", "| --- | --- | --- | --- | --- |"]
+    for name, (default, descriptor) in PARAMETER_SPECS.items():
+        span = ""
+        for bound in descriptor.floating_point_range:
+            span = f"{bound.from_value:g} to {bound.to_value:g}"
+        for bound in descriptor.integer_range:
+            span = f"{bound.from_value:,} to {bound.to_value:,}"
+        shown = f"`{default!r}`" if not isinstance(default, bool) else f"`{str(default).lower()}`"
+        rows.append(f"| `{name}` | {shown} | {span} | {'yes' if name in LIVE else ''} | "
+                    f"{descriptor.description.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

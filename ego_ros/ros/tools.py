@@ -156,7 +156,8 @@ def call_tool(commander, name: str, arguments: dict | str, timeout: float | None
     the response as a dict (``success`` and ``message`` say whether it worked). Unknown tools, unknown arguments
     and values of the wrong type raise ValueError before anything is sent."""
     from ego_ros import srv
-    from ego_ros.ros.client import new_request_id, time_msg
+    from ego_ros.ros.client import new_request_id
+    from ego_ros.ros.messages import time_msg
 
     if isinstance(arguments, str):
         arguments = json.loads(arguments or "{}")
