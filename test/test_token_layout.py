@@ -11,7 +11,7 @@ import torch
 from ego_ros.engine.backends import EncodedImage
 from ego_ros.engine.boxes import match_map
 from ego_ros.engine.calibration import subject_tokens
-from ego_ros.engine.figure import OUTLINE, THUMBNAIL_OUTLINE, concept_figure, token_cell
+from ego_ros.engine.figure import HEADER_HEIGHT, OUTLINE, THUMBNAIL_OUTLINE, concept_figure, token_cell
 from ego_ros.engine.memory import ConceptMemory, ViewRecord
 from ego_ros.engine.regions import tokens_inside
 from ego_ros.engine.token_layout import fine_raster, num_tokens, thumbnail_tokens, token_boxes, token_cells
@@ -98,7 +98,7 @@ def test_the_figure_outlines_kept_tile_and_thumbnail_cells(tmp_path):
     view = Image.new("RGB", (448, 200), (200, 200, 200))
     figure = concept_figure(memory, [view])
     # The view panel: 224x112 canvas, centred in a 300 px panel, its top at MARGIN + HEADER_HEIGHT.
-    left, top = 16 + (300 - 224) // 2, 16 + 72
+    left, top = 16 + (300 - 224) // 2, 16 + HEADER_HEIGHT
     pixels = figure.load()
     assert pixels[left + 28, top + 28 + 14] == OUTLINE  # token 5: cell (28, 28)-(56, 56), its left edge
     assert pixels[left + 0, top + 14] == THUMBNAIL_OUTLINE  # token 32: cell (0, 0)-(56, 28), its left edge

@@ -4,7 +4,7 @@ trained toy model and the toy-world camera (``ego-ros camera toy``), each its ow
 
 The page is used as a person uses it: a box dragged on the live view (with a mouse, and with touch on a phone-sized
 page), a name typed, a question asked, a concept forgotten; what the node then holds is checked through a real
-rclpy client. Set ``EGO_ROS_WEB_SCREENSHOTS=docs`` to write the README's screenshots there.
+rclpy client. Set ``EGO_ROS_WEB_SCREENSHOTS=docs`` to write the docs' screenshots there.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def ensure_star(graph) -> None:
 
 
 def shot(page, name: str, selector: str) -> None:
-    """A screenshot of ``selector`` for the README, at most 480 px wide, in 64 colours (small to commit)."""
+    """A screenshot of ``selector`` for the docs, at most 480 px wide, in 64 colours (small to commit)."""
     if SCREENSHOTS:
         from PIL import Image
 
@@ -483,6 +483,35 @@ def test_bad_input_on_the_page_gets_a_clear_message_and_registers_nothing(graph,
         got, answer = api(graph["url"], "/api/register", body)
         assert (got, says in answer.get("error", "")) == (status, True), (body, got, answer)
     assert concepts(graph["client"]) == before
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)], ids=["desktop", "phone"])
+def test_long_unbroken_text_wraps_inside_its_panel_and_never_widens_the_page(graph, page, width, height):
+    """A keyword list and an answer without a space (what a tiny or a confused model writes) break inside their
+    panels, on a desktop window and at a phone's width alike."""
+    page.set_viewport_size({"width": width, "height": height})
+    frame = wait_for(lambda: api(graph["url"], "/api/status")[1]["frame"], 60, "a frame")["id"]
+    long_one = {"frame": frame, "box": [30, 30, 190, 190], "name": "long one", "description": "stripes" * 60}
+    status, answer = api(graph["url"], "/api/register", long_one)
+    assert status == 200, answer
+    try:
+        open_page(page, graph["url"])
+        page.locator('#concepts li[data-name="long one"] .picture img').wait_for(timeout=30_000)
+        page.evaluate("""text => {  // an answer as long, and a message: what the page shows after asking
+            document.getElementById('answer').textContent = text;
+            const message = document.getElementById('message');
+            message.textContent = text; message.hidden = false;
+        }""", "x" * 600)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        for panel in ("#live-panel", "#ask-panel", "#concepts-panel", "#message"):
+            box = page.locator(panel).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5, (panel, box)
+        facts = page.locator('#concepts li[data-name="long one"] p.note')
+        assert "stripesstripes" in facts.inner_text() and facts.bounding_box()["width"] <= width
+        if width < 500:
+            shot(page, "web_phone.png", "main")
+    finally:
+        api(graph["url"], "/api/forget", {"name": "long one"})
 
 
 def test_a_hostile_name_is_shown_as_text_and_forget_removes_the_concept(graph, page):

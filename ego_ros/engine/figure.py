@@ -35,7 +35,7 @@ from .token_layout import MERGE_SIZE, PATCH_SIZE, canvas_size, thumbnail_tokens,
 # height: MARGIN + HEADER_HEIGHT + tallest view + TEXT_GAP + TEXT_LINES * LINE_HEIGHT + MARGIN.
 # A view narrower than its panel is centred in it; every view's top is at MARGIN + HEADER_HEIGHT.
 MARGIN = 16
-HEADER_HEIGHT = 72  # title line, model line, note line (empty when every view has its image)
+HEADER_HEIGHT = 92  # title line, what was kept, the model, a note (empty when every view has its image)
 MIN_PANEL_WIDTH = 300
 TEXT_GAP = 8
 TEXT_LINES = 4  # kept tokens; area; keywords on up to two lines
@@ -137,13 +137,17 @@ def concept_figure(
     usable = width - 2 * MARGIN
     draw.text((MARGIN, MARGIN), _fit(memory.name, title_font, usable), font=title_font, fill=TEXT)
     layers = ",".join(str(layer) for layer in memory.layers)
-    about = (f"{memory.num_views} view{'s' * (memory.num_views != 1)}, {memory.num_tokens} tokens kept "
-             f"(K = {memory.max_tokens_per_view} per view, layers {layers}); model {memory.model}")
-    draw.text((MARGIN, MARGIN + 32), _fit(about, text_font, usable), font=text_font, fill=TEXT)
+    # Two lines, so that a one-view figure (300 px) still shows K and the layers; a long model path is what gets
+    # cut.
+    kept = (f"{memory.num_views} view{'s' * (memory.num_views != 1)}, {memory.num_tokens} tokens kept, "
+            f"K = {memory.max_tokens_per_view} per view")
+    for i, line in enumerate([kept, f"layers {layers}; model {memory.model}"]):
+        draw.text((MARGIN, MARGIN + 32 + i * LINE_HEIGHT), _fit(line, text_font, usable), font=text_font, fill=TEXT)
     if missing:
         note = (f"grey: no saved image of {'this view' if missing == 1 else f'{missing} views'} "
                 "(registered outside `ego-ros register`): token grid only")
-        draw.text((MARGIN, MARGIN + 32 + LINE_HEIGHT), _fit(note, text_font, usable), font=text_font, fill=NOTE)
+        draw.text((MARGIN, MARGIN + 32 + 2 * LINE_HEIGHT), _fit(note, text_font, usable), font=text_font,
+                  fill=NOTE)
     return figure
 
 
