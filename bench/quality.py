@@ -2,7 +2,7 @@
 """The method's quality on the trained toy model: calibration, localisation, recognition, boxes, regions, §3.5.
 
 Measures the committed toy model (or ``--model``, trained first if it is not there yet). Prints Markdown tables
-(the README's "Quality on the trained toy model") and writes them with every figure to ``OUT/quality.json``; with
+(docs/toy-world.md) and writes them with every figure to ``OUT/quality.json``; with
 ``--figures DIR``, the pictures too: ``toy_world.png`` (scenes, main subject outlined), ``calibration.png`` (the
 per-layer plot) and ``show_my_mug.png`` (Fig. 3: what one concept's memory kept).
 
@@ -10,7 +10,7 @@ Examples::
 
     python bench/quality.py
     python bench/quality.py --model build/my-toy-model --concepts 10 --out bench/out
-    python bench/quality.py --figures docs      # also regenerate the README's pictures
+    python bench/quality.py --figures docs      # also regenerate the docs' pictures
     python bench/quality.py --recognition-orders   # only recognition, concept first versus image first
 """
 

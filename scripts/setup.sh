@@ -7,7 +7,7 @@
 #   bash scripts/setup.sh                 # venv in ./.venv (or $EGO_ROS_VENV)
 #
 # torch: an already installed torch is kept, so a GPU user installs the CUDA build of their choice into the venv
-# first (see README); otherwise the CPU build torch==2.13.0 is installed.
+# first (see docs/installing.md); otherwise the CPU build torch==2.13.0 is installed.
 # Safe to run again: pip is skipped while the requirement files are unchanged, CMake rebuilds only what changed.
 set -euo pipefail
 

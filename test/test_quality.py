@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The method on a model that has learned to see: figures on the trained toy model, held as orderings with margins.
 
-Sizes are smaller than bench/quality.py's (which prints the README's tables) to keep the suite quick; each
+Sizes are smaller than bench/quality.py's (which prints the tables of docs/toy-world.md) to keep the suite quick; each
 threshold sits below what the benchmark and these sizes measured, and says what it guards. The recognition test
 uses concepts and test images of seeds the toy model's training never drew (test_toy_world checks the streams).
 """

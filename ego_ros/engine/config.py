@@ -52,7 +52,7 @@ class EgoConfig:
     prefix_cache: bool = True
     # Recognition prompt: "concept_first" (each concept's memory, then the frame: one whole prompt per concept) or
     # "image_first" (the frame, then each concept: the frame is prefilled once for all concepts; several times
-    # faster with many concepts, but on the toy model worse with several views: README).
+    # faster with many concepts, but on the toy model worse with several views: docs/toy-world.md).
     recognition_order: str = "concept_first"
 
     def __post_init__(self):

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The toy world written as a dataset, in its own layout or in the layout of each public benchmark.
 
-The data of the tests (small folders in every layout) and of the README's toy-world table::
+The data of the tests (small folders in every layout) and of the toy-world table in docs/evaluation.md::
 
     python -m ego_ros.evaluation.toy_layouts toy build/toy-eval --concepts 10 --seed 3
     python -m ego_ros.evaluation.toy_layouts yollava /tmp/yollava-like --concepts 3

@@ -13,7 +13,9 @@ and how much of each. Scenes are 224 x 224, the size the toy model was trained o
     camera.reference_views("Rex", 3)    # other views of Rex (seeds the strip never uses), to register it from
 
 Command line: ``python -m ego_ros.toy.camera views OUT_DIR [--views N]`` writes ``NAME_k.png``, the
-reference views of each personal instance, for ``ego-ros register NAME OUT_DIR/NAME_*.png``.
+reference views of each personal instance, for ``ego-ros register NAME OUT_DIR/NAME_*.png``;
+``python -m ego_ros.toy.camera frame SECONDS OUT.png`` writes the frame at that time of the pan, and says which
+instances it shows and how much of each.
 """
 
 from __future__ import annotations
@@ -137,8 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     views.add_argument("--views", type=int, default=3, help="views per instance (default: 3)")
     views.add_argument("--instances", type=int, default=3,
                        help="personal instances (default: 3, as ego-ros camera toy)")
+    frame = commands.add_parser("frame", help="write the camera's frame at SECONDS into its pan as a PNG, and say "
+                                              "which instances it shows")
+    frame.add_argument("seconds", type=float)
+    frame.add_argument("out", type=Path)
+    frame.add_argument("--instances", type=int, default=3)
     args = parser.parse_args(argv)
     camera = ToyCamera(args.instances)
+    if args.command == "frame":
+        from PIL import Image
+
+        shot = camera.frame_at(args.seconds)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shot.image).save(args.out)
+        for name, instance in camera.names.items():
+            share = max((s.fraction for s in shot.visible if s.instance == instance), default=0.0)
+            if share > 0:
+                print(f"{name}\t{instance.phrase}\t{share:.0%} in view")
+        return 0
     write_reference_views(args.out_dir, camera, args.views)
     for name, instance in camera.names.items():
         print(f"{name}\t{instance.phrase}")
