@@ -52,7 +52,7 @@ fi
 camera=$!
 trap 'kill "$camera" 2>/dev/null || true; wait "$camera" 2>/dev/null || true' EXIT
 say "serving the toy model $model with the toy-world camera (Rex, Anna and Milo come and go)"
-say "in another shell: ego-ros watch; ego-ros ask \"Where is Rex in this image?\"; ego-ros recognize; ego-ros list"
+say "in another shell: ego-ros watch; ego-ros recognize; ego-ros last-seen Rex; ego-ros list; ego-ros web (the teleop page)"
 # Recognition events on (config/ego.yaml has them off): once a second, what `ego-ros watch` prints. The toy model's
 # scores sit lower than a large model's: threshold 0.4 and no hysteresis (on toy cameras of seeds 0, 7 and 13, frame
 # by frame: macro F1 85.7 at 0.4, 72.6 at 0.5; held-out seeds 21 and 42: 90.3 at 0.4, 91.3 at 0.5).
