@@ -36,7 +36,7 @@ from ego_ros.ros.hysteresis import PresenceTracker  # noqa: E402
 from ego_ros.sightings import SightingsStore, crop_jpeg  # noqa: E402
 from ego_ros.toy.tally import IN_VIEW, Tally  # noqa: E402
 
-START = 1_790_000_000.0  # the stamps' epoch offset: any fixed time
+START = 1_790_000_000.0  # cost: the simulated hour's stamps start here (any fixed time)
 
 
 @dataclass
@@ -96,16 +96,15 @@ def pan(args) -> int:
     for t in tqdm(times, desc="frames", unit="frame"):
         frame = camera.frame_at(float(t))
         for name, instance in camera.names.items():
-            shares[name].append((float(t), max((s.fraction for s in frame.visible if s.instance == instance),
-                                               default=0.0)))
-        stranger_seen += any(s.instance == stranger for s in frame.visible)
+            shares[name].append((float(t), frame.share(instance)))
+        stranger_seen += frame.share(stranger) > 0
         found = ego.recognize(frame.image, boxes=True)
         present = tracker.update({n: p for n, (p, _) in found.items()}).present
         tally.add(frame, set(present))
         for name in present:
             score, box = found[name]
             started = time.perf_counter()
-            store.record(name, camera="toy", frame_id="toy", stamp=START + t, score=score, box=box,
+            store.record(name, camera="toy", frame_id="toy", stamp=float(t), score=score, box=box,
                          crop=lambda b=box: crop_jpeg(frame.image, b), pose_note="no pose_topic")
             record_ms.append(1000 * (time.perf_counter() - started))
     if stranger_seen:
@@ -120,8 +119,6 @@ def pan(args) -> int:
     total = {"spans": 0, "found": 0, "within": 0, "ends": 0, "false": 0}
     for name in camera.names:
         visits = sorted(store.last_seen(name, limit=10_000), key=lambda v: v.first_seen)
-        visits = [type(v)(**{**vars(v), "first_seen": v.first_seen - START, "last_seen": v.last_seen - START})
-                  for v in visits]
         matched, false = match(true_spans(shares[name]), visits, slack=period)
         firsts = [min(v.first_seen for v in mine) - span.first for span, mine in matched if mine]
         lasts = [max(v.last_seen for v in mine) - span.last for span, mine in matched if mine]

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from ego_ros.cli.common import PROG, StreamPrinter, UsageError, concept_row, error_line, info, layers_line, \
     print_concepts, print_visits, robot_at, warn
-from ego_ros.ros.client import EgoClient, NodeError, NodeNotFound
+from ego_ros.ros.client import EgoClient, NodeError, NodeNotFound, seconds
 
 # Images read from files are sent at most this big (rgb8, about 6 MB); the node downscales to its max_image_pixels.
 SEND_MAX_PIXELS = 1920 * 1080
@@ -143,10 +143,6 @@ def cmd_recognize(args: argparse.Namespace) -> int:
     return run_live(run, args, WITH_MODEL)
 
 
-def _seconds(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     def run(args, ego: EgoClient) -> int:
         concepts, layers, layers_source = ego.concepts_and_layers()
@@ -157,7 +153,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 print(layers)
             return 0
         print_concepts([concept_row(c.name, c.num_views, c.num_tokens, c.area_percent, c.keywords,
-                                    _seconds(c.updated), c.model) for c in sorted(concepts, key=lambda c: c.name)])
+                                    seconds(c.updated), c.model) for c in sorted(concepts, key=lambda c: c.name)])
         if layers:
             print(f"\n{layers}")
         return 0
@@ -170,7 +166,7 @@ def cmd_last_seen(args: argparse.Namespace) -> int:
         now = time.time()
         visits = ego.last_seen(args.name, since=now - args.since if args.since else None, camera=args.camera or "",
                                max_results=args.max_results)
-        print_visits(args.name, [(v.camera, _seconds(v.first_seen), _seconds(v.last_seen), v.sightings, v.best_score,
+        print_visits(args.name, [(v.camera, seconds(v.first_seen), seconds(v.last_seen), v.sightings, v.best_score,
                                   robot_at(v.pose.header.frame_id, v.pose.pose.position.x, v.pose.pose.position.y)
                                   if v.has_pose else v.pose_note) for v in visits], args, now)
         return 0

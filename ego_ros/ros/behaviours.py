@@ -28,7 +28,7 @@ from typing import Iterable
 import py_trees
 from py_trees.common import Access, Status
 
-from ego_ros.ros.client import NodeError
+from ego_ros.ros.client import NodeError, seconds
 from ego_ros.ros.commander import EgoCommander, Task
 
 
@@ -157,7 +157,7 @@ class RecallLastSeen(_TaskBehaviour):
 
     def done_message(self, value) -> str:
         visit = value[0]
-        ago = time.time() - (visit.last_seen.sec + visit.last_seen.nanosec * 1e-9)
+        ago = time.time() - seconds(visit.last_seen)
         return f"{self.concept!r} was last seen {ago:.0f} s ago on {visit.camera or 'a sent image'}"
 
 

@@ -83,6 +83,11 @@ def register_request(name: str, views: Sequence = (), *, camera: str = "", num_v
     return request
 
 
+def seconds(stamp) -> float:
+    """A ``builtin_interfaces/Time`` (a header's stamp, a visit's times) as seconds since the epoch."""
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
 def last_seen_request(name: str, *, since: float | None = None, camera: str = "", max_results: int = 5):
     """A ``LastSeen`` request: ``since`` in seconds since the epoch (None: any time)."""
     from ego_ros.ros.messages import time_msg

@@ -22,6 +22,7 @@ from ego_ros.engine.memory import validate_name
 from ego_ros.msg import ConceptDetection
 from ego_ros.srv import Ask
 
+from .client import seconds
 from .image_msgs import image_from_msg
 from .messages import box_of, concept_msg, roi_of, visit_msg
 from .requests import MAX_REQUEST_PIXELS, RequestError, check_request, message_of, shown
@@ -93,7 +94,7 @@ class ServiceHandlers:
             if ego is None:
                 raise RequestError("the node is not active")
             name = ego.store.get(request.name).name  # an unknown name: UnknownConcept, listing the known ones
-            since = request.since.sec + request.since.nanosec * 1e-9
+            since = seconds(request.since)
             visits = store.last_seen(name, since=since or None, camera=request.camera or None,
                                      limit=request.max_results or 5) if store is not None else []
             response.visits = [visit_msg(v) for v in visits]

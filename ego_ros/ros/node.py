@@ -71,6 +71,7 @@ from ego_ros.sightings import FILE_NAME as SIGHTINGS_FILE
 from ego_ros.sightings import SightingsStore
 from ego_ros.srv import Ask, ForgetConcept, LastSeen, ListConcepts, Recognize, RegisterConcept
 
+from .client import seconds
 from .frame_buffer import FrameBuffer
 from .handlers import MAX_PENDING_REQUESTS, ServiceHandlers, Slots
 from .heap import limit_arenas, trim_heap
@@ -436,7 +437,7 @@ class EgoNode(ServiceHandlers, RecognitionLoop, LifecycleNode):
             if header.stamp.sec == 0 and header.stamp.nanosec == 0:
                 # Drivers that leave the stamp empty: the arrival time, in the buffer and in events alike.
                 header = Header(stamp=self.get_clock().now().to_msg(), frame_id=header.frame_id)
-            stamp = header.stamp.sec + header.stamp.nanosec * 1e-9
+            stamp = seconds(header.stamp)
             try:
                 kept = buffer.offer(stamp, lambda: decode(msg), header=header)
             except ValueError as error:

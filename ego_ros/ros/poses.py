@@ -13,6 +13,7 @@ import bisect
 import threading
 from collections import deque
 
+from ego_ros.ros.client import seconds
 from ego_ros.sightings import Pose
 
 TYPES = {"geometry_msgs/msg/PoseStamped": ("geometry_msgs.msg", "PoseStamped"),
@@ -56,7 +57,7 @@ class PoseHistory:
     def add(self, msg) -> None:
         pose = msg.pose.pose if hasattr(msg, "twist") else msg.pose  # Odometry nests a PoseWithCovariance
         p, q = pose.position, pose.orientation
-        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        stamp = seconds(msg.header.stamp)
         entry = Pose(msg.header.frame_id, (p.x, p.y, p.z), (q.x, q.y, q.z, q.w))
         with self._lock:
             if self._stamps and stamp < self._stamps[-1]:  # time went back (a bag loop): start over

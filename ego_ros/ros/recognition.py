@@ -15,6 +15,7 @@ from sensor_msgs.msg import Image
 from ego_ros.msg import ConceptDetection, RecognitionEvent
 from ego_ros.sightings import crop_jpeg
 
+from .client import seconds
 from .debug_image import annotated
 from .image_msgs import image_to_msg
 from .messages import roi_of
@@ -90,7 +91,7 @@ class RecognitionLoop:
         store = self.sightings
         if store is None:
             return
-        stamp = header.stamp.sec + header.stamp.nanosec * 1e-9 if header is not None else time.time()
+        stamp = seconds(header.stamp) if header is not None else time.time()
         pose, age, note = self.poses.nearest(stamp) if self.poses is not None else (None, None, "no pose_topic")
         ego = self.ego
         for name in present:

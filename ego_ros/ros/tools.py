@@ -141,7 +141,9 @@ def to_plain(message):
     """A ROS message (or a list or array of them) as JSON-ready Python values. Times become seconds since the
     epoch; bytes (a sighting's JPEG crop) are left out, said in a few words: a language model reads no pixels."""
     if type(message).__name__ == "Time" and hasattr(message, "nanosec"):
-        return message.sec + message.nanosec * 1e-9
+        from ego_ros.ros.client import seconds
+
+        return seconds(message)
     if isinstance(message, bytes) or getattr(message, "typecode", None) == "B":
         return f"({len(message)} bytes, left out)"
     if hasattr(message, "get_fields_and_field_types"):

@@ -53,7 +53,11 @@ class ToyFrame:
 
     def shows(self, instance: Instance, fraction: float = 1.0) -> bool:
         """Whether at least ``fraction`` of ``instance`` is in view."""
-        return any(s.instance == instance and s.fraction >= fraction for s in self.visible)
+        return self.share(instance) >= fraction
+
+    def share(self, instance: Instance) -> float:
+        """How much of ``instance`` is in view: 0 (none of it) to 1 (all of it)."""
+        return max((s.fraction for s in self.visible if s.instance == instance), default=0.0)
 
 
 class ToyCamera:
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(shot.image).save(args.out)
         for name, instance in camera.names.items():
-            share = max((s.fraction for s in shot.visible if s.instance == instance), default=0.0)
+            share = shot.share(instance)
             if share > 0:
                 print(f"{name}\t{instance.phrase}\t{share:.0%} in view")
         return 0

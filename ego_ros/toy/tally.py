@@ -31,7 +31,7 @@ class Tally:
     def add(self, frame: ToyFrame, said_present: set[str]) -> None:
         self.frames += 1
         for name, instance in self.camera.names.items():
-            shown = max((s.fraction for s in frame.visible if s.instance == instance), default=0.0)
+            shown = frame.share(instance)
             if shown >= IN_VIEW or shown == 0.0:  # a sliver at the edge is neither
                 self.rows[name].add(said_yes=name in said_present, present=shown > 0.0)
 

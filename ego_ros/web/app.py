@@ -31,6 +31,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ego_ros.ros.client import seconds
+
 from ego_ros.web import inputs
 from ego_ros.web.frames import FrameGone
 from ego_ros.web.guard import Guard
@@ -155,7 +157,7 @@ class Api:
         now = time.time()
         return web.json_response({"concepts": [{
             "name": c.name, "views": c.num_views, "tokens": c.num_tokens, "area": round(float(c.area_percent), 1),
-            "keywords": list(c.keywords), "updated": stamp_sec(c.updated), "last_seen": last_visit(found, now),
+            "keywords": list(c.keywords), "updated": seconds(c.updated), "last_seen": last_visit(found, now),
         } for c, found in zip(concepts, visits)]})
 
     async def picture(self, request: web.Request) -> web.Response:
@@ -307,10 +309,6 @@ class NodeRefused(Exception):
     """422: the node answered with a refusal."""
 
 
-def stamp_sec(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
 def last_visit(visits, now: float) -> dict | None:
     """The newest visit as the page shows it ("last seen 12 s ago, camera ..." beside its crop), or None: never seen,
     or the node could not say (an older node without ``last_seen``: the page then shows no line at all)."""
@@ -318,7 +316,7 @@ def last_visit(visits, now: float) -> dict | None:
         return None
     visit = visits[0]
     crop = bytes(visit.crop.data)
-    return {"seen": stamp_sec(visit.last_seen), "ago": round(max(0.0, now - stamp_sec(visit.last_seen)), 1),
+    return {"seen": seconds(visit.last_seen), "ago": round(max(0.0, now - seconds(visit.last_seen)), 1),
             "camera": visit.camera, "score": round(float(visit.best_score), 3), "sightings": visit.sightings,
             "crop": "data:image/jpeg;base64," + base64.b64encode(crop).decode() if crop else None}
 

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Callable
 
+from ego_ros.ros.client import seconds
 from ego_ros.web.frames import FrameStore
 
 # How long a request waits for the node's service to be there before the page is told the node is not running.
@@ -29,10 +30,6 @@ def detections_of(detections) -> list[dict]:
     """``ConceptDetection`` messages as the page draws them: name, score, box (or None), most likely first."""
     found = [{"name": d.name, "score": round(float(d.score), 4), "box": roi_box(d.box)} for d in detections]
     return sorted(found, key=lambda d: (-d["score"], d["name"]))
-
-
-def seconds(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
 
 
 class RobotBridge:
