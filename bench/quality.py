@@ -54,12 +54,18 @@ def main(argv=None) -> int:
     parser.add_argument("--figures", type=Path, help="write the pictures into this folder (e.g. docs)")
     parser.add_argument("--recognition-orders", action="store_true",
                         help="only the recognition test, with the concept before the frame and after it")
+    parser.add_argument("--memory-layouts", action="store_true",
+                        help="only the recognition test, with memories laid out as text and as images, both orders")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = toy_world.model_dir(args.model)
     work = Path(tempfile.mkdtemp(prefix="ego-quality-"))
     results: dict = {"model": str(model), "recipe": json.loads((model / "toy_world.json").read_text())}
     try:
+        if args.memory_layouts:
+            results["memory_layouts"] = memory_layouts(model, work, args)
+            (args.out / "memory_layouts.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+            return 0
         ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
         if args.recognition_orders:
             results["recognition_orders"] = recognition_orders(ego, args)
@@ -179,6 +185,39 @@ def recognition_orders(ego: Ego, args) -> dict:
           f"{seconds['image_first']:.0f} s image first, on this CPU)")
     return {"runs": table, "seconds": seconds, "positives": positives,
             "questions": len(data.tests) * len(data.concepts)}
+
+
+def memory_layouts(model: Path, work: Path, args) -> dict:
+    """The recognition test with each memory layout (text: the paper's; image: as a serving engine takes embeddings)
+    and each prompt order, on the same concepts and test images; calibrated layers as :func:`recognise`."""
+    data = toy.recognition_set(args.concepts, seed=3, views=5)
+    runs = [("none", 1), ("full", 1), ("ego", 1), ("ego", 5)]
+    table = {}
+    for layout in ("text", "image"):
+        ego = Ego.load(str(model), memory_dir=work / layout, calibration_dir=work / "calibration", memory_layout=layout)
+        if layout == "text":
+            ego.calibrate(toy_world.calibration_samples(args.calibration_images, seed=1), save=True,
+                          source=f"toy world, seed 1, {args.calibration_images} scenes")
+        with tqdm(total=len(data.concepts), desc=f"introducing concepts, {layout}") as bar:
+            introduced = toy.introduce(ego, data, on_concept=lambda done: bar.update(1))
+        for order in RECOGNITION_ORDERS:
+            ego.config.recognition_order = order
+            with tqdm(total=len(data.tests), desc=f"recognition, {layout}, {order}") as bar:
+                scores = toy.recognition(ego, data, introduced, runs, on_image=lambda done: bar.update(1))
+            for run, result in scores.items():
+                table[f"{layout}/{order}/{run[0]}/{run[1]}"] = {
+                    "f1": result.score.f1, "precision": result.score.precision, "recall": result.score.recall,
+                    "accuracy": result.score.accuracy, "rejected": result.rejected}
+    print(f"\n### Memory layouts ({len(data.concepts)} concepts, {len(data.tests)} test images; layers "
+          f"{list(ego.layers)})\n")
+    print("| method | views | layout | F1, concept first | F1, image first | look-alikes rejected, concept first |"
+          "\n|---|---|---|---|---|---|")
+    for run in runs:
+        for layout in ("text", "image"):
+            first, after = (table[f"{layout}/{order}/{run[0]}/{run[1]}"] for order in RECOGNITION_ORDERS)
+            print(f"| {METHODS[run[0]]} | {run[1]} | {layout} | {100 * first['f1']:.1f} | {100 * after['f1']:.1f} | "
+                  f"{100 * first['rejected']['look-alikes']:.0f}% |")
+    return table
 
 
 def boxes(ego: Ego, args) -> dict:

@@ -54,6 +54,10 @@ class EgoConfig:
     # "image_first" (the frame, then each concept: the frame is prefilled once for all concepts; several times
     # faster with many concepts, but on the toy model worse with several views: docs/toy-world.md).
     recognition_order: str = "concept_first"
+    # How a memory sits in a prompt: "text" (one placeholder per vector, at text positions, the paper's layout) or
+    # "image" (an image of its own: the family's vision delimiters, a synthetic patch grid, 2-D image positions;
+    # how a serving engine such as vLLM takes precomputed embeddings). Qwen2.5-VL and Qwen3-VL.
+    memory_layout: str = "text"
 
     def __post_init__(self):
         positive = ("max_tokens_per_view", "min_tokens_per_view", "keyword_max_new_tokens", "area_max_new_tokens",
@@ -64,6 +68,8 @@ class EgoConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.recognition_order not in ("concept_first", "image_first"):
             raise ValueError(f"recognition_order must be concept_first or image_first, got {self.recognition_order!r}")
+        if self.memory_layout not in ("text", "image"):
+            raise ValueError(f"memory_layout must be text or image, got {self.memory_layout!r}")
         if self.min_tokens_per_view > self.max_tokens_per_view:
             raise ValueError(
                 f"min_tokens_per_view ({self.min_tokens_per_view}) exceeds max_tokens_per_view "

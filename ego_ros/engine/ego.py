@@ -105,6 +105,7 @@ class Ego:
         self.backend = backend_for(
             loaded.model, loaded.tokenizer, loaded.image_processor,
             placeholder=prompts.CONCEPT_PLACEHOLDER, max_pixels=config.max_image_pixels,
+            memory_layout=config.memory_layout,
         )
         self.num_layers = len(self.backend.decoder_layers)
         if config.layers is not None and config.layers[-1] >= self.num_layers:
@@ -132,6 +133,10 @@ class Ego:
         # Continuing a cached prefix needs the backend's prefix contract (backends/__init__.py), and rows without
         # DeepStack features: a continuation would have to carry the prefix's DeepStack rows too (not done yet).
         self._continues_prefixes = hasattr(self.backend, "prefix_ids") and not self.backend.deepstack_layers
+        # A question's concept block is cached only when it holds no image: generate continuing a cache computes
+        # the decoding steps' M-RoPE positions from the uncached part and every image grid, which a memory laid
+        # out as an image (memory_layout: image) in the cached part would shift.
+        self._caches_concept_blocks = self._continues_prefixes and config.memory_layout == "text"
 
     @classmethod
     def load(
@@ -587,7 +592,7 @@ class Ego:
         """(prefix length, its placeholder rows, a private copy of its KV cache) for a question whose prompt
         ``batch`` begins with the concept block ``parts`` of ``memories``; None without concepts, with the cache
         off, or if the prompt's tokens do not begin with the block's own (then the whole prompt is prefilled)."""
-        if not memories or not self.config.prefix_cache or not self._continues_prefixes:
+        if not memories or not self.config.prefix_cache or not self._caches_concept_blocks:
             return None
         if self.config.static_cache:  # a static cache is allocated by generate itself: it cannot start from ours
             return None

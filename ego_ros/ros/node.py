@@ -244,7 +244,7 @@ class EgoNode(ServiceHandlers, RecognitionLoop, LifecycleNode):
                 s.model, device=s.device, dtype=s.dtype, memory_dir=s.memory_dir, layers=s.layers,
                 max_tokens_per_view=s.max_tokens_per_view, max_image_pixels=s.max_image_pixels,
                 max_concepts_in_context=s.max_concepts_in_context, max_new_tokens=s.max_new_tokens,
-                recognition_order=s.recognition_order, static_cache=s.static_cache,
+                recognition_order=s.recognition_order, memory_layout=s.memory_layout, static_cache=s.static_cache,
             )
         except Exception as error:
             raise RuntimeError(f"cannot load the model: {message_of(error)}") from error

@@ -56,6 +56,9 @@ PARAMETER_SPECS = {
     "recognition_order": ("concept_first", _describe(
         "recognition prompt: concept_first (one prompt per concept) or image_first (the frame prefilled once for all "
         "concepts: faster with many concepts)")),
+    "memory_layout": ("text", _describe(
+        "how a memory sits in a prompt: text (placeholders at text positions, the paper's layout) or image (an image "
+        "of its own: vision delimiters, a synthetic grid, 2-D positions; how vLLM takes embeddings); Qwen only")),
     "static_cache": (False, _describe("decode with a static KV cache, compiled on a GPU: faster answers and "
                                       "registrations after a one-time compile")),
     "recognition_rate_hz": (0.0, _describe("how often each camera's latest frame is checked for concepts; 0 = off",
@@ -97,6 +100,7 @@ class Settings:
     video_frames: int
     max_new_tokens: int
     recognition_order: str
+    memory_layout: str
     static_cache: bool
     recognition_rate_hz: float
     recognition_threshold: float
@@ -128,6 +132,8 @@ class Settings:
         layers = tuple(int(i) for i in (p["layers"] or ()))
         if p["recognition_order"] not in ("concept_first", "image_first"):
             raise ValueError(f"recognition_order must be concept_first or image_first, got {p['recognition_order']!r}")
+        if p["memory_layout"] not in ("text", "image"):
+            raise ValueError(f"memory_layout must be text or image, got {p['memory_layout']!r}")
         return cls(
             model=str(p["model"]).strip(), device=str(p["device"]), dtype=str(p["dtype"]),
             memory_dir=Path(p["memory_dir"]).expanduser() if str(p["memory_dir"]).strip() else None,
@@ -135,7 +141,8 @@ class Settings:
             max_image_pixels=int(p["max_image_pixels"]), max_tokens_per_view=int(p["max_tokens_per_view"]),
             layers=layers or None, max_concepts_in_context=int(p["max_concepts_in_context"]),
             video_frames=int(p["video_frames"]), max_new_tokens=int(p["max_new_tokens"]),
-            recognition_order=str(p["recognition_order"]), static_cache=bool(p["static_cache"]),
+            recognition_order=str(p["recognition_order"]), memory_layout=str(p["memory_layout"]),
+            static_cache=bool(p["static_cache"]),
             recognition_rate_hz=float(p["recognition_rate_hz"]),
             recognition_threshold=float(p["recognition_threshold"]),
             recognition_hysteresis=float(p["recognition_hysteresis"]),

@@ -127,10 +127,17 @@ def processor_options(image_processor, model) -> dict:
     return {"device": model.device} if on_gpu and torchvision else {}
 
 
-def backend_for(model, tokenizer, image_processor, *, placeholder: str, max_pixels: int):
+def check_memory_layout(layout: str, supported: tuple[str, ...], family: str) -> None:
+    """Raise a ValueError unless ``family``'s backend can lay a memory out as ``layout``."""
+    if layout not in supported:
+        raise ValueError(f"memory_layout {layout!r} is not supported for {family}; use one of {', '.join(supported)}")
+
+
+def backend_for(model, tokenizer, image_processor, *, placeholder: str, max_pixels: int, memory_layout: str = "text"):
     """The backend of ``model``'s family, or UnsupportedModel (a ValueError) listing the families we support."""
     model_type = model.config.model_type
     check_supported(model_type)
     module, name = BACKENDS[model_type]
     backend = getattr(importlib.import_module(module), name)
-    return backend(model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels)
+    return backend(model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels,
+                   memory_layout=memory_layout)

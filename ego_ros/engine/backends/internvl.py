@@ -18,7 +18,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from ..soft_tokens import injected_rows
-from . import Batch, EncodedImage, Part, SoftTokens, processor_options
+from . import Batch, EncodedImage, Part, SoftTokens, check_memory_layout, processor_options
 
 # Decoders whose attention query_attention reproduces (q/k projections with bias, RoPE, GQA, causal softmax).
 TEXT_MODELS = ("qwen2",)
@@ -28,7 +28,10 @@ class InternVLBackend:
     family = "internvl"
     deepstack_layers = 0  # no vision features beside the input embeddings
 
-    def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int):
+    def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int,
+                 memory_layout: str = "text"):
+        # A memory as an image (<img>, one <IMG_CONTEXT> per vector, </img>) is not built for this family yet.
+        check_memory_layout(memory_layout, ("text",), "internvl")
         text_type = model.config.text_config.model_type
         if text_type not in TEXT_MODELS:
             raise ValueError(f"InternVL with a {text_type!r} decoder is not supported yet; supported: "

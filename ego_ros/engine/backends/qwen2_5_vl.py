@@ -12,7 +12,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
 
 from ..soft_tokens import injected_rows
 from ..vision_attention import attend_groups_at_once
-from . import Batch, EncodedImage, Part, SoftTokens, processor_options
+from . import Batch, EncodedImage, Part, SoftTokens, check_memory_layout, processor_options
 
 
 class Qwen2_5_VLBackend:
@@ -20,7 +20,10 @@ class Qwen2_5_VLBackend:
     merge_size = 2  # spatial merge of the projector: one visual token per 2x2 patches
     deepstack_layers = 0  # decoder layers that get vision features beside the input embeddings (Qwen3-VL: 3)
 
-    def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int):
+    def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int,
+                 memory_layout: str = "text"):
+        check_memory_layout(memory_layout, ("text", "image"), self.family)
+        self.memory_layout = memory_layout
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -70,29 +73,25 @@ class Qwen2_5_VLBackend:
 
     def build(self, prompts: list[list[Part]], responses: list[list[int]] | None = None) -> Batch:
         """Tokenise user turns made of parts, optionally followed by a teacher-forced assistant response."""
-        rows, injected, grids, pixels = [], [], [], []
+        rows, injected, grids, pixels, image_spans = [], [], [], [], []
         for i, parts in enumerate(prompts):
             content, vectors, images = [], [], []
             for part in parts:
-                if isinstance(part, str):
-                    content.append({"type": "text", "text": part})
-                elif isinstance(part, EncodedImage):
-                    content.append({"type": "image"})
-                    images.append(part)
+                if isinstance(part, EncodedImage):
                     vectors.append(part.features)
-                else:  # soft tokens: one placeholder per memory vector
+                elif not isinstance(part, str):  # soft tokens
                     if isinstance(part, SoftTokens):
                         if part.deepstack is not None:
                             raise ValueError(f"soft tokens with DeepStack features, which {self.family} has no use "
                                              "for: the memory was made by another model family")
                         part = part.vectors
-                    content.append({"type": "text", "text": self.placeholder * part.shape[0]})
                     vectors.append(part)
+                content.append(self._content(part, images))
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids = self._expand_images(ids, images)
+            ids = self._expand_images(ids, [grid for grid, _ in images])
             if responses is not None:
                 ids = ids + list(responses[i])
             expected = sum(v.shape[0] for v in vectors)
@@ -101,8 +100,9 @@ class Qwen2_5_VLBackend:
                 raise ValueError(f"prompt has {found} placeholder/image tokens but {expected} vectors to inject")
             rows.append(ids)
             injected.extend(vectors)
-            grids.extend(image.grid_thw for image in images)
-            pixels.extend(image.pixel_values for image in images)
+            grids.extend(grid for grid, _ in images)
+            pixels.extend(image.pixel_values for _, image in images if image is not None)
+            image_spans.append([image is not None for _, image in images])
 
         width = max(len(ids) for ids in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -119,7 +119,8 @@ class Qwen2_5_VLBackend:
             image_grid_thw=torch.tensor(grids, dtype=torch.long, device=device) if grids else None,
             injected=torch.cat([v.to(device, dtype) for v in injected]) if injected else torch.zeros(0, 0),
             pixel_values=torch.cat(pixels) if pixels else None,
-            image_positions=[self._image_spans(row) for row in is_image],
+            image_positions=[[span for span, is_frame in zip(self._image_spans(row), frames) if is_frame]
+                             for row, frames in zip(is_image, image_spans)],
         )
 
     def prefix_ids(self, parts: list[Part]) -> list[int]:
@@ -130,16 +131,8 @@ class Qwen2_5_VLBackend:
         tokeniser could merge the last token of ``parts`` with the text after it).
         """
         marker = "\x00prefix-end\x00"
-        content, images = [], []
-        for part in parts:
-            if isinstance(part, str):
-                content.append({"type": "text", "text": part})
-            elif isinstance(part, EncodedImage):
-                content.append({"type": "image"})
-                images.append(part)
-            else:  # soft tokens, bare or with their DeepStack features
-                rows = (part.vectors if isinstance(part, SoftTokens) else part).shape[0]
-                content.append({"type": "text", "text": self.placeholder * rows})
+        images = []
+        content = [self._content(part.vectors if isinstance(part, SoftTokens) else part, images) for part in parts]
         content.append({"type": "text", "text": marker})
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -147,7 +140,7 @@ class Qwen2_5_VLBackend:
         if text.count(marker) != 1:
             raise ValueError("the chat template did not keep the prompt's text in one place")
         ids = self.tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"]
-        return self._expand_images(ids, images)
+        return self._expand_images(ids, [grid for grid, _ in images])
 
     def rope_positions(self, batch: Batch) -> torch.Tensor:
         """The model's own M-RoPE positions of ``batch``, (3, B, S): the ones its forward would compute."""
@@ -161,17 +154,37 @@ class Qwen2_5_VLBackend:
         continuing a cache would otherwise reuse the previous prompt's offset for a prompt without new images."""
         self.model.model.rope_deltas = None
 
-    def _expand_images(self, ids: list[int], images: list[EncodedImage]) -> list[int]:
-        """Replace each single ``<|image_pad|>`` of the chat template by the image's number of visual tokens."""
-        out, queue = [], iter(images)
+    def _content(self, part, images: list) -> dict:
+        """The chat-template content of one part (text, an image, or a memory's vectors), noting each image-like
+        part's (patch grid, EncodedImage or None for a memory) in ``images``.
+
+        A memory is text by default: one placeholder per vector, at text positions. With ``memory_layout: image``
+        it is an image of its own, as a serving engine takes precomputed embeddings: the family's vision
+        delimiters around one ``<|image_pad|>`` per vector, on a synthetic patch grid (``memory_grid``), so the
+        model's rope index gives its rows 2-D image positions.
+        """
+        if isinstance(part, str):
+            return {"type": "text", "text": part}
+        if isinstance(part, EncodedImage):
+            images.append((part.grid_thw, part))
+            return {"type": "image"}
+        if self.memory_layout == "image":
+            images.append((memory_grid(part.shape[0], self.merge_size), None))
+            return {"type": "image"}
+        return {"type": "text", "text": self.placeholder * part.shape[0]}
+
+    def _expand_images(self, ids: list[int], grids: list[tuple[int, int, int]]) -> list[int]:
+        """Replace each single ``<|image_pad|>`` of the chat template by its image's number of visual tokens."""
+        out, queue = [], iter(grids)
         for token in ids:
             if token != self.image_token_id:
                 out.append(token)
                 continue
-            image = next(queue, None)
-            if image is None:
+            grid = next(queue, None)
+            if grid is None:
                 raise ValueError("prompt text contains more image tokens than images")
-            out.extend([self.image_token_id] * image.num_tokens)
+            t, h, w = grid
+            out.extend([self.image_token_id] * (t * h * w // self.merge_size**2))
         if next(queue, None) is not None:
             raise ValueError("chat template did not place every image")
         return out
@@ -222,3 +235,10 @@ class Qwen2_5_VLBackend:
         q = attn.q_proj(hidden_states[:, rows]).view(batch, len(rows), -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(hidden_states).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
         return q, k
+
+
+def memory_grid(tokens: int, merge_size: int) -> tuple[int, int, int]:
+    """A patch grid (t, h, w) for ``tokens`` memory vectors as an image of their own: after the merge, h x w
+    tokens in the most nearly square rectangle (a prime count lies in one row)."""
+    rows = max(r for r in range(1, int(tokens**0.5) + 1) if tokens % r == 0)
+    return 1, rows * merge_size, tokens // rows * merge_size

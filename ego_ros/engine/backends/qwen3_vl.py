@@ -40,8 +40,10 @@ from .qwen2_5_vl import Qwen2_5_VLBackend
 class Qwen3VLBackend(Qwen2_5_VLBackend):
     family = "qwen3_vl"
 
-    def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int):
-        super().__init__(model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels)
+    def __init__(self, model, tokenizer, image_processor, *, placeholder: str, max_pixels: int,
+                 memory_layout: str = "text"):
+        super().__init__(model, tokenizer, image_processor, placeholder=placeholder, max_pixels=max_pixels,
+                         memory_layout=memory_layout)
         self.deepstack_layers = len(model.config.vision_config.deepstack_visual_indexes)
         self.hidden_size = model.get_input_embeddings().weight.shape[1]
 
