@@ -148,7 +148,8 @@ def first_token(ego: Ego, encoded, names: list[str], repeats: int) -> dict:
 
     def first():
         memories = ego.store.snapshot(names)
-        batch, parts = ego._question_prompt(question, [encoded], None, names, memories)
+        prompt, parts = ego._question_prompt(question, [encoded], None, names, memories)
+        batch = ego.backend.build([prompt])
         ego._generate(batch, 1, prefix=ego._concept_prefix(batch, parts, [memories[n] for n in names]))
         return batch
 
@@ -164,7 +165,8 @@ def first_token(ego: Ego, encoded, names: list[str], repeats: int) -> dict:
 
     # The prefix alone: its prefill, and copying its cache per question (deep) versus the engine's fork.
     memories = ego.store.snapshot(names)
-    batch, parts = ego._question_prompt(question, [encoded], None, names, memories)
+    prompt, parts = ego._question_prompt(question, [encoded], None, names, memories)
+    batch = ego.backend.build([prompt])
     length, rows, _ = ego._concept_prefix(batch, parts, list(memories.values()))
     prefix = prefix_batch(batch, length, batch.injected[:rows], [])
     cache = prefill(ego.model, ego.backend, prefix)

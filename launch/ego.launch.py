@@ -8,6 +8,7 @@ Examples::
     ros2 launch ego_ros ego.launch.py camera_topics:="['/front/image_raw']" params_file:=/etc/robot/ego.yaml
     ros2 launch ego_ros ego.launch.py autostart:=false     # stays unconfigured, for a lifecycle manager
     ros2 launch ego_ros ego.launch.py use_sim_time:=true log_level:=debug
+    ros2 launch ego_ros ego.launch.py vllm_url:=http://gpu-server:8000   # answers from a vLLM server
 
 Every argument left empty keeps the params file's value (share/ego_ros/config/ego.yaml unless params_file says
 otherwise); ``autostart`` and ``use_sim_time`` are always passed (true and false by default), so the node
@@ -38,6 +39,10 @@ def generate_launch_description() -> LaunchDescription:
             "memory_dir", default_value="",
             description="folder of the concept memories (empty: the params file's)"),
         DeclareLaunchArgument(
+            "vllm_url", default_value="",
+            description="answer and recognise on the vLLM server at this URL (generation vllm, memories as images; "
+                        "docs/serving.md); empty: the params file's generation"),
+        DeclareLaunchArgument(
             "params_file",
             default_value=PathJoinSubstitution([FindPackageShare("ego_ros"), "config", "ego.yaml"]),
             description="the node's parameters file"),
@@ -61,9 +66,9 @@ def _ego_node(context):
     """The node action, built once the arguments are known, so that empty ones can be left out."""
     value = {name: LaunchConfiguration(name).perform(context)
              for name in ("model", "camera_topics", "memory_dir", "params_file", "namespace", "autostart",
-                          "use_sim_time", "log_level")}
+                          "use_sim_time", "log_level", "vllm_url")}
     overrides = parameter_overrides(value["model"], value["camera_topics"], value["memory_dir"], value["autostart"],
-                                    value["use_sim_time"])
+                                    value["use_sim_time"], value["vllm_url"])
     return [LifecycleNode(
         package="ego_ros",
         executable="ego_node",
@@ -79,8 +84,9 @@ def _ego_node(context):
 
 
 def parameter_overrides(model: str, camera_topics: str, memory_dir: str, autostart: str,
-                        use_sim_time: str = "false") -> dict:
-    """The parameters given as launch arguments, typed; empty arguments are left to the params file."""
+                        use_sim_time: str = "false", vllm_url: str = "") -> dict:
+    """The parameters given as launch arguments, typed; empty arguments are left to the params file. A vLLM URL
+    also sets what it needs: generation vllm, memories laid out as images."""
     overrides = {"autostart": parse_bool(autostart, "autostart"),
                  "use_sim_time": parse_bool(use_sim_time, "use_sim_time")}
     if model.strip():
@@ -90,6 +96,8 @@ def parameter_overrides(model: str, camera_topics: str, memory_dir: str, autosta
         overrides["camera_topics"] = topics
     if memory_dir.strip():
         overrides["memory_dir"] = memory_dir.strip()
+    if vllm_url.strip():
+        overrides.update(generation="vllm", vllm_url=vllm_url.strip(), memory_layout="image")
     return overrides
 
 

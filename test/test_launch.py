@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "ego.launch.py"
 CONFIG = ROOT / "config" / "ego.yaml"
 ARGUMENTS = {"model", "camera_topics", "memory_dir", "params_file", "namespace", "autostart", "use_sim_time",
-             "log_level"}
+             "log_level", "vllm_url"}
 # Values a deployment sets, so the shipped file may differ from the node's defaults there.
 DEPLOYMENT_SETTINGS = {"model", "camera_topics"}
 
@@ -268,6 +268,9 @@ def test_only_given_arguments_override_the_params_file(helpers):
         overrides("", "", "", "yes")
     with pytest.raises(ValueError, match="use_sim_time"):
         overrides("", "", "", "true", "1")
+    assert overrides("", "", "", "true", "false", " http://gpu:8000 ") == {
+        "autostart": True, "use_sim_time": False, "generation": "vllm", "vllm_url": "http://gpu:8000",
+        "memory_layout": "image"}
 
 
 def test_log_level_argument_becomes_the_nodes_log_level(helpers):

@@ -28,7 +28,8 @@ def question_paths(ego: Ego, image, *, new_tokens: int = 6, concepts=None):
     (encoded,) = ego.backend.encode([to_rgb(image, ego.config.max_image_pixels)])
     memories = ego.store.snapshot(concepts)
     names = list(memories)
-    batch, concept_parts = ego._question_prompt(QUESTION, [encoded], None, names, memories)
+    prompt, concept_parts = ego._question_prompt(QUESTION, [encoded], None, names, memories)
+    batch = ego.backend.build([prompt])
     whole_logits, cached_logits = [], []
     (whole,) = ego._generate(batch, new_tokens, logits=whole_logits)
     prefix = ego._concept_prefix(batch, concept_parts, [memories[n] for n in names])
@@ -79,7 +80,8 @@ def test_the_suffix_gets_the_models_own_positions_of_the_whole_prompt(ego, make_
     ego.register("Rex", [make_view(40)])
     (encoded,) = ego.backend.encode([to_rgb(make_view(50), TEST_MAX_PIXELS)])
     memories = ego.store.snapshot()
-    batch, concept_parts = ego._question_prompt(QUESTION, [encoded], None, ["Rex"], memories)
+    prompt, concept_parts = ego._question_prompt(QUESTION, [encoded], None, ["Rex"], memories)
+    batch = ego.backend.build([prompt])
     length, _, cache = ego._concept_prefix(batch, concept_parts, [memories["Rex"]])
     seen = []
 

@@ -26,7 +26,7 @@ from ego_ros.cli.common import (
 from ego_ros.ros.client import DEFAULT_NODE, DEFAULT_TIMEOUT, NODE_ENV, node_name
 
 # The engine settings: meaningful offline only (a node uses its own parameters).
-MODEL_ONLY = ("layers", "max_tokens_per_view", "max_image_pixels", "device", "dtype", "calibration_dir")
+MODEL_ONLY = ("layers", "max_tokens_per_view", "max_image_pixels", "device", "dtype", "calibration_dir", "vllm_url")
 
 
 # --- the mode rule ----------------------------------------------------------------------------------------------

@@ -152,6 +152,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, title: str = "model",
                        help="K: at most this many visual tokens kept per reference view (default: 64)")
     group.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="PIXELS",
                        help="images are downscaled to at most this many pixels (default: 307200 = 640x480)")
+    group.add_argument("--vllm-url", default=None, metavar="URL",
+                       help="answer and recognise on the vLLM server at URL (generation vllm; memories as images; "
+                            "see docs/serving.md), e.g. http://localhost:8000")
     add_calibration_option(group)
 
 
@@ -172,6 +175,8 @@ def engine_settings(args: argparse.Namespace) -> dict:
         ("layers", getattr(args, "layers", None)), ("max_tokens_per_view", getattr(args, "max_tokens_per_view", None)),
         ("max_image_pixels", getattr(args, "max_image_pixels", None)),
     ) if value is not None}
+    if getattr(args, "vllm_url", None):
+        settings.update(generation="vllm", vllm_url=args.vllm_url, memory_layout="image")
     EgoConfig(**settings)  # raises ValueError naming the bad setting
     return settings
 

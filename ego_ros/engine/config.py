@@ -58,6 +58,11 @@ class EgoConfig:
     # "image" (an image of its own: the family's vision delimiters, a synthetic patch grid, 2-D image positions;
     # how a serving engine such as vLLM takes precomputed embeddings). Qwen2.5-VL and Qwen3-VL.
     memory_layout: str = "text"
+    # Who generates answers and scores recognition: "transformers" (in this process, the embedded default) or
+    # "vllm": a vLLM server at ``vllm_url`` serving the same weights (engine/vllm_server.py); registration's
+    # attention pass and the vision encoder stay here. vLLM takes memories as images: memory_layout image.
+    generation: str = "transformers"
+    vllm_url: str = ""
 
     def __post_init__(self):
         positive = ("max_tokens_per_view", "min_tokens_per_view", "keyword_max_new_tokens", "area_max_new_tokens",
@@ -70,6 +75,12 @@ class EgoConfig:
             raise ValueError(f"recognition_order must be concept_first or image_first, got {self.recognition_order!r}")
         if self.memory_layout not in ("text", "image"):
             raise ValueError(f"memory_layout must be text or image, got {self.memory_layout!r}")
+        if self.generation not in ("transformers", "vllm"):
+            raise ValueError(f"generation must be transformers or vllm, got {self.generation!r}")
+        if self.generation == "vllm" and not self.vllm_url:
+            raise ValueError("generation vllm needs vllm_url, the server's address (http://host:port)")
+        if self.generation == "vllm" and self.memory_layout != "image":
+            raise ValueError("generation vllm takes memories as image items: set memory_layout image")
         if self.min_tokens_per_view > self.max_tokens_per_view:
             raise ValueError(
                 f"min_tokens_per_view ({self.min_tokens_per_view}) exceeds max_tokens_per_view "

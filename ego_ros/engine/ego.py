@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -41,6 +42,7 @@ from .memory import ConceptExists, ConceptMemory, MemoryStore, UnknownConcept, V
 from .prefix_cache import PrefixCache, fork, prefill, prefix_batch, prefix_length, score_continuations
 from .regions import Box, box_share, check_region, regions_per_view, scaled, tokens_inside
 from .scoring import score_visual_tokens, score_visual_tokens_per_layer, select_tokens, tokens_to_keep
+from .vllm_server import ServerError, VllmServer, WrongModel
 
 log = logging.getLogger("ego_ros.engine")
 
@@ -137,6 +139,18 @@ class Ego:
         # the decoding steps' M-RoPE positions from the uncached part and every image grid, which a memory laid
         # out as an image (memory_layout: image) in the cached part would shift.
         self._caches_concept_blocks = self._continues_prefixes and config.memory_layout == "text"
+        self.server: VllmServer | None = None  # generation: vllm (engine/vllm_server.py)
+        if config.generation == "vllm":
+            if self.backend.family != "qwen2_5_vl":
+                raise ValueError(f"generation vllm supports Qwen2.5-VL so far, not {self.backend.family}")
+            self.server = VllmServer(config.vllm_url, hidden_size=self.hidden_size,
+                                     merge_size=self.backend.merge_size)
+            try:
+                self._check_server()
+            except WrongModel:
+                raise
+            except ServerError as error:  # not up yet: checked again at the first request
+                log.warning("%s; answers wait for it", error)
 
     @classmethod
     def load(
@@ -455,22 +469,29 @@ class Ego:
         # One consistent read of the memories: a concept forgotten meanwhile on another thread is simply not there.
         memories = self.store.snapshot(self._known_names(concepts) if concepts is not None else None)
         names = self.concepts_for(question, encoded, memories=memories)
-        batch, concept_parts = self._question_prompt(question, encoded, times, names, memories)
-        prefix = self._concept_prefix(batch, concept_parts, [memories[name] for name in names])
-        (answer_ids,) = self._generate(batch, max_new_tokens or self.config.max_new_tokens, on_text, cancel,
-                                       on_new_text, prefix=prefix)
+        parts, concept_parts = self._question_prompt(question, encoded, times, names, memories)
+        batch = self.backend.build([parts])
+        max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        if self.server is not None:
+            text, new_tokens = self._served().generate(parts, max_new_tokens, on_text=on_text,
+                                                       on_new_text=on_new_text, cancel=cancel,
+                                                       banned=self._never_generate)
+        else:
+            prefix = self._concept_prefix(batch, concept_parts, [memories[name] for name in names])
+            (answer_ids,) = self._generate(batch, max_new_tokens, on_text, cancel, on_new_text, prefix=prefix)
+            text, new_tokens = self.tokenizer.decode(answer_ids, skip_special_tokens=True), len(answer_ids)
         done = time.perf_counter()
         return Answer(
-            text=self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),
+            text=text.strip(),
             concepts=names,
             timings={"encode": encoded_at - start, "generate": done - encoded_at, "total": done - start},
             prompt_tokens=batch.input_ids.shape[1],
-            new_tokens=len(answer_ids),
+            new_tokens=new_tokens,
         )
 
     def _question_prompt(self, question: str, encoded: list[EncodedImage], times, names: list[str],
-                         memories: dict[str, ConceptMemory]) -> tuple[Batch, list]:
-        """The prompt of :meth:`ask` and its concept block's parts, which it begins with (the cached prefix)."""
+                         memories: dict[str, ConceptMemory]) -> tuple[list, list]:
+        """The parts of :meth:`ask`'s prompt, and of its concept block, which it begins with (the cached prefix)."""
         parts: list = []
         if names:
             parts.append(prompts.CONCEPTS_HEADER)
@@ -486,7 +507,7 @@ class Ego:
         else:
             parts.append(encoded[0])
         parts.append(question)
-        return self.backend.build([parts]), concept_parts
+        return parts, concept_parts
 
     @torch.no_grad()
     def recognize(self, image: ImageInput | EncodedImage, concepts: Sequence[str] | None = None, *,
@@ -539,6 +560,8 @@ class Ego:
         if order not in RECOGNITION_ORDERS:
             raise ValueError(f"recognition order {order!r}: use one of {', '.join(RECOGNITION_ORDERS)}")
         yes, no = sorted(self._yes_ids), sorted(self._no_ids)
+        if self.server is not None:
+            return self._served_yes_probabilities(image, introductions, order, yes, no)
         names, result = list(introductions), {}
         image_prefix = None  # (token ids, KV cache) of the image, prefilled at the first chunk
         for start in range(0, len(names), self.config.recognition_batch_size):
@@ -567,6 +590,50 @@ class Ego:
             for name, p_yes in zip(chunk, answer[:, : len(yes)].sum(dim=-1).tolist()):
                 result[name] = p_yes
         return result
+
+    def _served_yes_probabilities(self, image: EncodedImage, introductions: dict[str, list], order: str,
+                                  yes: list[int], no: list[int]) -> dict[str, float]:
+        """:meth:`yes_probabilities` from the vLLM server: one request per concept, all in flight at once (the
+        server batches them; with image first, its prefix cache shares the frame)."""
+        server = self._served()
+
+        def prompt(name: str) -> list:
+            intro = [prompts.CONCEPT_INTRO.format(name=name), *introductions[name], ".\n"]
+            intro = intro if introductions[name] else []
+            question = prompts.RECOGNIZE.format(name=name)
+            return intro + [image, question] if order == "concept_first" else [image, *intro, question]
+
+        names = list(introductions)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(names), self.config.recognition_batch_size))) as pool:
+            scores = pool.map(lambda name: server.yes_probability(prompt(name), yes, no), names)
+            return dict(zip(names, scores))
+
+    def _served(self) -> VllmServer:
+        """The vLLM server, checked to serve this engine's weights (at load, else at the first request)."""
+        if self.server.model is None:
+            self._check_server()
+        return self.server
+
+    def _check_server(self) -> None:
+        """Refuse a server whose model is not this engine's: its next-token log-probabilities on a probe prompt
+        (text and a memory-like embedding item) must be the engine's own (same top 5, each within 0.1 nats: bf16
+        on a GPU server against float32 here stays well inside that; other weights do not)."""
+        served = self.server.served_model()
+        generator = torch.Generator().manual_seed(0)
+        probe = [prompts.CONCEPT_INTRO.format(name="Rex"),
+                 torch.randn(4, self.hidden_size, generator=generator).to(self.model.dtype), ".\n",
+                 prompts.RECOGNIZE.format(name="Rex")]
+        batch = self.backend.build([probe])
+        with torch.no_grad(), self.backend.injecting(batch):
+            logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[0, -1]
+        own = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(own, 5).indices.tolist()
+        theirs = self.server.top_logprobs(probe, 5, model=served)
+        if set(theirs) != set(top) or any(abs(theirs[t] - float(own[t])) > 0.1 for t in top):
+            raise WrongModel(f"vLLM server at {self.server.url} serves {served!r}, whose answers differ from this "
+                             f"engine's model {self.model_name!r} (weights {self.fingerprint}): start it with the "
+                             "same checkpoint")
+        self.server.model = served
 
     def _image_prefix(self, image: EncodedImage, batch: Batch):
         """(the token ids every image-first recognition prompt begins with, their KV cache), the cache None if a

@@ -245,6 +245,7 @@ class EgoNode(ServiceHandlers, RecognitionLoop, LifecycleNode):
                 max_tokens_per_view=s.max_tokens_per_view, max_image_pixels=s.max_image_pixels,
                 max_concepts_in_context=s.max_concepts_in_context, max_new_tokens=s.max_new_tokens,
                 recognition_order=s.recognition_order, memory_layout=s.memory_layout, static_cache=s.static_cache,
+                generation=s.generation, vllm_url=s.vllm_url,
             )
         except Exception as error:
             raise RuntimeError(f"cannot load the model: {message_of(error)}") from error
@@ -518,6 +519,8 @@ class EgoNode(ServiceHandlers, RecognitionLoop, LifecycleNode):
                                        last_latency_sec=f"{latency:.3f}" if latency is not None else "",
                                        recognition="enabled" if self._enabled else "paused")
         array.status = [model, inference]
+        if ego is not None and ego.server is not None:
+            array.status.append(_server_status(f"{name}: generation", ego.server))
         for camera, buffer in list(self.buffers.items()):
             stats = buffer.stats()
             status = DiagnosticStatus(name=f"{name}: camera {camera}", hardware_id=camera)
@@ -552,6 +555,19 @@ def _default_memory_dir() -> Path:
 
 def _values(**pairs) -> list[KeyValue]:
     return [KeyValue(key=key, value=str(value)) for key, value in pairs.items()]
+
+
+def _server_status(name: str, server) -> DiagnosticStatus:
+    """generation: vllm: the server as the last request found it (no request is made for diagnostics)."""
+    status = DiagnosticStatus(name=name, hardware_id=server.url)
+    if server.last_error:
+        status.level, status.message = DiagnosticStatus.ERROR, server.last_error
+    elif server.model is None:
+        status.level, status.message = DiagnosticStatus.WARN, f"vLLM server at {server.url}: not reached yet"
+    else:
+        status.level, status.message = DiagnosticStatus.OK, f"vLLM server at {server.url} serving {server.model}"
+    status.values = _values(url=server.url, served_model=server.model or "")
+    return status
 
 
 def main(args: list[str] | None = None) -> int:

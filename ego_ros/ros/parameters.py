@@ -59,6 +59,10 @@ PARAMETER_SPECS = {
     "memory_layout": ("text", _describe(
         "how a memory sits in a prompt: text (placeholders at text positions, the paper's layout) or image (an image "
         "of its own: vision delimiters, a synthetic grid, 2-D positions; how vLLM takes embeddings); Qwen only")),
+    "generation": ("transformers", _describe(
+        "who answers and scores recognition: transformers (in this process) or vllm (a vLLM server at vllm_url serving "
+        "the same checkpoint; needs memory_layout image; docs/serving.md)")),
+    "vllm_url": ("", _describe("the vLLM server's address for generation vllm, e.g. http://localhost:8000")),
     "static_cache": (False, _describe("decode with a static KV cache, compiled on a GPU: faster answers and "
                                       "registrations after a one-time compile")),
     "recognition_rate_hz": (0.0, _describe("how often each camera's latest frame is checked for concepts; 0 = off",
@@ -101,6 +105,8 @@ class Settings:
     max_new_tokens: int
     recognition_order: str
     memory_layout: str
+    generation: str
+    vllm_url: str
     static_cache: bool
     recognition_rate_hz: float
     recognition_threshold: float
@@ -134,6 +140,8 @@ class Settings:
             raise ValueError(f"recognition_order must be concept_first or image_first, got {p['recognition_order']!r}")
         if p["memory_layout"] not in ("text", "image"):
             raise ValueError(f"memory_layout must be text or image, got {p['memory_layout']!r}")
+        if p["generation"] not in ("transformers", "vllm"):
+            raise ValueError(f"generation must be transformers or vllm, got {p['generation']!r}")
         return cls(
             model=str(p["model"]).strip(), device=str(p["device"]), dtype=str(p["dtype"]),
             memory_dir=Path(p["memory_dir"]).expanduser() if str(p["memory_dir"]).strip() else None,
@@ -142,6 +150,7 @@ class Settings:
             layers=layers or None, max_concepts_in_context=int(p["max_concepts_in_context"]),
             video_frames=int(p["video_frames"]), max_new_tokens=int(p["max_new_tokens"]),
             recognition_order=str(p["recognition_order"]), memory_layout=str(p["memory_layout"]),
+            generation=str(p["generation"]), vllm_url=str(p["vllm_url"]).strip(),
             static_cache=bool(p["static_cache"]),
             recognition_rate_hz=float(p["recognition_rate_hz"]),
             recognition_threshold=float(p["recognition_threshold"]),

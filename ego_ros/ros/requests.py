@@ -54,9 +54,12 @@ def shown(text, limit: int = SHOWN_CHARS) -> str:
 
 
 def message_of(error: BaseException) -> str:
-    """The refusal for ``error``: its message (with the type for unexpected ones), at most MAX_MESSAGE_CHARS."""
+    """The refusal for ``error``: its message (with the type for unexpected ones), at most MAX_MESSAGE_CHARS.
+
+    Expected: bad input (ValueError, KeyError), and errors that say they are (``expected = True``: a vLLM server
+    gone, engine/vllm_server.ServerError, whose message is already one line for the user)."""
     text = str(error) or type(error).__name__
-    if not isinstance(error, (ValueError, KeyError)):
+    if not isinstance(error, (ValueError, KeyError)) and not getattr(error, "expected", False):
         text = f"{type(error).__name__}: {text}"
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 20] + f"... ({len(text)} chars)"
 

@@ -1,0 +1,158 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A fleet on one server: N robots asking at once, served by vLLM, against the transformers worker.
+
+Each robot is an engine of its own (what one node is) with the same concepts, asking about its own frames in a
+loop. Two ways, in one run, on the trained toy model:
+
+* **transformers**: what one node does today: one engine, one inference thread; the N askers' requests queue
+  behind it (a second node would be a second model in memory, each with its own queue);
+* **vllm**: N engines (N nodes) with ``generation: vllm``, one vLLM server (``scripts/serve_vllm.sh``, started
+  here from ``.venv-vllm``) that batches their requests (continuous batching).
+
+Reported per way: aggregate answers per second, and the latency of an answer (from the request to the full
+answer) at the median and the 95th percentile. On a CPU the server and the askers share the same cores, so only
+the ratio says something; on a GPU the server has the GPU to itself.
+
+    python bench/fleet.py                  # 8 askers, 12 questions each, no concept in context
+    python bench/fleet.py --concepts 3     # 3 memories in every prompt (the toy model then answers in a word)
+    python bench/fleet.py --askers 16 --questions 6 --max-new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ego_ros import toy as toy_world  # noqa: E402
+from ego_ros.engine import Ego  # noqa: E402
+from ego_ros.evaluation import toy  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTION = "Describe this image."
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--askers", type=int, default=8, help="robots asking at once")
+    parser.add_argument("--questions", type=int, default=12, help="questions per asker")
+    parser.add_argument("--concepts", type=int, default=0, help="concepts in context of every question")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--port", type=int, default=8077)
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args(argv)
+    model = str(toy_world.model_dir())
+    data = toy.recognition_set(max(args.concepts, 1), seed=3, views=1, positives=4, look_alikes=0)
+    frames = [scene.image for scene in data.tests]
+    work = Path(tempfile.mkdtemp(prefix="ego-fleet-"))
+    results = {"askers": args.askers, "questions": args.questions, "concepts": args.concepts,
+               "max_new_tokens": args.max_new_tokens}
+
+    local = Ego.load(model, memory_dir=work / "memory", memory_layout="image")
+    for name, views in list(data.references.items())[: args.concepts]:
+        local.register(name, views)
+    names = local.store.names()
+    results["transformers"] = run_fleet(args, frames, names, one_worker(local, args))
+    server = start_server(model, args.port, work / "server.log")
+    try:
+        url = f"http://127.0.0.1:{args.port}"
+        robots = [Ego.load(model, memory_dir=work / "memory", memory_layout="image", generation="vllm", vllm_url=url)
+                  for _ in range(args.askers)]
+        results["vllm"] = run_fleet(args, frames, names, lambda robot, frame: robots[robot].ask(
+            QUESTION, frame, concepts=names, max_new_tokens=args.max_new_tokens))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    print(f"\n### {args.askers} askers, {args.questions} questions each, {args.concepts} concepts in context, "
+          f"answers of at most {args.max_new_tokens} tokens (toy model, this machine)\n")
+    print("| generation | answers/s | latency median | latency p95 | tokens/s |\n|---|---|---|---|---|")
+    for way in ("transformers", "vllm"):
+        r = results[way]
+        print(f"| {way} | {r['answers_per_sec']:.2f} | {r['latency_median']:.3f} s | {r['latency_p95']:.3f} s | "
+              f"{r['tokens_per_sec']:.1f} |")
+    ratio = results["vllm"]["answers_per_sec"] / results["transformers"]["answers_per_sec"]
+    print(f"\nvLLM / transformers: {ratio:.2f}x the answers per second")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fleet.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def one_worker(ego: Ego, args):
+    """Answers through one inference thread, as a node's worker: requests queue behind each other."""
+    jobs: queue.Queue = queue.Queue()
+
+    def serve():
+        while (job := jobs.get()) is not None:
+            frame, done = job
+            done.append(ego.ask(QUESTION, frame, concepts=ego.store.names(), max_new_tokens=args.max_new_tokens))
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def ask(robot, frame):
+        done: list = []
+        jobs.put((frame, done))
+        while not done:
+            time.sleep(0.001)
+        return done[0]
+
+    return ask
+
+
+def run_fleet(args, frames, names, ask) -> dict:
+    latencies, tokens, errors = [], [], []
+
+    def robot(index: int):
+        for q in range(args.questions):
+            frame = frames[(index + q) % len(frames)]
+            started = time.perf_counter()
+            try:
+                answer = ask(index, frame)
+            except Exception as error:  # counted, not hidden
+                errors.append(str(error))
+                continue
+            latencies.append(time.perf_counter() - started)
+            tokens.append(answer.new_tokens)
+
+    ask(0, frames[0])  # warm-up, not counted
+    started = time.perf_counter()
+    threads = [threading.Thread(target=robot, args=(i,)) for i in range(args.askers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {"answers_per_sec": len(latencies) / wall, "tokens_per_sec": sum(tokens) / wall, "seconds": wall,
+            "latency_median": statistics.median(latencies), "errors": len(errors),
+            "latency_p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
+
+
+def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        server = subprocess.Popen(["bash", str(REPO / "scripts" / "serve_vllm.sh"), model, str(port)], stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+            return server
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the vLLM server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
