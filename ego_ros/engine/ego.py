@@ -141,10 +141,10 @@ class Ego:
         self._caches_concept_blocks = self._continues_prefixes and config.memory_layout == "text"
         self.server: VllmServer | None = None  # generation: vllm (engine/vllm_server.py)
         if config.generation == "vllm":
-            if self.backend.family != "qwen2_5_vl":
-                raise ValueError(f"generation vllm supports Qwen2.5-VL so far, not {self.backend.family}")
-            self.server = VllmServer(config.vllm_url, hidden_size=self.hidden_size,
-                                     merge_size=self.backend.merge_size)
+            if self.backend.family not in ("qwen2_5_vl", "qwen3_vl"):
+                raise ValueError(f"generation vllm supports Qwen2.5-VL and Qwen3-VL, not {self.backend.family}")
+            self.server = VllmServer(config.vllm_url, hidden_size=self.hidden_size, merge_size=self.backend.merge_size,
+                                     deepstack_layers=self.backend.deepstack_layers)
             try:
                 self._check_server()
             except WrongModel:

@@ -52,12 +52,14 @@ class WrongModel(ServerError):
 class VllmServer:
     """One vLLM server's OpenAI-compatible API, for one engine's prompts."""
 
-    def __init__(self, url: str, *, hidden_size: int, merge_size: int, timeout: float = 120.0):
+    def __init__(self, url: str, *, hidden_size: int, merge_size: int, deepstack_layers: int = 0,
+                 timeout: float = 120.0):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"vllm_url must be an http(s) URL, got {url!r}")
         self.url = url.rstrip("/")
         self.hidden_size = hidden_size
         self.merge_size = merge_size
+        self.deepstack_layers = deepstack_layers  # Qwen3-VL: an item's rows carry their DeepStack features too
         self.timeout = timeout
         self.model: str | None = None  # the served model's id, once the server was reached and checked
         self.last_error: str | None = None  # the last request's failure, None once one succeeds (diagnostics)
@@ -135,23 +137,29 @@ class VllmServer:
         if isinstance(part, str):
             return {"type": "text", "text": part}
         if isinstance(part, EncodedImage):
-            if part.deepstack is not None:
-                raise ValueError("generation: vllm does not send DeepStack features yet (Qwen2.5-VL only)")
-            return self._embeds(part.features, part.grid_thw)
-        if isinstance(part, SoftTokens):
-            if part.deepstack is not None:
-                raise ValueError("generation: vllm does not send DeepStack features yet (Qwen2.5-VL only)")
-            part = part.vectors
-        return self._embeds(part, memory_grid(part.shape[0], self.merge_size))
+            return self._embeds(part.features, part.deepstack, part.grid_thw)
+        vectors, deepstack = (part.vectors, part.deepstack) if isinstance(part, SoftTokens) else (part, None)
+        return self._embeds(vectors, deepstack, memory_grid(vectors.shape[0], self.merge_size))
 
-    def _embeds(self, vectors: torch.Tensor, grid: tuple[int, int, int]) -> dict:
-        """An ``image_embeds`` item: the vectors (N, D) and their grid, each a base64 .npy. Checked here, so that
-        a malformed or oversized embedding never reaches the server."""
+    def _embeds(self, vectors: torch.Tensor, deepstack: torch.Tensor | None, grid: tuple[int, int, int]) -> dict:
+        """An ``image_embeds`` item: the vectors (N, D) and their grid, each a base64 .npy. For a DeepStack family
+        the rows are what vLLM takes for Qwen3-VL: the vectors and each DeepStack layer's features side by side,
+        (N, D * (1 + L)); none given (a bare memory) adds nothing in those layers, as in the engine: zeros.
+        Checked here, so that a malformed or oversized embedding never reaches the server."""
         t, h, w = grid
         rows = t * h * w // self.merge_size**2
         if vectors.ndim != 2 or vectors.shape != (rows, self.hidden_size):
             raise ValueError(f"embeddings of shape {tuple(vectors.shape)} for a grid of {rows} tokens of width "
                              f"{self.hidden_size}")
+        if self.deepstack_layers:
+            if deepstack is None:
+                deepstack = vectors.new_zeros(self.deepstack_layers, rows, self.hidden_size)
+            if deepstack.shape != (self.deepstack_layers, rows, self.hidden_size):
+                raise ValueError(f"DeepStack features of shape {tuple(deepstack.shape)} for {rows} rows; this model "
+                                 f"needs ({self.deepstack_layers}, {rows}, {self.hidden_size})")
+            vectors = torch.cat([vectors, *deepstack.to(vectors.device, vectors.dtype)], dim=-1)
+        elif deepstack is not None:
+            raise ValueError("embeddings with DeepStack features, which this model has no use for")
         array = vectors.detach().to("cpu", torch.float32).numpy()
         if not np.isfinite(array).all():
             raise ValueError("embeddings hold NaN or infinite values")
