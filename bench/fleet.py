@@ -10,7 +10,9 @@ loop. Two ways, in one run, on the trained toy model:
   here from ``.venv-vllm``) that batches their requests (continuous batching).
 
 Reported per way: aggregate answers per second, and the latency of an answer (from the request to the full
-answer) at the median and the 95th percentile. On a CPU the server and the askers share the same cores, so only
+answer) at the median and the 95th percentile. Then, for one asker, what a frame costs sent as the embeddings the
+engine computed (what ``generation: vllm`` does) or as a PNG that the server encodes: request size, time per
+answer, and whether the answers are the same. On a CPU the server and the askers share the same cores, so only
 the ratio says something; on a GPU the server has the GPU to itself.
 
     python bench/fleet.py                  # 8 askers, 12 questions each, no concept in context
@@ -21,6 +23,8 @@ the ratio says something; on a GPU the server has the GPU to itself.
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import queue
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ego_ros import toy as toy_world  # noqa: E402
 from ego_ros.engine import Ego  # noqa: E402
+from ego_ros.engine.images import to_rgb  # noqa: E402
 from ego_ros.evaluation import toy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +77,7 @@ def main(argv=None) -> int:
                   for _ in range(args.askers)]
         results["vllm"] = run_fleet(args, frames, names, lambda robot, frame: robots[robot].ask(
             QUESTION, frame, concepts=names, max_new_tokens=args.max_new_tokens))
+        results["frames"] = frame_transport(robots[0], frames, args)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
@@ -84,6 +90,12 @@ def main(argv=None) -> int:
               f"{r['tokens_per_sec']:.1f} |")
     ratio = results["vllm"]["answers_per_sec"] / results["transformers"]["answers_per_sec"]
     print(f"\nvLLM / transformers: {ratio:.2f}x the answers per second")
+    print("\n### A frame sent as the engine's embeddings or as a PNG that vLLM encodes (one asker, "
+          f"{len(frames)} frames, {results['frames']['repeats']} rounds; median per answer)\n")
+    print("| frame sent as | request size | answer (encode + server) | same answer as the embeddings |"
+          "\n|---|---|---|---|")
+    for way, r in results["frames"]["ways"].items():
+        print(f"| {way} | {r['request_kb']:.0f} kB | {1000 * r['seconds']:.1f} ms | {r['same']}/{len(frames)} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fleet.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -108,6 +120,39 @@ def one_worker(ego: Ego, args):
         return done[0]
 
     return ask
+
+
+def frame_transport(ego: Ego, frames, args, repeats: int = 5) -> dict:
+    """One question about each frame, the frame sent as the engine's embeddings (encoded here, what
+    ``generation: vllm`` does) or as a PNG of the frame as the engine sees it (encoded by the server)."""
+    server = ego.server
+    ways: dict = {"embeddings": {"seconds": [], "bytes": [], "answers": []},
+                  "PNG image": {"seconds": [], "bytes": [], "answers": []}}
+    for round_ in range(repeats + 1):  # round 0 warms up, not counted
+        for frame in frames:
+            rgb = to_rgb(frame, ego.config.max_image_pixels)
+            for way, record in ways.items():
+                started = time.perf_counter()
+                if way == "embeddings":
+                    (encoded,) = ego.backend.encode([rgb])
+                    content = server._content(encoded)
+                else:
+                    buffer = io.BytesIO()
+                    rgb.save(buffer, format="PNG")
+                    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+                    content = {"type": "image_url", "image_url": {"url": url}}
+                body = server._body([QUESTION], max_tokens=args.max_new_tokens)
+                body["messages"][0]["content"].insert(0, content)
+                reply = server._request("POST", "/v1/chat/completions", body)
+                if round_:
+                    record["seconds"].append(time.perf_counter() - started)
+                    record["bytes"].append(len(json.dumps(body)))
+                    record["answers"].append(reply["choices"][0]["message"]["content"])
+    reference = ways["embeddings"]["answers"]
+    return {"repeats": repeats, "ways": {
+        way: {"seconds": statistics.median(r["seconds"]), "request_kb": statistics.median(r["bytes"]) / 1024,
+              "same": sum(a == b for a, b in zip(r["answers"], reference)) // repeats}
+        for way, r in ways.items()}}
 
 
 def run_fleet(args, frames, names, ask) -> dict:
