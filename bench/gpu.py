@@ -11,7 +11,18 @@ not real answers (a keyword answer is random text, so every view keeps K tokens:
 - recognize 10 concepts per frame: frames per second;
 - peak GPU memory (``torch.cuda.max_memory_allocated``) over all of it, and the weights' share.
 
-On a CPU, ``--narrow`` builds the same layouts at 16 per head so the script can be checked end to end here.
+- with ``--askers N``: N questions at once (threads), aggregate answer tokens per second: through one lock for the
+  in-process engine (what a node's one inference thread does), all in flight for the vLLM variant.
+
+The ``vllm`` variant serves the same weights from a vLLM server (``scripts/serve_vllm.sh`` from
+``$EGO_ROS_VLLM_VENV``, default ``.venv-vllm``; on a GPU a venv with ``pip install vllm``), started here on the
+model's folder (a preset is saved to a temporary one first), with ``--vllm-memory`` of the GPU for it beside the
+engine's own copy; ``image_layout`` is the in-process engine with the same memory layout, the token-for-token
+comparison.
+
+On a CPU, ``--narrow`` builds the same layouts at 16 per head so the script can be checked end to end here, and
+``--model`` runs a checkpoint folder instead of the presets (the toy model: the vLLM variant's dry run, since
+vLLM's CPU attention needs heads at least 32 wide).
 
 Examples::
 
@@ -19,16 +30,24 @@ Examples::
     python bench/gpu.py --presets qwen2_5_vl_3b --json out.json
     python bench/gpu.py --variants default static_cache --decode-probe   # engine settings side by side
     python bench/gpu.py --device cpu --dtype float32 --narrow --repeats 1   # a dry run on a laptop
+    python bench/gpu.py --variants default image_layout vllm --askers 16  # vLLM side by side (GPU)
+    python bench/gpu.py --model ego_ros/toy/model --device cpu --dtype float32 --variants default vllm --askers 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +55,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ego_ros.engine import Ego  # noqa: E402
+from ego_ros.engine import Ego, prompts  # noqa: E402
 from ego_ros.engine.config import EgoConfig  # noqa: E402
-from ego_ros.engine.loading import LoadedModel  # noqa: E402
+from ego_ros.engine.loading import LoadedModel, load_model  # noqa: E402
 from ego_ros.testing.real_sizes import make_model, preset_names  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -71,7 +90,10 @@ VARIANTS = {
     "no_prefix_cache": {"prefix_cache": False},
     "image_first": {"recognition_order": "image_first"},  # one image pass for all concepts
     "static_cache": {"static_cache": True},  # compiled decoding (replaces the prefix cache in generation)
+    "image_layout": {"memory_layout": "image"},  # memories as images: the vLLM variant's prompts, in process
+    "vllm": {"memory_layout": "image", "generation": "vllm"},  # a vLLM server on the same weights
 }
+REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(name: str, args) -> list[dict]:
@@ -83,10 +105,15 @@ def measure(name: str, args) -> list[dict]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     started = clock.now()
-    model, tokenizer, image_processor = make_model(name, device=device, dtype=DTYPES[args.dtype], narrow=args.narrow)
+    if args.model:
+        loaded = load_model(name, device=str(device), dtype=DTYPES[args.dtype], placeholder=prompts.CONCEPT_PLACEHOLDER)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        model, tokenizer, image_processor = make_model(name, device=device, dtype=DTYPES[args.dtype],
+                                                       narrow=args.narrow)
+        loaded = LoadedModel(model, tokenizer, image_processor, name, device, DTYPES[args.dtype])
     built_s = clock.now() - started
     weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
-    loaded = LoadedModel(model, tokenizer, image_processor, name, device, DTYPES[args.dtype])
     common = {"preset": name, "narrow": args.narrow, "dtype": args.dtype, "build_s": round(built_s, 1),
               "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
               "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -98,9 +125,10 @@ def measure(name: str, args) -> list[dict]:
             torch.cuda.reset_peak_memory_stats(device)
         row = {**common, "variant": variant}
         try:
-            row.update(engine_figures(loaded, EgoConfig(max_concepts_in_context=args.concepts,
-                                                        max_image_pixels=640 * 480, **VARIANTS[variant]),
-                                      clock, args, f"{name}, {variant}"))
+            settings = dict(max_concepts_in_context=args.concepts, max_image_pixels=640 * 480, **VARIANTS[variant])
+            with vllm_server(loaded, args) if variant == "vllm" else nullcontext() as url:
+                config = EgoConfig(**settings, **({"vllm_url": url} if url else {}))
+                row.update(engine_figures(loaded, config, clock, args, f"{name}, {variant}"))
         except Exception as error:  # one variant failing (a compile, say) must not lose the others' figures
             row["error"] = f"{type(error).__name__}: {str(error)[:400]}"
             print(f"[{name}, {variant}] failed: {row['error']}", flush=True)
@@ -167,7 +195,63 @@ def engine_figures(loaded, config: EgoConfig, clock: Clock, args, label: str) ->
         result["recognize_concepts"] = len(scores)
         result["recognize_fps"] = round(frames / (clock.now() - start), 2)
         print(f"[{label}] recognize {len(scores)} concepts: {result['recognize_fps']} frames/s", flush=True)
+        if args.askers:
+            result.update(concurrent_askers(ego, question, clock, args.askers))
+            print(f"[{label}] {args.askers} askers at once: {result['askers_tokens_per_s']} answer tokens/s "
+                  f"({result['askers_s']} s for all)", flush=True)
     return result
+
+
+def concurrent_askers(ego: Ego, question: str, clock: Clock, askers: int) -> dict:
+    """``askers`` questions at once, 64 tokens each: in process through one lock (one worker, as a node), to a
+    vLLM server all in flight (it batches them)."""
+    lock = threading.Lock() if ego.server is None else nullcontext()
+    tokens = []
+
+    def one(i: int):
+        with lock:
+            tokens.append(ego.ask(question, frame(500 + i), max_new_tokens=64).new_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(askers)]
+    start = clock.now()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = clock.now() - start
+    return {"askers": askers, "askers_s": round(seconds, 3), "askers_tokens_per_s": round(sum(tokens) / seconds, 1)}
+
+
+@contextmanager
+def vllm_server(loaded, args):
+    """A vLLM server on ``loaded``'s weights until the block ends: yields its URL. A preset's random weights are
+    saved to a temporary folder first (the server reads a checkpoint)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(loaded.name)
+        if not folder.is_dir():
+            folder = Path(scratch) / "model"
+            loaded.model.save_pretrained(folder)
+            loaded.tokenizer.save_pretrained(folder)
+            loaded.image_processor.save_pretrained(folder)
+        port, log = 8090, Path(scratch) / "server.log"
+        extra = ["--gpu-memory-utilization", str(args.vllm_memory)] if torch.cuda.is_available() else []
+        with open(log, "wb") as out:
+            server = subprocess.Popen(["bash", str(REPO / "scripts" / "serve_vllm.sh"), str(folder), str(port), *extra],
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 900
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the vLLM server did not start: {log.read_text()[-2000:]}")
+                    time.sleep(2)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=120)
 
 
 def decode_probe(model, tokenizer, clock: Clock, prompt_tokens: int = 1200, new_tokens: int = 64) -> dict:
@@ -194,15 +278,16 @@ def decode_probe(model, tokenizer, clock: Clock, prompt_tokens: int = 1200, new_
 
 def table(results: list[dict]) -> str:
     rows = [("preset", "engine", "device", "register s/view", "first token s", "64 tokens s", "recognize fps (10)",
-             "peak GiB")]
+             "askers: tokens/s", "peak GiB")]
     for r in results:
         name = r["preset"] + (" (narrow)" if r["narrow"] else "")
         if "error" in r:
-            rows.append((name, r["variant"], r["device"], f"failed: {r['error'][:60]}", "", "", "", ""))
+            rows.append((name, r["variant"], r["device"], f"failed: {r['error'][:60]}", "", "", "", "", ""))
             continue
         register = f"{r['register_s_per_view']} ({r['register_s_per_view_of_5']} of 5)"
         rows.append((name, r["variant"], r["device"], register,
                      str(r["first_token_s"]), f"{r['answer_s']} ({r['answer_tokens']} tok)", str(r["recognize_fps"]),
+                     f"{r['askers_tokens_per_s']} ({r['askers']})" if "askers" in r else "-",
                      str(r.get("peak_gib", "-"))))
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
@@ -219,6 +304,11 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=["default"], choices=VARIANTS,
                         help="engine settings to compare on the same model")
     parser.add_argument("--repeats", type=int, default=3, help="timed answers (median); recognition frames: twice")
+    parser.add_argument("--model", default=None,
+                        help="a checkpoint folder instead of the presets (the toy model: a CPU dry run of vllm)")
+    parser.add_argument("--askers", type=int, default=0, help="also N questions at once: aggregate tokens/s")
+    parser.add_argument("--vllm-memory", type=float, default=0.45,
+                        help="share of the GPU the vllm variant's server may take (the engine holds its own copy)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--decode-probe", action="store_true",
                         help="also time the model's own 64-token decode, dynamic versus static (compiled) cache")
@@ -227,7 +317,7 @@ def main(argv=None) -> int:
         parser.error("CUDA is not available here: use --device cpu --dtype float32 --narrow for a dry run")
     torch.manual_seed(0)
     results = []
-    for name in args.presets:
+    for name in [args.model] if args.model else args.presets:
         results.extend(measure(name, args))
         if args.json:  # after each preset, so a run cut short keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
