@@ -615,9 +615,10 @@ class Ego:
         return self.server
 
     def _check_server(self) -> None:
-        """Refuse a server whose model is not this engine's: its next-token log-probabilities on a probe prompt
-        (text and a memory-like embedding item) must be the engine's own (same top 5, each within 0.1 nats: bf16
-        on a GPU server against float32 here stays well inside that; other weights do not)."""
+        """Refuse a server whose model is not this engine's: on a probe prompt (text and a memory-like embedding
+        item), each of the server's five likeliest next tokens must have the engine's own log-probability within
+        0.1 nats (bf16 on a GPU server stays well inside that; other weights do not). Compared token by token, not
+        as ranks, so that near-ties ordered differently by another kernel are not a mismatch."""
         served = self.server.served_model()
         generator = torch.Generator().manual_seed(0)
         probe = [prompts.CONCEPT_INTRO.format(name="Rex"),
@@ -627,9 +628,8 @@ class Ego:
         with torch.no_grad(), self.backend.injecting(batch):
             logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[0, -1]
         own = torch.log_softmax(logits.float(), dim=-1)
-        top = torch.topk(own, 5).indices.tolist()
         theirs = self.server.top_logprobs(probe, 5, model=served)
-        if set(theirs) != set(top) or any(abs(theirs[t] - float(own[t])) > 0.1 for t in top):
+        if not theirs or any(abs(logprob - float(own[token])) > 0.1 for token, logprob in theirs.items()):
             raise WrongModel(f"vLLM server at {self.server.url} serves {served!r}, whose answers differ from this "
                              f"engine's model {self.model_name!r} (weights {self.fingerprint}): start it with the "
                              "same checkpoint")
