@@ -566,18 +566,10 @@ class Ego:
         image_prefix = None  # (token ids, KV cache) of the image, prefilled at the first chunk
         for start in range(0, len(names), self.config.recognition_batch_size):
             chunk = names[start : start + self.config.recognition_batch_size]
-            intros = [
-                [prompts.CONCEPT_INTRO.format(name=n), *introductions[n], ".\n"] if introductions[n] else []
-                for n in chunk
-            ]
-            if order == "concept_first":
-                batch = self.backend.build([intro + [image, prompts.RECOGNIZE.format(name=n)]
-                                            for n, intro in zip(chunk, intros)])
-            else:
-                batch = self.backend.build([[image, *intro, prompts.RECOGNIZE.format(name=n)]
-                                            for n, intro in zip(chunk, intros)])
-                if image_prefix is None:
-                    image_prefix = self._image_prefix(image, batch)
+            intros = [_introduction(n, introductions[n]) for n in chunk]
+            batch = self.backend.build([_recognition_prompt(image, n, intro, order) for n, intro in zip(chunk, intros)])
+            if order == "image_first" and image_prefix is None:
+                image_prefix = self._image_prefix(image, batch)
             if order == "image_first" and image_prefix[1] is not None:
                 ids, cache = image_prefix
                 vectors = [_vectors_of(p) for intro in intros for p in intro if not isinstance(p, str)]
@@ -596,17 +588,10 @@ class Ego:
         """:meth:`yes_probabilities` from the vLLM server: one request per concept, all in flight at once (the
         server batches them; with image first, its prefix cache shares the frame)."""
         server = self._served()
-
-        def prompt(name: str) -> list:
-            intro = [prompts.CONCEPT_INTRO.format(name=name), *introductions[name], ".\n"]
-            intro = intro if introductions[name] else []
-            question = prompts.RECOGNIZE.format(name=name)
-            return intro + [image, question] if order == "concept_first" else [image, *intro, question]
-
         names = list(introductions)
+        prompt_of = {n: _recognition_prompt(image, n, _introduction(n, introductions[n]), order) for n in names}
         with ThreadPoolExecutor(max_workers=max(1, min(len(names), self.config.recognition_batch_size))) as pool:
-            scores = pool.map(lambda name: server.yes_probability(prompt(name), yes, no), names)
-            return dict(zip(names, scores))
+            return dict(zip(names, pool.map(lambda name: server.yes_probability(prompt_of[name], yes, no), names)))
 
     def _served(self) -> VllmServer:
         """The vLLM server, checked to serve this engine's weights (at load, else at the first request)."""
@@ -817,3 +802,14 @@ def split_keywords(text: str) -> list[str]:
     """Keywords from a free-form answer: split on commas, semicolons and new lines, trimmed, deduplicated."""
     words = (w.strip(" .\t-*\"'") for w in re.split(r"[,;\n]", text))
     return list(dict.fromkeys(w for w in words if w))
+
+
+def _introduction(name: str, introduction: list) -> list:
+    """The prompt parts that introduce a concept ("NAME is <memory>.\n"); none for an empty introduction."""
+    return [prompts.CONCEPT_INTRO.format(name=name), *introduction, ".\n"] if introduction else []
+
+
+def _recognition_prompt(image, name: str, intro: list, order: str) -> list:
+    """The recognition prompt's parts in ``order``: the introduction before the frame, or after it."""
+    question = prompts.RECOGNIZE.format(name=name)
+    return [*intro, image, question] if order == "concept_first" else [image, *intro, question]
