@@ -26,16 +26,12 @@ import argparse
 import base64
 import io
 import json
-import os
 import queue
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,6 +40,7 @@ from ego_ros import toy as toy_world  # noqa: E402
 from ego_ros.engine import Ego  # noqa: E402
 from ego_ros.engine.images import to_rgb  # noqa: E402
 from ego_ros.evaluation import toy  # noqa: E402
+from ego_ros.testing import vllm_server as local_vllm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Describe this image."
@@ -70,7 +67,7 @@ def main(argv=None) -> int:
         local.register(name, views)
     names = local.store.names()
     results["transformers"] = run_fleet(args, frames, names, one_worker(local, args))
-    server = start_server(model, args.port, work / "server.log")
+    server = local_vllm.start(model, args.port, work / "server.log")
     try:
         url = f"http://127.0.0.1:{args.port}"
         robots = [Ego.load(model, memory_dir=work / "memory", memory_layout="image", generation="vllm", vllm_url=url)
@@ -79,8 +76,7 @@ def main(argv=None) -> int:
             QUESTION, frame, concepts=names, max_new_tokens=args.max_new_tokens))
         results["frames"] = frame_transport(robots[0], frames, args)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        local_vllm.stop(server)
     print(f"\n### {args.askers} askers, {args.questions} questions each, {args.concepts} concepts in context, "
           f"answers of at most {args.max_new_tokens} tokens (toy model, this machine)\n")
     print("| generation | answers/s | latency median | latency p95 | tokens/s |\n|---|---|---|---|---|")
@@ -182,21 +178,6 @@ def run_fleet(args, frames, names, ask) -> dict:
     return {"answers_per_sec": len(latencies) / wall, "tokens_per_sec": sum(tokens) / wall, "seconds": wall,
             "latency_median": statistics.median(latencies), "errors": len(errors),
             "latency_p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
-
-
-def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        server = subprocess.Popen(["bash", str(REPO / "scripts" / "serve_vllm.sh"), model, str(port)], stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-            return server
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the vLLM server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -58,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ego_ros.engine import Ego, prompts  # noqa: E402
 from ego_ros.engine.config import EgoConfig  # noqa: E402
 from ego_ros.engine.loading import LoadedModel, load_model  # noqa: E402
+from ego_ros.testing import vllm_server as local_vllm  # noqa: E402
 from ego_ros.testing.real_sizes import make_model, preset_names  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -235,23 +232,11 @@ def vllm_server(loaded, args):
             loaded.image_processor.save_pretrained(folder)
         port, log = 8090, Path(scratch) / "server.log"
         extra = ["--gpu-memory-utilization", str(args.vllm_memory)] if torch.cuda.is_available() else []
-        with open(log, "wb") as out:
-            server = subprocess.Popen(["bash", str(REPO / "scripts" / "serve_vllm.sh"), str(folder), str(port), *extra],
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = local_vllm.start(folder, port, log, extra, timeout=900)
         try:
-            deadline = time.monotonic() + 900
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the vLLM server did not start: {log.read_text()[-2000:]}")
-                    time.sleep(2)
             yield f"http://127.0.0.1:{port}"
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=120)
+            local_vllm.stop(server, timeout=120)
 
 
 def decode_probe(model, tokenizer, clock: Clock, prompt_tokens: int = 1200, new_tokens: int = 64) -> dict:

@@ -18,27 +18,23 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import random_view
 from ego_ros.engine import Ego
 from ego_ros.engine.vllm_server import ServerError, VllmServer, WrongModel
-from conftest import random_view
 from ego_ros.evaluation import toy
+from ego_ros.testing import vllm_server as local_vllm
 
 REPO = Path(__file__).resolve().parents[1]
-VENV = Path(os.environ.get("EGO_ROS_VLLM_VENV", REPO / ".venv-vllm"))
-START_TIMEOUT_SEC = 300
 TINY_PIXELS = 224 * 224
 
 
@@ -49,31 +45,18 @@ def free_port() -> int:
 
 
 def serve(model_dir: Path, log: Path):
-    """A vLLM server on ``model_dir`` (scripts/serve_vllm.sh) until the generator is closed: yields its port."""
-    if not (VENV / "bin" / "python").exists():
+    """A vLLM server on ``model_dir`` until the generator is closed: yields its port."""
+    if not (local_vllm.venv() / "bin" / "python").exists():
         if os.environ.get("EGO_ROS_REQUIRE_VLLM"):
-            pytest.fail(f"no vLLM venv at {VENV}: bash scripts/setup_vllm.sh")
-        pytest.skip(f"no vLLM venv at {VENV}: bash scripts/setup_vllm.sh makes it (scripts/test.sh does)")
+            pytest.fail(f"no vLLM venv at {local_vllm.venv()}: bash scripts/setup_vllm.sh")
+        pytest.skip(f"no vLLM venv at {local_vllm.venv()}: bash scripts/setup_vllm.sh makes it (scripts/test.sh does)")
     port = free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(["bash", str(REPO / "scripts" / "serve_vllm.sh"), str(model_dir), str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT_SEC
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
-                pytest.fail(f"the vLLM server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-    yield port
-    os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        process = local_vllm.start(model_dir, port, log)
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    yield port
+    local_vllm.stop(process)
 
 
 @pytest.fixture(scope="module")
