@@ -805,7 +805,7 @@ def split_keywords(text: str) -> list[str]:
 
 
 def _introduction(name: str, introduction: list) -> list:
-    """The prompt parts that introduce a concept ("NAME is <memory>.\n"); none for an empty introduction."""
+    """The prompt parts that introduce a concept ("NAME is <memory>." and a new line); none for an empty one."""
     return [prompts.CONCEPT_INTRO.format(name=name), *introduction, ".\n"] if introduction else []
 
 
