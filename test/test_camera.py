@@ -238,11 +238,16 @@ def test_run_sh_without_a_model_serves_the_toy_model_with_the_toy_camera(client,
         wait_for(lambda: events or run.poll() is not None, 240.0, "the node's first recognition event")
         assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
         took = time.monotonic() - started
+
+        def since_subscribed():  # events about frames this client received (not one from before it subscribed)
+            return [e for e in events if frames and seconds(e.header.stamp) >= seconds(frames[0].header.stamp)]
+
+        wait_for(lambda: since_subscribed() or run.poll() is not None, 60.0, "an event about a frame seen here")
         ask = subprocess.run([sys.executable, "-m", "ego_ros.cli", "list"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=60)
         assert ask.returncode == 0, ask.stderr
         assert {"Rex", "Anna", "Milo"} <= set(ask.stdout.split()), ask.stdout
-        event = events[-1]
+        event = since_subscribed()[-1]
         assert event.camera.endswith("camera/image_raw")
         stamps = {seconds(m.header.stamp) for m in frames}
         assert seconds(event.header.stamp) in stamps, "the event is about a frame the camera did not publish"
