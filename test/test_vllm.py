@@ -55,8 +55,10 @@ def serve(model_dir: Path, log: Path):
         process = local_vllm.start(model_dir, port, log)
     except RuntimeError as error:
         pytest.fail(str(error))
-    yield port
-    local_vllm.stop(process)
+    try:
+        yield port
+    finally:  # also when the generator is closed (the qwen3 fixture drives it by hand)
+        local_vllm.stop(process)
 
 
 @pytest.fixture(scope="module")
