@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import random_view
 from ego_ros.engine import Ego
+from ego_ros.engine.backends import SoftTokens
 from ego_ros.engine.vllm_server import ServerError, VllmServer, WrongModel
 from ego_ros.evaluation import toy
 from ego_ros.testing import vllm_server as local_vllm
@@ -233,12 +234,14 @@ def test_a_server_down_at_start_and_mid_answer_costs_requests_not_memories(toy_m
     assert ego.recognize(image).keys() == data.concepts.keys()
 
 
-def test_malformed_or_oversized_embeddings_never_leave_the_engine(relay):
+def test_malformed_or_oversized_embeddings_never_leave_the_engine(pair, relay):
     relay.stop()  # any request would fail with ServerError: a ValueError says nothing was sent
-    server = VllmServer(relay.url, hidden_size=128, merge_size=2)
+    local, _ = pair
+    server = VllmServer(relay.url, local.backend, hidden_size=local.hidden_size)
     server.model = "checked"
     for vectors, error in [(torch.full((4, 128), float("nan")), "NaN"), (torch.zeros(4, 64), "shape"),
-                           (torch.zeros(3, 4, 128), "shape"), (torch.zeros(200_000, 128), "exceeds")]:
+                           (torch.zeros(3, 4, 128), "shape"), (torch.zeros(200_000, 128), "exceeds"),
+                           (SoftTokens(torch.zeros(4, 128), torch.zeros(3, 4, 128)), "no use for")]:
         with pytest.raises(ValueError, match=error):
             server.generate(["Rex is ", vectors, ".\n", "Who is Rex?"], 4)
     assert server.last_error is None
@@ -255,7 +258,7 @@ def test_settings_that_cannot_work_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="generation must be transformers or vllm"):
         EgoConfig(generation="sglang")
     with pytest.raises(ValueError, match="vllm_url must be an http"):
-        VllmServer("localhost:8000", hidden_size=8, merge_size=2)
+        VllmServer("localhost:8000", None, hidden_size=8)
     with pytest.raises(ValueError, match="memory_layout 'image' is not supported for internvl"):
         engine(build("internvl", tmp_path / "internvl"), tmp_path, "vllm", "http://127.0.0.1:9")
 

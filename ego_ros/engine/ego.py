@@ -143,8 +143,7 @@ class Ego:
         if config.generation == "vllm":
             if self.backend.family not in ("qwen2_5_vl", "qwen3_vl"):
                 raise ValueError(f"generation vllm supports Qwen2.5-VL and Qwen3-VL, not {self.backend.family}")
-            self.server = VllmServer(config.vllm_url, hidden_size=self.hidden_size, merge_size=self.backend.merge_size,
-                                     deepstack_layers=self.backend.deepstack_layers)
+            self.server = VllmServer(config.vllm_url, self.backend, hidden_size=self.hidden_size)
             try:
                 self._check_server()
             except WrongModel:

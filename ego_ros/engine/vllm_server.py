@@ -52,14 +52,12 @@ class WrongModel(ServerError):
 class VllmServer:
     """One vLLM server's OpenAI-compatible API, for one engine's prompts."""
 
-    def __init__(self, url: str, *, hidden_size: int, merge_size: int, deepstack_layers: int = 0,
-                 timeout: float = 120.0):
+    def __init__(self, url: str, backend, *, hidden_size: int, timeout: float = 120.0):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"vllm_url must be an http(s) URL, got {url!r}")
         self.url = url.rstrip("/")
+        self.backend = backend  # the engine's: its merge size, and a Qwen3-VL part's DeepStack rows
         self.hidden_size = hidden_size
-        self.merge_size = merge_size
-        self.deepstack_layers = deepstack_layers  # Qwen3-VL: an item's rows carry their DeepStack features too
         self.timeout = timeout
         self.model: str | None = None  # the served model's id, once the server was reached and checked
         self.last_error: str | None = None  # the last request's failure, None once one succeeds (diagnostics)
@@ -137,28 +135,25 @@ class VllmServer:
         if isinstance(part, str):
             return {"type": "text", "text": part}
         if isinstance(part, EncodedImage):
-            return self._embeds(part.features, part.deepstack, part.grid_thw)
-        vectors, deepstack = (part.vectors, part.deepstack) if isinstance(part, SoftTokens) else (part, None)
-        return self._embeds(vectors, deepstack, memory_grid(vectors.shape[0], self.merge_size))
+            return self._embeds(part, part.features, part.grid_thw)
+        vectors = part.vectors if isinstance(part, SoftTokens) else part
+        return self._embeds(part, vectors, memory_grid(vectors.shape[0], self.backend.merge_size))
 
-    def _embeds(self, vectors: torch.Tensor, deepstack: torch.Tensor | None, grid: tuple[int, int, int]) -> dict:
-        """An ``image_embeds`` item: the vectors (N, D) and their grid, each a base64 .npy. For a DeepStack family
-        the rows are what vLLM takes for Qwen3-VL: the vectors and each DeepStack layer's features side by side,
-        (N, D * (1 + L)); none given (a bare memory) adds nothing in those layers, as in the engine: zeros.
-        Checked here, so that a malformed or oversized embedding never reaches the server."""
+    def _embeds(self, part, vectors: torch.Tensor, grid: tuple[int, int, int]) -> dict:
+        """An ``image_embeds`` item for a frame or a memory ``part``: its vectors (N, D) and their grid, each a
+        base64 .npy. For a DeepStack family the rows are what vLLM takes for Qwen3-VL: the vectors and each
+        DeepStack layer's features side by side, (N, D * (1 + L)), as the backend gives them (zeros for a bare
+        memory, as in the engine). Checked here, so that a malformed or oversized embedding never reaches the
+        server."""
         t, h, w = grid
-        rows = t * h * w // self.merge_size**2
+        rows = t * h * w // self.backend.merge_size**2
         if vectors.ndim != 2 or vectors.shape != (rows, self.hidden_size):
             raise ValueError(f"embeddings of shape {tuple(vectors.shape)} for a grid of {rows} tokens of width "
                              f"{self.hidden_size}")
-        if self.deepstack_layers:
-            if deepstack is None:
-                deepstack = vectors.new_zeros(self.deepstack_layers, rows, self.hidden_size)
-            if deepstack.shape != (self.deepstack_layers, rows, self.hidden_size):
-                raise ValueError(f"DeepStack features of shape {tuple(deepstack.shape)} for {rows} rows; this model "
-                                 f"needs ({self.deepstack_layers}, {rows}, {self.hidden_size})")
+        if self.backend.deepstack_layers:
+            deepstack = self.backend.deepstack_rows(part)
             vectors = torch.cat([vectors, *deepstack.to(vectors.device, vectors.dtype)], dim=-1)
-        elif deepstack is not None:
+        elif getattr(part, "deepstack", None) is not None:
             raise ValueError("embeddings with DeepStack features, which this model has no use for")
         array = vectors.detach().to("cpu", torch.float32).numpy()
         if not np.isfinite(array).all():

@@ -63,12 +63,14 @@ class Qwen3VLBackend(Qwen2_5_VLBackend):
         added to their rows, as for text."""
         plain = [[p.vectors if isinstance(p, SoftTokens) else p for p in parts] for parts in prompts]
         batch = super().build(plain, responses)
-        stacks = [self._deepstack_rows(part) for parts in prompts for part in parts if not isinstance(part, str)]
+        stacks = [self.deepstack_rows(part) for parts in prompts for part in parts if not isinstance(part, str)]
         if stacks:  # each piece on the model's device first: memories live on the host, frames on the GPU
             batch.deepstack = torch.cat(stacks, dim=1)
         return batch
 
-    def _deepstack_rows(self, part) -> torch.Tensor:
+    def deepstack_rows(self, part) -> torch.Tensor:
+        """(L, N, D): the DeepStack features of a prompt part's N rows, zeros where it has none (a bare memory),
+        checked against this model's shape; on the model's device."""
         if isinstance(part, EncodedImage):
             rows, stack = part.num_tokens, part.deepstack
         elif isinstance(part, SoftTokens):
