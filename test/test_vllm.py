@@ -15,6 +15,7 @@ makes the venv first; run alone without it, these tests skip and say how to make
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from conftest import random_view
 from ego_ros.engine import Ego
 from ego_ros.engine.backends import SoftTokens
+from ego_ros.engine.backends.qwen2_5_vl import memory_grid
 from ego_ros.engine.vllm_server import ServerError, VllmServer, WrongModel
 from ego_ros.evaluation import toy
 from ego_ros.testing import vllm_server as local_vllm
@@ -245,6 +247,39 @@ def test_malformed_or_oversized_embeddings_never_leave_the_engine(pair, relay):
         with pytest.raises(ValueError, match=error):
             server.generate(["Rex is ", vectors, ".\n", "Who is Rex?"], 4)
     assert server.last_error is None
+
+
+DECODE_IN_VLLM = """
+import ast, json, sys
+from vllm.multimodal.media.image import ImageEmbeddingMediaIO
+parses, parse = [], ast.parse
+ast.parse = lambda *args, **kwargs: parses.append(args[0]) or parse(*args, **kwargs)  # literal_eval goes through it
+loader = ImageEmbeddingMediaIO()
+items = [{key: loader.load_base64("", value).tolist() for key, value in item.items()} for item in json.load(sys.stdin)]
+json.dump({"items": items, "parses": parses}, sys.stdout)
+"""
+
+
+def test_embeddings_reach_vllm_exactly_and_are_read_without_the_ast_module(pair, data):
+    """vLLM's own loader, in the server's venv, reads back each tensor sent, and never parses Python to do it: an
+    .npy header is read with ast.literal_eval on vLLM's worker threads, and concurrent requests broke on that (CI:
+    HTTP 500 "AST constructor recursion depth mismatch", a CPython 3.11.7 race, gh-106905)."""
+    if not (local_vllm.venv() / "bin" / "python").exists():
+        pytest.fail(f"no vLLM venv at {local_vllm.venv()}: bash scripts/setup_vllm.sh")
+    local, served = pair
+    (frame,) = local.backend.encode([data.tests[0].image])
+    memory = local.store.get(next(iter(data.concepts))).soft_tokens
+    items = [served.server._content(part)["image_embeds"] for part in (frame, memory)]
+    result = subprocess.run([str(local_vllm.venv() / "bin" / "python"), "-c", DECODE_IN_VLLM],
+                            input=json.dumps(items), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    decoded = json.loads(result.stdout)
+    assert decoded["parses"] == []
+    grid = memory_grid(len(memory.vectors), served.backend.merge_size)
+    sent = [(frame.features, frame.grid_thw), (memory.vectors, grid)]
+    for item, (vectors, grid) in zip(decoded["items"], sent):
+        assert torch.equal(torch.tensor(item["image_embeds"]), vectors.float())
+        assert item["image_grid_thw"] == list(grid)
 
 
 def test_settings_that_cannot_work_are_refused_in_one_line(tmp_path):

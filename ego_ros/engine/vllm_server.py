@@ -29,7 +29,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from .backends import EncodedImage, SoftTokens
@@ -140,9 +139,9 @@ class VllmServer:
         return self._embeds(part, vectors, memory_grid(vectors.shape[0], self.backend.merge_size))
 
     def _embeds(self, part, vectors: torch.Tensor, grid: tuple[int, int, int]) -> dict:
-        """An ``image_embeds`` item for a frame or a memory ``part``: its vectors (N, D) and their grid, each a
-        base64 .npy. For a DeepStack family the rows are what vLLM takes for Qwen3-VL: the vectors and each
-        DeepStack layer's features side by side, (N, D * (1 + L)), as the backend gives them (zeros for a bare
+        """An ``image_embeds`` item for a frame or a memory ``part``: its vectors (N, D) and their grid, each as
+        ``_tensor_base64`` writes it. For a DeepStack family the rows are what vLLM takes for Qwen3-VL: the vectors
+        and each DeepStack layer's features side by side, (N, D * (1 + L)), as the backend gives them (zeros for a bare
         memory, as in the engine). Checked here, so that a malformed or oversized embedding never reaches the
         server."""
         t, h, w = grid
@@ -155,13 +154,15 @@ class VllmServer:
             vectors = torch.cat([vectors, *deepstack.to(vectors.device, vectors.dtype)], dim=-1)
         elif getattr(part, "deepstack", None) is not None:
             raise ValueError("embeddings with DeepStack features, which this model has no use for")
-        array = vectors.detach().to("cpu", torch.float32).numpy()
-        if not np.isfinite(array).all():
+        vectors = vectors.detach().to("cpu", torch.float32)
+        if not torch.isfinite(vectors).all():
             raise ValueError("embeddings hold NaN or infinite values")
-        if array.nbytes > MAX_ITEM_BYTES:
-            raise ValueError(f"an embedding item of {array.nbytes} bytes exceeds {MAX_ITEM_BYTES}")
-        return {"type": "image_embeds", "image_embeds": {"image_embeds": _npy(array),
-                                                         "image_grid_thw": _npy(np.array(grid, np.int64))}}
+        size = vectors.numel() * vectors.element_size()
+        if size > MAX_ITEM_BYTES:
+            raise ValueError(f"an embedding item of {size} bytes exceeds {MAX_ITEM_BYTES}")
+        return {"type": "image_embeds",
+                "image_embeds": {"image_embeds": _tensor_base64(vectors),
+                                 "image_grid_thw": _tensor_base64(torch.tensor(grid, dtype=torch.int64))}}
 
     # --- HTTP -----------------------------------------------------------------------------------------------------
 
@@ -194,7 +195,11 @@ class VllmServer:
         return response
 
 
-def _npy(array: np.ndarray) -> str:
+def _tensor_base64(tensor: torch.Tensor) -> str:
+    """``tensor`` in base64 as vLLM loads an embedding with ``torch.load(weights_only=True)``. Not as .npy, which
+    vLLM also takes: it reads an .npy header with ``ast.literal_eval`` on a pool of threads, and concurrent requests
+    (one per concept) then fail now and then on CPython 3.11.0-3.11.8 and 3.12.0-3.12.2 with "AST constructor
+    recursion depth mismatch" (CPython gh-106905; seen in CI)."""
     buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
+    torch.save(tensor.contiguous().clone(), buffer)  # a copy: torch.save writes a view's whole storage
     return base64.b64encode(buffer.getvalue()).decode()
