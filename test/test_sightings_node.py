@@ -58,6 +58,10 @@ def graph(tiny_model_dir, tmp_path_factory):
     threading.Thread(target=publish_poses, daemon=True).start()
     try:
         client.call(ListConcepts, "/ego/list_concepts", ListConcepts.Request(), wait=120.0)
+        # The node subscribes once it sees the topic's publisher (it looks every second): sightings made before
+        # that have no pose, and a loaded machine once made the first visit's sightings all before it (CI).
+        wait_for(lambda: poses.get_subscription_count() > 0, 60, "the node subscribed to the robot's poses")
+        time.sleep(0.5)  # ten poses
         yield node, client, folder / "memory", domain
     finally:
         stop.set()

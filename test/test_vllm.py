@@ -261,7 +261,7 @@ json.dump({"items": items, "parses": parses}, sys.stdout)
 
 
 def test_embeddings_reach_vllm_exactly_and_are_read_without_the_ast_module(pair, data):
-    """vLLM's own loader, in the server's venv, reads back each tensor sent, and never parses Python to do it: an
+    """The loader of vLLM, in the server's venv, reads back each tensor sent, and never parses Python to do it: an
     .npy header is read with ast.literal_eval on vLLM's worker threads, and concurrent requests broke on that (CI:
     HTTP 500 "AST constructor recursion depth mismatch", a CPython 3.11.7 race, gh-106905)."""
     if not (local_vllm.venv() / "bin" / "python").exists():
