@@ -264,9 +264,7 @@ def test_embeddings_reach_vllm_exactly_and_are_read_without_the_ast_module(pair,
     """The loader of vLLM, in the server's venv, reads back each tensor sent, and never parses Python to do it: an
     .npy header is read with ast.literal_eval on vLLM's worker threads, and concurrent requests broke on that (CI:
     HTTP 500 "AST constructor recursion depth mismatch", a CPython 3.11.7 race, gh-106905)."""
-    if not (local_vllm.venv() / "bin" / "python").exists():
-        pytest.fail(f"no vLLM venv at {local_vllm.venv()}: bash scripts/setup_vllm.sh")
-    local, served = pair
+    local, served = pair  # its server fixture has already required the venv
     (frame,) = local.backend.encode([data.tests[0].image])
     memory = local.store.get(next(iter(data.concepts))).soft_tokens
     items = [served.server._content(part)["image_embeds"] for part in (frame, memory)]
@@ -275,8 +273,8 @@ def test_embeddings_reach_vllm_exactly_and_are_read_without_the_ast_module(pair,
     assert result.returncode == 0, result.stderr[-3000:]
     decoded = json.loads(result.stdout)
     assert decoded["parses"] == []
-    grid = memory_grid(len(memory.vectors), served.backend.merge_size)
-    sent = [(frame.features, frame.grid_thw), (memory.vectors, grid)]
+    sent = [(frame.features, frame.grid_thw),
+            (memory.vectors, memory_grid(len(memory.vectors), served.backend.merge_size))]
     for item, (vectors, grid) in zip(decoded["items"], sent):
         assert torch.equal(torch.tensor(item["image_embeds"]), vectors.float())
         assert item["image_grid_thw"] == list(grid)
