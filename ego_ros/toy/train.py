@@ -8,10 +8,11 @@ and, between the second and the last, one step written by hand:
 1. **seeing** (vision tower and projector alone): every visual token learns to say the attributes of the object on
    it (kind, body colour, pattern, accent colour) through a linear read-out that is thrown away afterwards. The
    decoder's tasks teach the body colour well and the personal details (pattern, accent) barely, so look-alikes
-   could not be told apart in the features; this stage puts the details there.
+   could not be told apart in the features; this stage puts the details there. It ends by centring the
+   projector's output (``centre_projector``), which the written matchers need.
 2. **describing** (decoder, vision frozen): keywords, area, presence, caption (see ``tasks``).
-3. **matching heads written** (``circuit``): five heads of layers 0-2 fitted to those layers' own inputs (layer 0,
-   an identity from stage 2 on, holds only the tag head).
+3. **matching heads written** (``circuit``): six heads of layers 0-2 fitted to those layers' own inputs (layer 0,
+   an identity from stage 2 on, holds only the two tag heads).
 4. **using memories** (layers 3-5 and the LM head; everything below frozen): the full mix, in which concept
    questions, in both recognition orders, are half the samples.
 
@@ -155,6 +156,7 @@ def run_stages(model, backend, seed: int, recipe: Recipe, card: dict, progress: 
         started = time.perf_counter()
         if name == "seeing":
             record = learn_to_see(model, backend, seed, recipe, progress)
+            record["centred"] = centre_projector(model, backend, seed, recipe)
         elif name == "describing":
             record = train_decoder(model, backend, seed, recipe, name, progress)
         elif name == "writing":
@@ -222,6 +224,21 @@ def learn_to_see(model, backend, seed: int, recipe: Recipe, progress: bool, *, s
     visual.eval()
     visual.requires_grad_(False)
     return _loss_record(losses)
+
+
+@torch.no_grad()
+def centre_projector(model, backend, seed: int, recipe: Recipe, scenes: int = 256) -> dict:
+    """Take the mean visual feature (over ``scenes`` scenes the seeing stage never drew) off the projector's output
+    bias, so that features reach the decoder centred. The written matchers (``circuit``) compare rows by their
+    cosine, which a layer's RMSNorm gives only for centred rows; and the centred cosine is what tells an instance
+    from others (on the seeing stage's features, each memory row's best match, averaged, separates present from
+    absent instances at AUC 0.95-0.97 centred, 0.79 normalised then centred). The seeing stage's read-out
+    normalises features, so centring changes nothing it learned."""
+    rng = data_rng(seed, "seeing", recipe.vision_steps)  # the step after the last: a batch training never drew
+    images = [_seeing_scene(rng).image for _ in range(scenes)]
+    mean = torch.cat([e.features for e in backend.encode(images)]).mean(0)
+    model.model.visual.merger.mlp[-1].bias -= mean
+    return {"scenes": scenes, "mean feature norm": round(float(mean.norm()), 4)}
 
 
 def _seeing_scene(rng) -> world.Scene:
@@ -310,10 +327,11 @@ def write_heads(model, backend, seed: int, recipe: Recipe) -> dict:
     samples = [s for s in samples if s.scenes and any(isinstance(p, tasks.MemoryRef) for p in s.parts)]
     model.eval()
     figures = circuit.install(model, backend, samples, log=lambda *_: None)
-    return {"written by hand": "layer 0 is an identity (attention output and MLP zero) but for head 3; layer 0 head 3, "
-                               "layer 1 heads 0-1 and layer 2 heads 0-1 (see ego_ros/toy/circuit.py) have their "
-                               "q/k/v/o weights set from least-squares fits to the layers' own inputs on "
-                               f"{len(samples)} concept questions; layers 0-2 are frozen from then on",
+    return {"written by hand": "the projector's output bias less the mean visual feature (centre_projector, after "
+                               "the seeing stage); layer 0 is an identity (attention output and MLP zero) but for "
+                               "heads 2-3; layer 0 heads 2-3, layer 1 heads 0-1 and layer 2 heads 0-1 (see "
+                               "ego_ros/toy/circuit.py) have their q/k/v/o weights set from fits to the layers' own "
+                               f"inputs on {len(samples)} concept questions; layers 0-2 are frozen from then on",
             "fit": figures}
 
 
