@@ -9,7 +9,7 @@ absent when none of it is (frames in between are not counted), with precision, r
 
 Examples::
 
-    python bench/toy_camera.py --threshold 0.4        # the committed toy model, camera seed 0, 60 s, as run.sh
+    python bench/toy_camera.py --threshold 0.6        # the committed toy model, camera seed 0, 60 s, as run.sh
     python bench/toy_camera.py --seed 7 --views 1 --order image_first
 """
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=float, default=1.0, help="seconds between the frames asked about")
     parser.add_argument("--order", choices=("concept_first", "image_first"), default=None)
     parser.add_argument("--threshold", type=float, default=0.5,
-                        help="score at which an instance is said present (default 0.5; scripts/run.sh: 0.4)")
+                        help="score at which an instance is said present (default 0.5; scripts/run.sh: 0.6)")
     parser.add_argument("--out", type=Path, default=None, help="write the tally as JSON here")
     args = parser.parse_args(argv)
 

@@ -53,9 +53,9 @@ PARAMETER_SPECS = {
                                              ints=(1, 256))),
     "video_frames": (8, _describe("frames sampled from the buffer window for a video question", ints=(1, 64))),
     "max_new_tokens": (128, _describe("default answer length bound, tokens", ints=(1, 8192))),
-    "recognition_order": ("concept_first", _describe(
-        "recognition prompt: concept_first (one prompt per concept) or image_first (the frame prefilled once for all "
-        "concepts: faster with many concepts)")),
+    "recognition_order": ("image_first", _describe(
+        "recognition prompt: image_first (the frame prefilled once for all concepts: faster with many concepts) or "
+        "concept_first (one prompt per concept, the paper's order)")),
     "memory_layout": ("text", _describe(
         "how a memory sits in a prompt: text (placeholders at text positions, the paper's layout) or image (an image "
         "of its own: vision delimiters, a synthetic grid, 2-D positions; how vLLM takes embeddings); Qwen only")),
