@@ -34,3 +34,9 @@ FALLBACK_KEYWORDS = "main subject"
 # concept is. The toy model is trained on them too, in the same format as at inference.
 CAPTION = "Describe this image in one short sentence."
 LOCATE = "Where is {name} in this image?"
+
+
+def choice(question: str, a: str, b: str) -> str:
+    """A two-option question, answered with the option's letter: the evaluation's A/B VQA, as the toy model is
+    taught it."""
+    return f"{question}\nA. {a}\nB. {b}\nAnswer with the option's letter."

@@ -33,7 +33,6 @@ TASKS = {
 }
 VIDEO_NOTE = ("video QA: none of the supported layouts (myvlm, yollava, thisismy, toy) carries video, so it is "
               "not evaluated")
-VQA_INSTRUCTION = "Answer with the option's letter."
 Judge = Callable[[str, list], bool]
 
 
@@ -47,7 +46,7 @@ def context(introduced: dict[str, list]) -> list:
 
 
 def vqa_prompt(question: str, options: dict[str, str]) -> str:
-    return f"{question}\nA. {options['A']}\nB. {options['B']}\n{VQA_INSTRUCTION}"
+    return prompts.choice(question, options["A"], options["B"])
 
 
 # "B", "(a)", "A. red", "Answer: B" -- but not the article in "A red mug"

@@ -22,7 +22,7 @@ from ego_ros.toy.world import Instance, Scene, look_alike, personal_instances, r
 from .methods import introduction
 from .metrics import RecognitionScore, recognition_score
 
-# Concept names: ordinary names, none of which the toy model was trained on (it saw made-up syllable names).
+# Concept names: ordinary names (the toy model was taught made-up names of random letters, each meaning nothing).
 NAMES = ("Rex", "Anna", "Milo", "Kiki", "Otto", "Luna", "Bruno", "Nala", "Pepe", "Zora", "Tito", "Maya", "Coco",
          "Finn", "Ivy", "Juno", "Leo", "Mira", "Nico", "Oscar", "Pia", "Quinn", "Rosa", "Sami", "Tess", "Umar",
          "Vera", "Wes", "Yara", "Zeno")

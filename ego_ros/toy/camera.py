@@ -30,7 +30,7 @@ import numpy as np
 
 from ego_ros.toy.world import Instance, Scene, personal_instances, random_instance, render_scene, view_of
 
-# Names of the personal instances, in order (ordinary names: the toy model learned made-up syllables, not these).
+# Names of the personal instances, in order (ordinary names: the toy model was taught made-up ones of random letters).
 NAMES = ("Rex", "Anna", "Milo", "Kiki", "Otto", "Luna")
 SHOT_SEED = 0xCA3  # the strip's scenes; reference views use other seeds (REFERENCE_SEED)
 REFERENCE_SEED = 0x4EF

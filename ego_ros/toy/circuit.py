@@ -44,8 +44,8 @@ from . import tasks
 SPAN = 320  # positions a prompt spans at most (a 224 px image is 64 rows; prompts are ~100-200 tokens)
 TAG_HEADS = {"image": (0, 3), "memory": (0, 2)}  # (layer, head)
 # image first: memory rows look for themselves among image rows; concept first: image rows among memory rows
-MATCH_HEADS = {"image first": (1, 0), "concept first": (1, 1)}
-POOL_HEADS = {"image first": (2, 0), "concept first": (2, 1)}  # the answer's row reads memory rows, image rows
+MATCH_HEADS = {"image_first": (1, 0), "concept_first": (1, 1)}
+POOL_HEADS = {"image_first": (2, 0), "concept_first": (2, 1)}  # the answer's row reads memory rows, image rows
 # Directions of the basis the matchers compare rows on: the features' 13 largest (97 % of their second moment)
 BASIS_WIDTH = 13
 COLOUR = slice(5, 13)  # the body colour's columns in tasks.attribute_codes: one of them is 1 on an object
@@ -67,7 +67,6 @@ class Strengths:
     evidence: float = 0.5  # evidence written: this share of a residual row's typical norm
     side: float = 10.0  # pooling: logit of the rows a pooling head reads (memory rows, or image rows)
     objects: float = 15.0  # pooling: logit for a row on an object (a memory's background finds any background)
-    pool_image: float = 0.0  # pooling, concept first: logit per unit of an image row's evidence (0: a plain mean)
     pool_sink: float = 10.0  # pooling: the first row's logit, taken when a prompt has no rows of the head's side
     answer: float = 2.0  # pooling: written along lm_head(Yes) - lm_head(No), in typical norms, yes/no spread 1
 
@@ -122,7 +121,7 @@ def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = 
     basis, share = _feature_basis(x, feature, gain, list(tag_directions.values()), BASIS_WIDTH)
     tags = {name: _tag_read_out(x, gain, direction, rows.image if name == "image" else rows.memory)
             for name, direction in tag_directions.items()}
-    first = torch.stack([x[b][rows.valid[b]][0] for b in range(x.shape[0])]).mean(0)
+    first = _first_row(x, rows.valid)
     first_w = _sink_read_out(first, gain, basis)  # 1 on the first row, <|im_start|>: the sink; ~0 on features
     figures["layer 1"] = {"feature basis: share of the second moment": share,
                           **{f"{name} tag at {name} rows: 10th, 90th percentile": _percentiles(
@@ -136,7 +135,7 @@ def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = 
         evidence_directions[order] = direction
         skip.append(direction)
     for order, (layer, head) in MATCH_HEADS.items():
-        own, other = ("memory", "image") if order == "image first" else ("image", "memory")
+        own = "memory" if order == "image_first" else "image"
         attn = backend.attention_module(layer)
         _clear(attn, head)
         d = attn.head_dim
@@ -161,23 +160,22 @@ def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = 
     # 3. layer 2, pooling: the answer's row reads what the memory rows found (image first) or the image rows
     normed, _, heads = _run(model, backend, built, [1, 2])
     x = normed[2]
-    gain = backend.decoder_layers[2].input_layernorm.weight.float()
     d1 = backend.attention_module(1).head_dim
     found = {order: heads[1][..., h * d1] for order, (_, h) in MATCH_HEADS.items()}  # (B, S)
     objects = rows.codes[..., COLOUR].sum(-1)  # 1 on an object, 0 elsewhere
     objects_w, objects_b = _ridge(x[rows.valid], objects[rows.valid][:, None])
-    first = torch.stack([x[b][rows.valid[b]][0] for b in range(x.shape[0])]).mean(0)
+    first = _first_row(x, rows.valid)
     first_w = first / first.pow(2).sum()
     yes, no = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ("Yes", "No"))
     answer = model.lm_head.weight[yes] - model.lm_head.weight[no]
     _, typical = _spare_direction(residual[2][rows.valid])
     figures["layer 2"] = {"objects r2": _r2(x[rows.valid] @ objects_w + objects_b, objects[rows.valid][:, None])}
     figures["evidence"] = {}
-    orders = np.array([_order(s).replace("_", " ") for s in samples])
+    orders = np.array([_order(s) for s in samples])
     # First each head with its raw evidence as value (0 on the sink), to read what it pools on every prompt
     fits = {}
     for order, (layer, head) in POOL_HEADS.items():
-        side = "memory" if order == "image first" else "image"
+        side = "memory" if order == "image_first" else "image"
         on_side = rows.memory if side == "memory" else rows.image
         evidence = found[order]
         evidence_w, evidence_b = _ridge(x[on_side], evidence[on_side][:, None])
@@ -190,8 +188,7 @@ def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = 
         attn = backend.attention_module(layer)
         _clear(attn, head)
         d = attn.head_dim
-        pool = strengths.pool_image if side == "image" else 0.0
-        keys = ((side_w[:, 0], float(side_b[0]), strengths.side), (evidence_w[:, 0], float(evidence_b[0]), pool),
+        keys = ((side_w[:, 0], float(side_b[0]), strengths.side),
                 (objects_w[:, 0], float(objects_b[0]), strengths.objects), (first_w, 0.0, strengths.pool_sink))
         for j, (w, bias, strength) in zip(dims, keys):
             attn.q_proj.bias[head * d + j] = 1.0
@@ -222,8 +219,8 @@ def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = 
     scale = {order: 1.0 / (threshold - cross) for order, (threshold, _, cross) in means.items()}
     unit = min(scale[order] * spread for order, (_, spread, _) in means.items())
     scale = {order: a / unit for order, a in scale.items()}
-    (t1, _, _), (_, _, e2) = means["image first"], means["concept first"]
-    offset = scale["image first"] * t1 + scale["concept first"] * e2
+    (t1, _, _), (_, _, e2) = means["image_first"], means["concept_first"]
+    offset = scale["image_first"] * t1 + scale["concept_first"] * e2
     figures["evidence"]["scales"] = {order: round(a, 4) for order, a in scale.items()}
     for order, (layer, head) in POOL_HEADS.items():
         attn = backend.attention_module(layer)
@@ -234,6 +231,11 @@ def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = 
         attn.o_proj.weight[:, head * d] = strengths.answer * typical * answer / answer.norm()
     log(f"matching heads written: {figures}")
     return figures
+
+
+def _first_row(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The prompts' first row (<|im_start|>, the sink), averaged over the batch: alike in every prompt."""
+    return torch.stack([x[b][valid[b]][0] for b in range(x.shape[0])]).mean(0)
 
 
 def _sink_read_out(first: torch.Tensor, gain: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

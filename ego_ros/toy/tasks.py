@@ -8,11 +8,13 @@ the engine's backend, so the model meets at inference the very token sequences i
     area       AREA                                      -> "14"                    (its mask, % of the image)
     presence   RECOGNIZE with "a red mug with stripes"   -> "Yes" / "No"
     caption    CAPTION                                   -> "A red mug with stripes and a blue ball."
+    choice     CONCEPTS_HEADER "NAME is <memory>.\n" <image> choice("What colour is NAME?", "red", "blue") -> "A"
     concept    "NAME is <memory>.\\n" <image> RECOGNIZE(NAME)            -> "Yes" / "No"
                CONCEPTS_HEADER + several such intros + <image> RECOGNIZE(NAME) or LOCATE(NAME)
 
-A concept's memory in training is made *without* Ego: the reference view's visual tokens that the instance's mask
-covers, or a random share of all of the view's tokens, or (rarely) its keywords as text. So the model learns to use
+A concept's memory in training is made *without* Ego: the visual tokens that the instance's mask covers in one
+reference view or several (concatenated, as the engine keeps a concept registered from several views), or a random
+share of all of each view's tokens, or (rarely) its keywords as text. So the model learns to use
 a memory, never Ego's particular choice of tokens, and comparing Ego with other choices on it stays fair.
 
 Positives show the instance in a new scene (as the main subject, or small among others); negatives show a look-alike
@@ -34,9 +36,13 @@ TOKEN_PX = 28  # one Qwen2.5-VL visual token covers a 28 x 28 px block (2 x 2 pa
 # Two phases: first the model learns to see (describing scenes, one image a question, cheap), then to use memories.
 # Without the first, the concept task alone gives the vision tower too weak a signal to learn colours from.
 DESCRIBE_WEIGHTS = {"keywords": 0.35, "area": 0.15, "presence": 0.35, "caption": 0.15}
-TASK_WEIGHTS = {"keywords": 0.15, "area": 0.07, "presence": 0.15, "caption": 0.08, "concept": 0.55}
+TASK_WEIGHTS = {"keywords": 0.14, "area": 0.06, "presence": 0.13, "caption": 0.06, "concept": 0.55, "choice": 0.06}
 MASK_COVERAGE = 0.25  # a token belongs to an object's memory when the object covers this share of its block
 LOOK_ALIKE_SHARE = 0.35  # of the negatives of a concept question: a look-alike rather than other objects
+# A memory holds the tokens of 1 to MEMORY_VIEWS reference views, concatenated in view order as the engine keeps a
+# concept registered from several views; SINGLE_VIEW_SHARE of memories have one
+MEMORY_VIEWS = 5
+SINGLE_VIEW_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -213,29 +219,52 @@ def _concept(rng, order: str | None = None) -> Sample:
     return Sample("concept", parts, answer, images, answer_words(test, lambda other: other == instance), scenes)
 
 
+def _choice(rng) -> Sample:
+    """A two-option question about a concept in context, as the evaluation's A/B VQA asks it (the concepts before
+    the image): its colour. The memory holds the answer; the image shows the instance, perhaps among others."""
+    instance = random_instance(rng, patterned=True)
+    test = _test_scene(rng, instance, positive=True)
+    name = random_name(rng)
+    images, scenes = [test.image], [test]
+    memory = _memory(rng, instance, images, scenes)
+    other = [c for c in COLOURS if c != instance.colour][int(rng.integers(len(COLOURS) - 1))]
+    options = [instance.colour, other] if rng.random() < 0.5 else [other, instance.colour]
+    parts = [prompts.CONCEPTS_HEADER, prompts.CONCEPT_INTRO.format(name=name), *memory, ".\n", ImageRef(0),
+             prompts.choice(f"What colour is {name}?", *options)]
+    return Sample("choice", parts, "AB"[options.index(instance.colour)], images,
+                  answer_words(test, lambda other: other == instance), scenes)
+
+
 def concept_question(rng, order: str) -> Sample:
     """A concept question in ``order`` (several concepts always come first, as in the engine's ask); the matching
     heads are fitted on these (see circuit.py)."""
     return _concept(rng, order)
 
 
-_MAKERS = {"keywords": _keywords, "area": _area, "presence": _presence, "caption": _caption, "concept": _concept}
+_MAKERS = {"keywords": _keywords, "area": _area, "presence": _presence, "caption": _caption, "concept": _concept,
+           "choice": _choice}
 
 
 def _memory(rng, instance: Instance, images: list[Image.Image], scenes: list[Scene]) -> list:
-    """A concept's memory made without Ego: from a fresh reference view, or (rarely) its keywords as text."""
+    """A concept's memory made without Ego: tokens of fresh reference views (one, or up to ``MEMORY_VIEWS``, one
+    run of rows as the engine lays out a memory of several views), or (rarely) its keywords as text."""
     if rng.random() < 0.1:
         return [", ".join(instance.keywords)]
-    reference = render_scene(rng, instance)
-    images.append(reference.image)
-    scenes.append(reference)
-    if rng.random() < 0.7:
-        tokens = object_tokens(reference.subject.mask)
-    else:  # a random share of the whole view, background included
-        count = token_coverage(reference.subject.mask).size
-        share = rng.uniform(0.1, 1.0)
-        tokens = tuple(sorted(int(i) for i in rng.choice(count, max(4, round(share * count)), replace=False)))
-    return [MemoryRef(len(images) - 1, tokens)]
+    views = 1 if rng.random() < SINGLE_VIEW_SHARE else int(rng.integers(2, MEMORY_VIEWS + 1))
+    on_object = rng.random() < 0.7  # else a random share of each whole view, background included
+    memory = []
+    for _ in range(views):
+        reference = render_scene(rng, instance)
+        images.append(reference.image)
+        scenes.append(reference)
+        if on_object:
+            tokens = object_tokens(reference.subject.mask)
+        else:
+            count = token_coverage(reference.subject.mask).size
+            share = rng.uniform(0.1, 1.0)
+            tokens = tuple(sorted(int(i) for i in rng.choice(count, max(4, round(share * count)), replace=False)))
+        memory.append(MemoryRef(len(images) - 1, tokens))
+    return memory
 
 
 def _test_scene(rng, instance: Instance, positive: bool) -> Scene:
@@ -278,13 +307,31 @@ def where(scene: Scene, instance: Instance) -> str:
     return (" ".join(p for p in (row, column) if p) or "centre").capitalize() + "."
 
 
+# The tokenizer's corpus holds these (train.toy_corpus), from when names were made of them
 _SYLLABLES = ("ka", "lo", "mi", "ru", "te", "no", "sa", "vi", "do", "re", "xa", "po", "li", "zu", "be", "fa", "go",
               "ni", "to", "ma")
 
 
+_VOWELS, _CONSONANTS = "aeiou", "bcdfghjklmnprstvwxyz"
+
+
 def random_name(rng) -> str:
-    """A made-up name ("Kalo", "Mirute"): names carry no meaning, so only the memory can say what they are."""
-    return "".join(_SYLLABLES[int(i)] for i in rng.integers(0, len(_SYLLABLES), int(rng.integers(2, 4)))).capitalize()
+    """A made-up name ("Kalo", "Annet", "Brixo"): names carry no meaning, so only the memory can say what they are.
+
+    Any letters, mostly consonants and vowels in turn, sometimes one doubled: so that the pieces the tokenizer cuts
+    a name into are met in training whatever the name (an evaluation's "Rex", "Nala"). A piece never met keeps its
+    random embedding, noise that the layers above the written heads read: trained on names of syllables alone, the
+    model gave one memory 8 false "yes" of 56 when it was "Rex" and 1 when it was "Kalo".
+    """
+    letters = [str(rng.choice(list(_VOWELS if rng.random() < 0.25 else _CONSONANTS)))]
+    for _ in range(int(rng.integers(2, 7))):
+        if rng.random() < 0.1 and letters[-2:] != [letters[-1]] * 2:  # "Anna", not "Annna"
+            letters.append(letters[-1])
+            continue
+        vowel = letters[-1] in _VOWELS
+        pool = _CONSONANTS if (vowel if rng.random() < 0.8 else not vowel) else _VOWELS
+        letters.append(str(rng.choice(list(pool))))
+    return "".join(letters).capitalize()
 
 
 def _article(phrase: str) -> str:
