@@ -80,16 +80,16 @@ def test_a_box_says_which_object_of_a_cluttered_view_is_meant(toy_ego):
     assert boxed["among others"] > whole["among others"]
 
 
-F1_FLOOR = {"image_first": 0.4, "concept_first": 0.37}
-F1_MARGIN = {"image_first": 0.25, "concept_first": 0.22}  # over the name alone
-LOOK_ALIKES_REJECTED = {"image_first": 0.65, "concept_first": 0.6}
+F1_FLOOR = {"image_first": 0.55, "concept_first": 0.37}
+F1_MARGIN = {"image_first": 0.4, "concept_first": 0.22}  # over the name alone
+LOOK_ALIKES_REJECTED = {"image_first": 0.75, "concept_first": 0.75}
 
 
 def test_a_memory_in_context_recognises_the_instance_better_than_its_name_alone(toy_ego):
     """The paper's protocol on 6 concepts (24 positives, 12 look-alike images): Ego's memory must beat the name
     alone by a margin in both orders, and reject look-alikes. A change that stopped the memory from reaching the
     model (its injection, the written heads) falls to the name alone's figures and fails. Measured on these seeds:
-    F1 0.493 image first, 0.466 concept first, 0.164 for the name alone; look-alikes rejected 80% and 75%."""
+    F1 0.722 image first, 0.469 concept first, 0.214 for the name alone; look-alikes rejected 95% and 100%."""
     data = toy.recognition_set(6, seed=11, views=1, positives=4, look_alikes=2)
     introduced = toy.introduce(toy_ego, data)
     runs = [("ego", 1), ("none", 1)]
