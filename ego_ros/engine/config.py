@@ -51,7 +51,7 @@ class EgoConfig:
     # context stay the same (the answers are the same either way; see engine/prefix_cache.py).
     prefix_cache: bool = True
     # Recognition prompt: "image_first" (the frame, then each concept: the frame is prefilled once for all
-    # concepts; several times faster with many concepts, and on the toy model the better order: F1 67 against 46
+    # concepts; several times faster with many concepts, and on the toy model the better order: F1 62 against 55
     # from one view, docs/toy-world.md) or "concept_first" (each concept's memory, then the frame: one whole prompt
     # per concept, the paper's order).
     recognition_order: str = "image_first"
