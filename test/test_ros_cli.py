@@ -168,18 +168,23 @@ class ProtocolServer:
                 time.sleep(0.05)
             goal_handle.abort()
             return Answer.Result(success=False, message="never cancelled")
-        parts = ["The mug", " is on", " the table"]
-        for tokens in range(1, len(parts) + 1):
-            time.sleep(0.1)
-            goal_handle.publish_feedback(Answer.Feedback(new_text=parts[tokens - 1], tokens=tokens))
         if goal.source == Answer.Goal.SOURCE_IMAGE:
             source = f"image {goal.image.width}x{goal.image.height} {goal.image.encoding}"
         elif goal.source == Answer.Goal.SOURCE_VIDEO:
             source = f"video {goal.window_sec:g} s of {goal.camera or 'the default camera'}"
         else:
             source = f"latest frame of {goal.camera or 'the default camera'}"
+        parts = ["The mug", " is on", f" the table ({source})."]  # as the node's: the pieces join to the answer
+        # "late": the last piece's feedback leaves after the result, as it can arrive under load
+        late = goal.question.startswith("late")
+        for tokens in range(1, len(parts) + (0 if late else 1)):
+            time.sleep(0.1)
+            goal_handle.publish_feedback(Answer.Feedback(new_text=parts[tokens - 1], tokens=tokens))
+        if late:
+            last = Answer.Feedback(new_text=parts[-1], tokens=len(parts))
+            threading.Timer(0.3, goal_handle.publish_feedback, [last]).start()
         goal_handle.succeed()
-        return Answer.Result(success=True, answer=f"The mug is on the table ({source}).",
+        return Answer.Result(success=True, answer="".join(parts),
                              concepts_used=list(goal.concepts) or ["my mug"], latency_sec=0.25)
 
     # topic
@@ -265,6 +270,7 @@ def runs(server, photo, tmp_path_factory):
         "forget": ["forget", "Rex"],
         "forget unknown": ["forget", "nobody"],
         "ask": ["ask", "Where is my mug?", "--concept", "my mug", "--max-new-tokens", "12"],
+        "ask, feedback after the result": ["ask", "late: where is my mug?"],
         "ask video": ["ask", "What did Rex do?", "--video", "5", "--camera", CAMERA],
         "ask image": ["ask", "Is this my mug?", "--image", photo],
         "ask unknown concept": ["ask", "Where is he?", "--concept", "nobody", "--node", "ego"],
@@ -318,6 +324,14 @@ def test_ask_streams_the_answer_through_the_action(server, runs):
     (goal,) = [g for g in server.asked("answer") if g.question == "Where is my mug?"]
     assert (goal.source, goal.concepts, goal.max_new_tokens) == (Answer.Goal.SOURCE_LATEST, ["my mug"], 12)
     assert not server.asked("ask"), "the CLI asks through the action, not the service"
+
+
+def test_ask_waits_for_feedback_the_result_overtook(runs):
+    # The server sends the last piece's feedback 0.3 s after the result: the count still ends at 3 tokens, and the
+    # answer is printed once
+    result = ok(runs["ask, feedback after the result"])
+    assert result.stdout == "The mug is on the table (latest frame of the default camera).\n"
+    assert result.stderr.strip().splitlines()[-1] == "(concepts in context: 'my mug'; 3 tokens in 0.2 s)"
 
 
 def test_ask_about_a_video_window_or_an_image(runs):

@@ -35,6 +35,8 @@ DEFAULT_TIMEOUT = 10.0
 _LIVENESS_PERIOD = 1.0
 # A request unanswered (a goal unaccepted) this long is sent once more (see the module docstring).
 RESEND_AFTER_SEC = 3.0
+# How long an answer's result waits for feedback messages it overtook (seconds; see EgoClient.ask).
+FEEDBACK_GRACE_SEC = 1.0
 
 
 class NodeError(Exception):
@@ -270,6 +272,11 @@ class EgoClient:
         result, status = response.result().result, response.result().status
         if status != GoalStatus.STATUS_SUCCEEDED or not result.success:
             raise NodeError(result.message or f"the question ended with goal status {status}")
+        # Feedback and result travel on different topics: under load the result can overtake the last feedback
+        # messages. Wait a little for them, so that the token count (and on_text) ends with the whole answer
+        deadline = time.monotonic() + FEEDBACK_GRACE_SEC
+        while "".join(pieces).strip() != result.answer.strip() and time.monotonic() < deadline:
+            self._executor.spin_once(timeout_sec=0.05)
         return AskResult(result.answer, list(result.concepts_used), result.latency_sec, tokens)
 
     def recognize(self, image=None, *, camera: str = "", concepts: Iterable[str] = ()) -> dict[str, float]:
