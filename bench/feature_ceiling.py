@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: Apache-2.0
+"""How much of the toy protocol the visual features alone can tell, against what the model's answer makes of them.
+
+For every question of the toy protocol (each test image asked about each concept, Ego's tokens from one view), two
+scores: the model's P(yes), and a score with no decoder at all: each memory row's best cosine match among the
+frame's visual tokens, averaged over the memory (the comparison the toy model's written heads make, without their
+softmax). Each is scored as the protocol scores (precision and recall per concept, averaged, F1 from the two), with
+P(yes) at 0.5 and, for both, at the threshold that does best on that seed: chosen with hindsight, an upper bound on
+what any read-out of the same evidence could reach. Examples::
+
+    python bench/feature_ceiling.py                  # the committed toy model, protocol seeds 3, 5 and 8
+    python bench/feature_ceiling.py --model build/my-toy-model --seeds 3 --out bench/out/ceiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ego_ros import toy as toy_world  # noqa: E402
+from ego_ros.engine import Ego  # noqa: E402
+from ego_ros.engine.images import to_rgb  # noqa: E402
+from ego_ros.evaluation import toy  # noqa: E402
+from ego_ros.evaluation.methods import introduction  # noqa: E402
+from ego_ros.evaluation.metrics import recognition_score  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None,
+                        help="toy model folder (default: the committed one, ego_ros/toy/model)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3, 5, 8], help="protocol seeds")
+    parser.add_argument("--concepts", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("bench/out/feature_ceiling.json"))
+    args = parser.parse_args(argv)
+    model = toy_world.model_dir(args.model)
+    work = Path(tempfile.mkdtemp())
+    ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
+    results = {"model": str(model), "layers": list(ego.layers), "seeds": {}}
+    print("| seed | P(yes) at 0.5 | P(yes), best threshold | features alone, best threshold |")
+    print("|---|---|---|---|")
+    for seed in args.seeds:
+        answer, feature, present = questions(ego, seed, args.concepts)
+        row = {"answer at 0.5": f1(answer > 0.5, present), "answer, best threshold": best_f1(answer, present),
+               "features, best threshold": best_f1(feature, present)}
+        results["seeds"][seed] = row
+        print(f"| {seed} | " + " | ".join(f"{100 * v:.1f}" for v in row.values()) + " |")
+    means = {key: float(np.mean([r[key] for r in results["seeds"].values()])) for key in row}
+    results["mean"] = means
+    print("| mean | " + " | ".join(f"{100 * v:.1f}" for v in means.values()) + " |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+@torch.no_grad()
+def questions(ego, seed: int, concepts: int):
+    """P(yes), the feature score and the truth of every (test image, concept) question: three (images, concepts)."""
+    data = toy.recognition_set(concepts, seed=seed, views=1)
+    introductions = {name: introduction("ego", info, 1) for name, info in toy.introduce(ego, data).items()}
+    names = list(introductions)
+    answer, feature = np.zeros((len(data.tests), len(names))), np.zeros((len(data.tests), len(names)))
+    present = np.array([[data.present(scene, name) for name in names] for scene in data.tests])
+    for i, scene in enumerate(tqdm(data.tests, desc=f"seed {seed}", unit="image", file=sys.stderr)):
+        (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
+        p_yes = ego.yes_probabilities(encoded, introductions)
+        frame = torch.nn.functional.normalize(encoded.features.float(), dim=-1)
+        for j, name in enumerate(names):
+            (memory,) = introductions[name]  # Ego's kept vectors of the one view
+            rows = torch.nn.functional.normalize(memory.float(), dim=-1)
+            answer[i, j] = p_yes[name]
+            feature[i, j] = float((rows @ frame.T).max(dim=1).values.mean())
+    for name in names:  # every seed names its concepts alike
+        ego.forget(name)
+    return answer, feature, present
+
+
+def f1(said_yes: np.ndarray, present: np.ndarray) -> float:
+    """The protocol's F1 of (images, concepts) decisions."""
+    return recognition_score([(j, said_yes[i, j], present[i, j]) for i in range(present.shape[0])
+                              for j in range(present.shape[1])]).f1
+
+
+def best_f1(score: np.ndarray, present: np.ndarray) -> float:
+    """The protocol's F1 at the threshold on ``score`` that does best (hindsight)."""
+    return max(f1(score > t, present) for t in np.unique(np.quantile(score, np.linspace(0.5, 0.999, 300))))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
