@@ -61,6 +61,7 @@ ANSWER_FIELDS = {
     "answer": "string",
     "concepts_used": "sequence<string>",
     "latency_sec": "float",
+    "tokens": "uint32",
     "frames": "sequence<std_msgs/Header>",
 }
 

@@ -107,7 +107,7 @@ class LossyServer:
         goal_handle.publish_feedback(Answer.Feedback(new_text="on the table", tokens=3))
         time.sleep(0.2)  # the feedback arrives before the result
         goal_handle.succeed()
-        return Answer.Result(success=True, answer="on the table", concepts_used=["Rex"])
+        return Answer.Result(success=True, answer="on the table", concepts_used=["Rex"], tokens=3)
 
 
 @pytest.fixture()

@@ -185,7 +185,7 @@ class ProtocolServer:
             threading.Timer(0.3, goal_handle.publish_feedback, [last]).start()
         goal_handle.succeed()
         return Answer.Result(success=True, answer="".join(parts),
-                             concepts_used=list(goal.concepts) or ["my mug"], latency_sec=0.25)
+                             concepts_used=list(goal.concepts) or ["my mug"], latency_sec=0.25, tokens=len(parts))
 
     # topic
 
@@ -319,16 +319,15 @@ def test_forget_confirms_or_fails_in_one_line(server, runs):
 def test_ask_streams_the_answer_through_the_action(server, runs):
     result = ok(runs["ask"])
     assert result.stdout == "The mug is on the table (latest frame of the default camera).\n"
-    # 3 tokens: the count of the last feedback message, so the answer did come as feedback.
     assert result.stderr.strip().splitlines()[-1] == "(concepts in context: 'my mug'; 3 tokens in 0.2 s)"
     (goal,) = [g for g in server.asked("answer") if g.question == "Where is my mug?"]
     assert (goal.source, goal.concepts, goal.max_new_tokens) == (Answer.Goal.SOURCE_LATEST, ["my mug"], 12)
     assert not server.asked("ask"), "the CLI asks through the action, not the service"
 
 
-def test_ask_waits_for_feedback_the_result_overtook(runs):
-    # The server sends the last piece's feedback 0.3 s after the result: the count still ends at 3 tokens, and the
-    # answer is printed once
+def test_ask_holds_when_the_result_overtakes_the_feedback(runs):
+    # The server sends the last piece's feedback 0.3 s after the result (rclpy then drops it): the answer and its
+    # count are the result's, printed once
     result = ok(runs["ask, feedback after the result"])
     assert result.stdout == "The mug is on the table (latest frame of the default camera).\n"
     assert result.stderr.strip().splitlines()[-1] == "(concepts in context: 'my mug'; 3 tokens in 0.2 s)"

@@ -118,8 +118,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if not answer.answer.strip():
             warn("the model gave an empty answer")
         context = ", ".join(repr(n) for n in answer.concepts_used) or "none"
-        tokens = f"{answer.tokens} tokens in " if answer.tokens is not None else ""
-        info(f"(concepts in context: {context}; {tokens}{answer.latency_sec:.1f} s)")
+        info(f"(concepts in context: {context}; {answer.tokens} tokens in {answer.latency_sec:.1f} s)")
         return 0
 
     return run_live(run, args, WITH_MODEL)

@@ -35,8 +35,6 @@ DEFAULT_TIMEOUT = 10.0
 _LIVENESS_PERIOD = 1.0
 # A request unanswered (a goal unaccepted) this long is sent once more (see the module docstring).
 RESEND_AFTER_SEC = 3.0
-# How long an answer's result waits for feedback messages it overtook (seconds; see EgoClient.ask).
-FEEDBACK_GRACE_SEC = 1.0
 
 
 class NodeError(Exception):
@@ -60,7 +58,7 @@ class AskResult:
     answer: str
     concepts_used: list[str]
     latency_sec: float
-    tokens: int | None  # from the last feedback; None when no feedback arrived
+    tokens: int  # how many tokens the answer took (the result's count)
 
 
 def node_name(name: str | None) -> str:
@@ -230,16 +228,14 @@ class EgoClient:
         if self._answer_client is None:
             self._answer_client = ActionClient(self._ros, Answer, endpoint)
         client = self._answer_client
-        tokens, pieces, chosen, early = None, [], [], []
+        pieces, chosen, early = [], [], []
 
         def feedback(message) -> None:
-            nonlocal tokens
             if not chosen:
                 early.append(message)  # before the node's acceptance of its goal reached us
                 return
             if bytes(message.goal_id.uuid) != chosen[0]:
                 return  # a goal sent again that the node accepted too (cancelled below)
-            tokens = message.feedback.tokens
             pieces.append(message.feedback.new_text)
             if on_text is not None:
                 on_text("".join(pieces))
@@ -272,12 +268,9 @@ class EgoClient:
         result, status = response.result().result, response.result().status
         if status != GoalStatus.STATUS_SUCCEEDED or not result.success:
             raise NodeError(result.message or f"the question ended with goal status {status}")
-        # Feedback and result travel on different topics: under load the result can overtake the last feedback
-        # messages. Wait a little for them, so that the token count (and on_text) ends with the whole answer
-        deadline = time.monotonic() + FEEDBACK_GRACE_SEC
-        while "".join(pieces).strip() != result.answer.strip() and time.monotonic() < deadline:
-            self._executor.spin_once(timeout_sec=0.05)
-        return AskResult(result.answer, list(result.concepts_used), result.latency_sec, tokens)
+        # The count is the result's: feedback travels on another topic, the result can overtake its last messages,
+        # and rclpy drops feedback that comes after the result
+        return AskResult(result.answer, list(result.concepts_used), result.latency_sec, result.tokens)
 
     def recognize(self, image=None, *, camera: str = "", concepts: Iterable[str] = ()) -> dict[str, float]:
         """``Recognize`` on ``image`` (an RGB array) if given, else on the camera's latest frame: name -> score."""

@@ -470,8 +470,7 @@ class EgoCommander:
             task._fail(NodeError(f"{task._endpoint} failed: {future.exception()}"))
             return
         result, status = future.result().result, future.result().status
-        tokens = task.feedback.tokens if task.feedback is not None else None
-        answer = AskResult(result.answer, list(result.concepts_used), result.latency_sec, tokens)
+        answer = AskResult(result.answer, list(result.concepts_used), result.latency_sec, result.tokens)
         if status == GoalStatus.STATUS_CANCELED:
             task._fail(TaskCancelled(result.message or "cancelled", partial=answer))
         elif status != GoalStatus.STATUS_SUCCEEDED or not result.success:

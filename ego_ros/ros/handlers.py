@@ -162,7 +162,7 @@ class ServiceHandlers:
         def respond(result):
             answer, headers, noted = result
             response.answer, response.concepts_used = answer.text, answer.concepts
-            response.latency_sec = float(answer.timings["total"])
+            response.latency_sec, response.tokens = float(answer.timings["total"]), int(answer.new_tokens)
             response.frames = headers
             response.message = f"{answer.new_tokens} tokens{noted}"
 
@@ -351,6 +351,7 @@ class ServiceHandlers:
                     lambda: self._ask_job(goal_handle.request, on_new_text, cancel), slot_taken=True)
                 result.success, result.answer = True, answer.text
                 result.concepts_used, result.latency_sec = answer.concepts, float(answer.timings["total"])
+                result.tokens = int(answer.new_tokens)
                 result.frames = headers
                 result.message = f"{answer.new_tokens} tokens{noted}" + (" (cancelled)" if cancel.is_set() else "")
             except Exception as error:  # noqa: BLE001
