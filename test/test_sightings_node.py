@@ -22,6 +22,7 @@ from rclpy.time import Time  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from ego_ros.msg import RecognitionEvent  # noqa: E402
+from ego_ros.ros.poses import MAX_AGE_SEC  # noqa: E402
 from ego_ros.ros.image_msgs import image_to_msg  # noqa: E402
 from ego_ros.sightings import FILE_NAME, SightingsStore  # noqa: E402
 from ego_ros.srv import Ask, ForgetConcept, LastSeen, ListConcepts, Recognize, RegisterConcept  # noqa: E402
@@ -47,12 +48,14 @@ def graph(tiny_model_dir, tmp_path_factory):
     client = Client(domain)
     camera = CameraPublisher(client, CAMERA, 10.0).start()
     poses, stop = client.publisher(PoseStamped, POSES), threading.Event()
+    published = {}  # x -> stamp of each pose sent: every x is new, so a visit's pose says which one it was
 
     def publish_poses():  # the robot moves along x, 20 poses a second
         while not stop.wait(0.05):
             pose = PoseStamped()
             pose.header.stamp, pose.header.frame_id = client.node.get_clock().now().to_msg(), "map"
             pose.pose.position.x, pose.pose.orientation.w = time.monotonic() % 100, 1.0
+            published[pose.pose.position.x] = seconds(pose.header.stamp)
             poses.publish(pose)
 
     threading.Thread(target=publish_poses, daemon=True).start()
@@ -62,7 +65,7 @@ def graph(tiny_model_dir, tmp_path_factory):
         # that have no pose, and a loaded machine once made the first visit's sightings all before it (CI).
         wait_for(lambda: poses.get_subscription_count() > 0, 60, "the node subscribed to the robot's poses")
         time.sleep(0.5)  # ten poses
-        yield node, client, folder / "memory", domain
+        yield node, client, folder / "memory", domain, published
     finally:
         stop.set()
         camera.stop()
@@ -75,7 +78,7 @@ def last_seen(client, name, **fields):
 
 
 def test_recognitions_become_visits_with_a_crop_and_the_robots_pose(graph):
-    node, client, _, _ = graph
+    node, client, _, _, published = graph
     events = client.subscribe(RecognitionEvent, "/ego/recognitions")
     request = RegisterConcept.Request(name="Rex", camera=CAMERA)
     wait_for(lambda: client.call(RegisterConcept, "/ego/register_concept", request).success, 30,
@@ -91,7 +94,11 @@ def test_recognitions_become_visits_with_a_crop_and_the_robots_pose(graph):
     assert min(abs(s - first) for s in stamps) < 1e-6  # the stamp of a frame an event was about
     crop = PILImage.open(io.BytesIO(bytes(visit.crop.data)))
     assert crop.format == "JPEG" and max(crop.size) <= 96 and visit.crop.format == "jpeg"
-    assert visit.has_pose and visit.pose.header.frame_id == "map" and 0.0 <= visit.pose_age_sec <= 0.2
+    # The pose is one the robot sent, pose_age_sec from the best sighting's frame (how near the nearest was
+    # depends on the machine's load: the node's own bound, not a timing, is what holds).
+    assert visit.has_pose and visit.pose.header.frame_id == "map" and 0.0 <= visit.pose_age_sec <= MAX_AGE_SEC
+    sent = published[visit.pose.pose.position.x]
+    assert abs(sent - seconds(visit.best_stamp)) == pytest.approx(visit.pose_age_sec, abs=1e-6)
     assert "visit" in answer.message
     # Filters: another camera has none; a `since` after the visit ends has none.
     assert last_seen(client, "Rex", camera="/other").visits == []
@@ -102,7 +109,7 @@ def test_recognitions_become_visits_with_a_crop_and_the_robots_pose(graph):
 
 
 def test_a_recognize_call_on_a_given_image_is_a_visit_without_a_camera(graph):
-    _, client, _, _ = graph
+    _, client, _, _, _ = graph
     image = image_to_msg(np.full((64, 64, 3), 90, np.uint8), Image)
     image.header.frame_id = "sent"
     scored = client.call(Recognize, "/ego/recognize", Recognize.Request(image=image))
@@ -113,7 +120,7 @@ def test_a_recognize_call_on_a_given_image_is_a_visit_without_a_camera(graph):
 
 
 def test_a_question_about_time_gets_the_visits_in_its_prompt(graph):
-    _, client, _, _ = graph
+    _, client, _, _, _ = graph
     asked = client.call(Ask, "/ego/ask", Ask.Request(question="When did you last see Rex?", camera=CAMERA))
     assert asked.success and asked.message.endswith("; visits of 'Rex' in context"), asked.message
     other = client.call(Ask, "/ego/ask", Ask.Request(question="What colour is Rex?", camera=CAMERA))
@@ -121,7 +128,7 @@ def test_a_question_about_time_gets_the_visits_in_its_prompt(graph):
 
 
 def test_last_seen_on_the_command_line_live_and_offline_then_forgetting_forgets_the_visits(graph):
-    _, client, memory, domain = graph
+    _, client, memory, domain, _ = graph
     for mode in (["--node", "/ego"], ["--memory-dir", str(memory)]):
         run = subprocess.run([sys.executable, "-m", "ego_ros.cli", "last-seen", "Rex", "--camera", CAMERA, *mode],
                              cwd=REPO, env=ros_env(domain), capture_output=True, text=True, timeout=60)
