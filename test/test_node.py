@@ -86,15 +86,16 @@ def test_frames_land_in_the_buffer_at_buffer_fps(graph):
             for status in array_msg.status:
                 if status.name.endswith(f"camera {CAMERA}"):
                     values = {kv.key: kv.value for kv in status.values}
-                    # On rate once the buffer spans 4 s: a start-up stall on a busy 2-core machine can lower
-                    # the first windows' input rate, so the latest status is awaited until it is on rate.
-                    if float(values["span_sec"]) >= 4.0 and 12.0 <= float(values["input_rate_hz"]) <= 17.0:
+                    # Awaited: a window where the buffer spans 4 s and the camera ran well above buffer_fps, so that
+                    # thinning is at work. The test's own 15 Hz camera (a Python thread) slows on a loaded machine,
+                    # and its rate is not what is tested here (test_ros_helpers measures the rate estimate itself).
+                    if float(values["span_sec"]) >= 4.0 and float(values["input_rate_hz"]) >= 6.0:
                         return values
                     return None
         return None
 
-    values = wait_for(camera_status, 30, "a camera buffer spanning 4 s, its input on rate")
-    assert 12.0 <= float(values["input_rate_hz"]) <= 17.0
+    values = wait_for(camera_status, 30, "a camera buffer spanning 4 s, its input well above buffer_fps")
+    assert float(values["input_rate_hz"]) <= 17.0  # never more than the camera sends
     assert 1.5 <= float(values["accepted_rate_hz"]) <= 2.5
     frames, span = int(values["frames"]), float(values["span_sec"])
     # Thinned to 2 frames a second: never more than the span allows. A stall of the test's own camera on a busy
@@ -615,6 +616,22 @@ def test_responses_say_which_frame_and_a_stale_frame_is_not_the_latest(graph):
     assert back_to_ok.message.endswith("Hz in")
 
 
+def wait_until_quiet(events: list, what: str, quiet_sec: float = 2.5, limit_sec: float = 30.0) -> int:
+    """After ``what``, the events stop: what was already on its way may still come (the frame being analysed, the
+    one queued behind it, a tick that raced the change: at most 3), then none for ``quiet_sec`` (at 2 Hz there is
+    one every half second). Returns the count then. Waiting for the quiet, not a fixed grace, since a loaded
+    machine once took longer than 1.5 s to send the frame in flight."""
+    before = last_count = len(events)
+    deadline, last_change = time.monotonic() + limit_sec, time.monotonic()
+    while time.monotonic() - last_change < quiet_sec:
+        assert time.monotonic() < deadline, f"events kept coming after {what}: {len(events) - before}"
+        time.sleep(0.1)
+        if len(events) != last_count:
+            last_count, last_change = len(events), time.monotonic()
+    assert last_count - before <= 3, f"{last_count - before} events after {what}"
+    return last_count
+
+
 def test_live_parameters_enable_and_the_last_forget_sends_disappeared(graph):
     _, client, _ = graph
     _ensure_concept(client, "Rex")
@@ -626,10 +643,7 @@ def test_live_parameters_enable_and_the_last_forget_sends_disappeared(graph):
 
     (result,) = set_parameter(client, "recognition_rate_hz", 0.0, node="/ego")  # off, live
     assert result.successful, result.reason
-    time.sleep(1.5)  # an event already queued may still come
-    count = len(events)
-    time.sleep(2.0)
-    assert len(events) == count
+    count = wait_until_quiet(events, "recognition_rate_hz 0")
     (result,) = set_parameter(client, "recognition_rate_hz", 2.0, node="/ego")
     assert result.successful
     wait_for(lambda: len(events) > count + 1, 30, "events again at 2 Hz")
@@ -638,10 +652,7 @@ def test_live_parameters_enable_and_the_last_forget_sends_disappeared(graph):
 
     paused = client.call(SetBool, "/ego/enable", SetBool.Request(data=False))
     assert paused.success and "paused" in paused.message
-    time.sleep(1.5)
-    count = len(events)
-    time.sleep(2.0)
-    assert len(events) == count
+    count = wait_until_quiet(events, "pausing")
     assert client.call(SetBool, "/ego/enable", SetBool.Request(data=True)).success
     wait_for(lambda: any(any(d.name == "Rex" for d in e.detections) for e in events[count:]), 30, "Rex again")
 

@@ -33,10 +33,10 @@ from std_msgs.msg import Header  # noqa: E402
 from ego_ros.action import Answer  # noqa: E402
 from ego_ros.msg import ConceptDetection, ConceptInfo, RecognitionEvent  # noqa: E402
 from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterConcept  # noqa: E402
+from ego_ros.testing.rosgraph import EMPTY_DOMAIN  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAIN = random.randint(1, 100)
-OTHER_DOMAIN = DOMAIN % 101 + 1  # another domain in 1..101, where nobody of this module is
 CAMERA = "/camera/image_raw"
 EVENT_A = RecognitionEvent(
     header=Header(stamp=Time(sec=1_700_000_000, nanosec=250_000_000), frame_id="camera_optical"), camera=CAMERA,
@@ -369,12 +369,12 @@ def test_register_from_the_camera_buffer_or_from_files(server, runs):
 
 def test_no_node_is_one_line_within_the_timeout():
     started = time.monotonic()
-    result = finish(start("list", "--timeout", "2", domain=OTHER_DOMAIN))
+    result = finish(start("list", "--timeout", "2", domain=EMPTY_DOMAIN))
     assert time.monotonic() - started < 2.0 + 5.0  # the timeout, and the start of a Python with rclpy
     assert one_error_line(result) == (
         "ego-ros: error: no ego node answering at /ego/list_concepts (start one with 'ego-ros node', "
         "or pass --offline to use this machine's memory folder)")
-    result = finish(start("ask", "Where is my mug?", "--timeout", "2", domain=OTHER_DOMAIN))
+    result = finish(start("ask", "Where is my mug?", "--timeout", "2", domain=EMPTY_DOMAIN))
     assert "no ego node answering at /ego/answer (start one with 'ego-ros node', or pass --model to work offline)" \
         in one_error_line(result)
 
