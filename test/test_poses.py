@@ -7,23 +7,18 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("rclpy")
-from builtin_interfaces.msg import Time  # noqa: E402
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
 
+from ego_ros.ros.messages import time_msg  # noqa: E402
 from ego_ros.ros.poses import KEEP_SEC, MAX_AGE_SEC, PoseHistory  # noqa: E402
 
 EPOCH = 1_800_000_000.0  # a plausible ROS time, so float seconds keep their precision as in the node
 
 
-def stamp(t: float) -> Time:
-    sec = int(t)
-    return Time(sec=sec, nanosec=int(round((t - sec) * 1e9)))
-
-
 def pose_at(t: float, x: float, *, frame: str = "map") -> PoseStamped:
     msg = PoseStamped()
-    msg.header.stamp, msg.header.frame_id = stamp(EPOCH + t), frame
+    msg.header.stamp, msg.header.frame_id = time_msg(EPOCH + t), frame
     msg.pose.position.x, msg.pose.orientation.w = x, 1.0
     return msg
 
@@ -61,7 +56,7 @@ def test_old_poses_are_dropped_and_a_jump_back_in_time_starts_over():
 def test_odometry_gives_its_nested_pose():
     history = PoseHistory("/odom")
     odometry = Odometry()
-    odometry.header.stamp, odometry.header.frame_id = stamp(EPOCH), "odom"
+    odometry.header.stamp, odometry.header.frame_id = time_msg(EPOCH), "odom"
     odometry.pose.pose.position.y, odometry.pose.pose.orientation.z = 4.0, 1.0
     history.add(odometry)
     pose, age, _ = history.nearest(EPOCH)
