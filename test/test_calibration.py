@@ -161,9 +161,18 @@ def test_the_better_rule_on_the_data_is_kept_and_both_are_recorded():
     assert (result.default_layers, result.default_overlap) == ([1, 2], 1.0)
     assert result.chance_overlap == 0.5
     assert result.num_images == 1 and result.max_layers == 2 and result.measure == calib.MEASURE
-    # When the rules agree the paper's is named.
-    single = calib.summarise([LAYERS], [SUBJECT], max_layers=1, model="m", fingerprint="f")
-    assert (single.rule, single.layers) == ("top", [0])
+    # When the rules agree the paper's is named (here the middle half, layers 1 and 2, finds nothing).
+    single = calib.summarise([LAYERS[[0, 3, 3, 1]]], [SUBJECT], max_layers=1, model="m", fingerprint="f")
+    assert (single.rule, single.layers, single.default_overlap) == ("top", [0], 0.0)
+
+
+def test_the_middle_half_is_kept_when_it_beats_what_the_rules_may_choose():
+    """Calibrating never localises worse than not calibrating, on its own images: allowed one layer (2/3 at best),
+    the rules lose to the middle half, whose two layers together find the whole subject (1.0)."""
+    result = calib.summarise([LAYERS], [SUBJECT], max_layers=1, model="m", fingerprint="f")
+    assert (result.top_layers, result.greedy_layers) == ([0], [0])
+    assert (result.rule, result.layers, result.overlap) == ("middle", [1, 2], 1.0)
+    assert calib.Calibration.from_json(result.to_json()) == result  # a saved choice of the middle half reads back
 
 
 def test_default_max_layers_is_a_quarter_of_the_decoder():

@@ -18,8 +18,10 @@ model, so the paper picks them once per model on images with segmentation masks.
    - ``greedy``: the best single layer, then repeatedly the layer that most improves the combined overlap,
      until nothing improves it or ``max_layers`` are chosen.
 
-   The middle-half default's combined overlap and the chance level (the expected share of a random choice of K
-   tokens: K/N, averaged over images) are recorded beside them.
+   Unless the middle-half default scores strictly higher together than both (``middle``: it is kept, so that
+   calibrating never localises worse, on its own images, than not calibrating; a model whose keyword attention
+   is spread evenly over many layers can do that, since the rules keep few). The chance level (the expected share
+   of a random choice of K tokens: K/N, averaged over images) is recorded beside them.
 
 The result is a :class:`Calibration`, saved as ``<calibration_dir>/<model fingerprint>.json``; ``Ego.load`` uses
 it when no layers are given explicitly. The rules and the measure are pure functions of per-image score arrays,
@@ -54,6 +56,7 @@ MEASURE = (
 RULES = {
     "top": "the paper's: the best layers on their own",
     "greedy": "forward selection on the combined scores",
+    "middle": "the middle-half default, better together than either rule's layers",
 }
 SUBJECT_SHARE = 0.5  # a token is a subject token when at least this share of its cell is mask
 FORMAT = "ego_ros.calibration"
@@ -226,7 +229,7 @@ class Calibration:
     @property
     def overlap(self) -> float:
         """The combined overlap of the chosen layers on the calibration images."""
-        return self.top_overlap if self.rule == "top" else self.greedy_overlap
+        return {"top": self.top_overlap, "greedy": self.greedy_overlap, "middle": self.default_overlap}[self.rule]
 
     def summary(self) -> str:
         """One line for ``layers_source``: 'calibrated on 200 images (toy world) 2026-11-26'."""
@@ -291,15 +294,20 @@ def summarise(per_image: Sequence, subjects: Sequence, *, max_layers: int, model
     top = top_layers(means.tolist(), max_layers)
     greedy = greedy_layers(per_image, subjects, max_layers)
     middle = list(default_layers(num_layers))
-    top_value, greedy_value = (combined_overlap(per_image, subjects, top),
-                               combined_overlap(per_image, subjects, greedy))
-    # The paper's rule unless greedy is strictly better: on a tie, the reference method.
+    top_value, greedy_value, middle_value = (combined_overlap(per_image, subjects, top),
+                                             combined_overlap(per_image, subjects, greedy),
+                                             combined_overlap(per_image, subjects, middle))
+    # The paper's rule unless greedy is strictly better: on a tie, the reference method; and the default unless a
+    # rule does at least as well, so that a calibration is never worse than none on the images it measured.
     rule = "greedy" if greedy_value > top_value else "top"
+    if middle_value > max(top_value, greedy_value):
+        rule = "middle"
     return Calibration(
-        model=model, fingerprint=fingerprint, num_layers=num_layers, layers=greedy if rule == "greedy" else top,
+        model=model, fingerprint=fingerprint, num_layers=num_layers,
+        layers={"top": top, "greedy": greedy, "middle": middle}[rule],
         rule=rule, max_layers=max_layers, per_layer_overlap=means.tolist(), per_layer_std=stds.tolist(),
         top_layers=top, top_overlap=top_value, greedy_layers=greedy, greedy_overlap=greedy_value,
-        default_layers=middle, default_overlap=combined_overlap(per_image, subjects, middle),
+        default_layers=middle, default_overlap=middle_value,
         chance_overlap=chance_overlap(subjects), num_images=len(per_image), num_skipped=num_skipped,
         source=source, created=time.time(),
     )

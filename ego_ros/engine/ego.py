@@ -372,7 +372,8 @@ class Ego:
 
         Two rules choose at most ``max_layers`` layers (default: a quarter of the decoder): the paper's (the best
         single layers) and greedy forward selection on the combined scores; the better one on these images is
-        kept, both are recorded, with the middle-half default's and chance's figures (see calibration.py).
+        kept, unless the middle-half default beats both (then it is kept); all are recorded, with chance's figure
+        (see calibration.py).
 
         A sample whose mask is empty, not boolean, or not the image's size is refused (``InvalidCalibration``,
         naming its index). One whose subject covers no visual token (too small) or every token (measures
