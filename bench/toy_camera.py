@@ -11,7 +11,7 @@ beat; the macro F1 at other thresholds, from the same scores, shows how much the
 
 Examples::
 
-    python bench/toy_camera.py --threshold 0.6        # the committed toy model, camera seed 0, 60 s, as run.sh
+    python bench/toy_camera.py --threshold 0.8        # the committed toy model, camera seed 0, 60 s, as run.sh
     python bench/toy_camera.py --seed 7 --views 1 --order image_first
 """
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=float, default=1.0, help="seconds between the frames asked about")
     parser.add_argument("--order", choices=("concept_first", "image_first"), default=None)
     parser.add_argument("--threshold", type=float, default=0.5,
-                        help="score at which an instance is said present (default 0.5; scripts/run.sh: 0.6)")
+                        help="score at which an instance is said present (default 0.5; scripts/run.sh: 0.8)")
     parser.add_argument("--out", type=Path, default=None, help="write the tally as JSON here")
     args = parser.parse_args(argv)
 
@@ -75,14 +75,20 @@ def main(argv=None) -> int:
     print(f"\n### The toy camera, seed {args.seed}: {len(times)} frames over {args.seconds:.0f} s, "
           f"{args.views} reference view(s) each, {ego.config.recognition_order}, threshold {args.threshold:g}\n")
     print(tally.table())
-    print(f"\nthe name alone, no memory: macro F1 {100 * name_alone.macro_f1:.1f}")
-    others = {t: tallied(t).macro_f1 for t in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)}
+    thresholds = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    others = {t: tallied(t).macro_f1 for t in thresholds}
+    # the name alone's answers sit lower than a memory's: compared at its own best threshold too, not only at ours
+    name_alone_at = {t: tallied(t, "name alone").macro_f1 for t in thresholds}
+    best = max(name_alone_at, key=name_alone_at.get)
+    print(f"\nthe name alone, no memory: macro F1 {100 * name_alone.macro_f1:.1f} "
+          f"({100 * name_alone_at[best]:.1f} at its best threshold, {best:g})")
     print("macro F1 at other thresholds: " + ", ".join(f"{t:g}: {100 * f:.1f}" for t, f in others.items()))
     if args.out:
         rows = {name: dict(vars(c), precision=c.precision, recall=c.recall, f1=c.f1) for name, c in tally.rows.items()}
-        args.out.write_text(json.dumps({"seed": args.seed, "threshold": args.threshold, "rows": rows,
-                                        "macro_f1": tally.macro_f1, "name_alone_macro_f1": name_alone.macro_f1,
-                                        "macro_f1_at": others}, indent=2) + "\n")
+        record = {"seed": args.seed, "threshold": args.threshold, "rows": rows, "macro_f1": tally.macro_f1,
+                  "name_alone_macro_f1": name_alone.macro_f1, "macro_f1_at": others,
+                  "name_alone_macro_f1_at": name_alone_at}
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
