@@ -114,6 +114,27 @@ def test_token_coverage_counts_each_28px_block():
         tasks.token_coverage(np.zeros((30, 28), dtype=bool))
 
 
+def test_a_token_is_labelled_with_the_object_covering_most_of_it_from_a_memorys_coverage_on():
+    """The seeing stage labels a token wherever a memory would take it (MASK_COVERAGE), with the object covering
+    most of it: labelling only half-covered tokens taught a small instance's edge tokens to read as background."""
+    def placed(instance, blocks):
+        mask = np.zeros((world.SIZE, world.SIZE), dtype=bool)
+        for token, rows in blocks.items():  # rows of the token's 28 px block the object fills
+            y, x = divmod(token, world.SIZE // tasks.TOKEN_PX)
+            mask[y * 28:y * 28 + rows, x * 28:(x + 1) * 28] = True
+        return world.PlacedObject(instance, (0, 0, 1, 1), mask)
+
+    mug, ball = toy_world.Instance("mug", "red", "striped", "white"), toy_world.Instance("ball", "blue")
+    # token 0: the mug alone; 1: mug 0.29, ball 0.39; 2: ball 0.21 (under MASK_COVERAGE); 3: a tie at 0.5
+    scene = world.Scene(Image.new("RGB", (world.SIZE, world.SIZE)),
+                        [placed(mug, {0: 28, 1: 8, 3: 14}), placed(ball, {1: 11, 2: 6, 3: 14})])
+    classes = tasks.token_attributes(scene)
+    assert classes.shape == (64, 4)
+    assert classes[0].tolist() == classes[3].tolist() == tasks.attribute_indices(mug)
+    assert classes[1].tolist() == tasks.attribute_indices(ball)
+    assert (classes[2:3] == tasks.NONE).all() and (classes[4:] == tasks.NONE).all()
+
+
 def test_answers_name_what_the_scene_holds():
     rng = np.random.default_rng(1)
     mug = toy_world.Instance("mug", "red", "striped", "white")
@@ -294,22 +315,54 @@ def test_training_data_never_draws_the_evaluations_seeds():
 POOLED_AUC_FLOOR = {"image_first": 0.8, "concept_first": 0.65}
 
 
+def _model_and_backend(model_dir):
+    """The toy model as the recipe holds it: the plain model class and the engine's backend over it."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ego_ros.engine.backends.qwen2_5_vl import Qwen2_5_VLBackend
+    from ego_ros.toy.train import Recipe, build
+
+    _, tokenizer, image_processor, _ = build(0, Recipe())
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, Qwen2_5_VLBackend(model, tokenizer, image_processor, placeholder=prompts.CONCEPT_PLACEHOLDER,
+                                    max_pixels=world.SIZE * world.SIZE)
+
+
+def test_the_matching_threshold_kept_is_the_one_whose_evidence_tells_yes_from_no_best(toy_model_dir):
+    """install_best tries each threshold from the same weights and keeps the best-scoring one: what it leaves in
+    the model is exactly what install writes at that threshold from those weights."""
+    import torch
+
+    from ego_ros.toy import circuit
+
+    model, backend = _model_and_backend(toy_model_dir)
+    rng = np.random.default_rng([4243, 0])
+    samples = [tasks.concept_question(rng, order) for order in tasks.ORDERS for _ in range(24)]
+    samples = [s for s in samples if s.scenes and any(isinstance(p, tasks.MemoryRef) for p in s.parts)]
+    attentions = [backend.attention_module(layer) for layer in circuit.LAYERS]
+    start = [{k: v.clone() for k, v in a.state_dict().items()} for a in attentions]
+    figures = circuit.install_best(model, backend, samples, thresholds=(0.3, 0.9), log=lambda *_: None)
+    scores, chosen = figures["threshold"]["mean pooled AUC"], figures["threshold"]["chosen"]
+    print(f"mean pooled AUC by threshold: {scores}")
+    assert scores["0.9"] > scores.get("0.3", 0.0) and chosen == 0.9  # 0.3: every row matches everything
+    kept = [{k: v.clone() for k, v in a.state_dict().items()} for a in attentions]
+    for attention, state in zip(attentions, start):
+        attention.load_state_dict(state)
+    circuit.install(model, backend, samples, circuit.Strengths(threshold=chosen), log=lambda *_: None)
+    for attention, state in zip(attentions, kept):
+        for name, value in attention.state_dict().items():
+            assert torch.equal(value, state[name]), name
+
+
 def test_the_written_heads_do_in_the_committed_model_what_circuit_py_says(toy_model_dir):
     """On concept questions of seeds training never drew: the image tag gives image rows +1 and memory rows 0, the
     memory tag memory rows +1 and an image before them 0; the memory rows of an instance that is in the image find
     more of it than those of one that is not (image first), and the image rows likewise (concept first); and what
     the pooling heads write at the answer separates yes from no questions."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from ego_ros.engine.backends.qwen2_5_vl import Qwen2_5_VLBackend
     from ego_ros.toy import circuit
-    from ego_ros.toy.train import Recipe, build
 
-    _, tokenizer, image_processor, _ = build(0, Recipe())
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_model_dir, dtype=torch.float32).eval()
-    backend = Qwen2_5_VLBackend(model, tokenizer, image_processor, placeholder=prompts.CONCEPT_PLACEHOLDER,
-                                max_pixels=world.SIZE * world.SIZE)
+    model, backend = _model_and_backend(toy_model_dir)
     d = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
     for order in ("image_first", "concept_first"):
         samples, i = [], 0

@@ -8,7 +8,7 @@ the engine's backend, so the model meets at inference the very token sequences i
     area       AREA                                      -> "14"                    (its mask, % of the image)
     presence   RECOGNIZE with "a red mug with stripes"   -> "Yes" / "No"
     caption    CAPTION                                   -> "A red mug with stripes and a blue ball."
-    choice     CONCEPTS_HEADER "NAME is <memory>.\n" <image> choice("What colour is NAME?", "red", "blue") -> "A"
+    choice     CONCEPTS_HEADER "NAME is <memory>.\\n" <image> choice("What colour is NAME?", "red", "blue") -> "A"
     concept    "NAME is <memory>.\\n" <image> RECOGNIZE(NAME)            -> "Yes" / "No"
                CONCEPTS_HEADER + several such intros + <image> RECOGNIZE(NAME) or LOCATE(NAME)
 
@@ -84,12 +84,18 @@ NONE = -1  # a token no object covers enough of, or a plain object's accent
 
 
 def token_attributes(scene: Scene) -> np.ndarray:
-    """Per visual token, the index of each attribute (``ATTRIBUTES`` order) of the object covering at least half
-    of it, ``NONE`` elsewhere: (N, 4) int."""
+    """Per visual token, the index of each attribute (``ATTRIBUTES`` order) of the object covering most of it,
+    wherever one covers at least ``MASK_COVERAGE`` (ties go to the earlier object), ``NONE`` elsewhere: (N, 4) int.
+
+    The threshold is the memory's own: a small instance's tokens are mostly partly covered, and labelling them as
+    background taught the seeing stage to blur exactly the tokens a memory of it is made of."""
     classes = np.full((token_coverage(scene.subject.mask).size, len(ATTRIBUTES)), NONE, dtype=np.int64)
+    most = np.zeros(len(classes))
     for placed in scene.objects:
-        covered = token_coverage(placed.mask) >= 0.5
+        coverage = token_coverage(placed.mask)
+        covered = (coverage >= MASK_COVERAGE) & (coverage > most)
         classes[covered] = attribute_indices(placed.instance)
+        most = np.maximum(most, coverage)
     return classes
 
 
