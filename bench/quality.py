@@ -159,21 +159,28 @@ def averaged(results: list) -> dict:
             "f1 per seed": [r.score.f1 for r in results]}
 
 
+def describe(sets: list, seeds) -> str:
+    """What the protocol's questions were, over all seeds."""
+    questions = sum(len(data.tests) * len(data.concepts) for data in sets)
+    positives = sum(data.present(s, n) for data in sets for s in data.tests for n in data.concepts)
+    return (f"seeds {', '.join(map(str, seeds))}; each {len(sets[0].concepts)} concepts and {len(sets[0].tests)} "
+            f"test images; {positives} positive of {questions} questions in all")
+
+
 def per_seed(row: dict) -> str:
     return " / ".join(f"{100 * f1:.1f}" for f1 in row["f1 per seed"])
 
 
 def recognise(ego: Ego, args) -> dict:
-    scores, seconds = [], []
+    sets, scores, seconds = [], [], []
     for seed in args.seeds:
         data, by_order = protocol(ego, seed, args, RUNS)
+        sets.append(data)
         scores.append(by_order[None])
         seconds.append(by_order["introducing"])
     seconds_per_concept = float(np.mean(seconds))
-    positives = sum(data.present(s, n) for s in data.tests for n in data.concepts)
-    print(f"\n### Recognition of personal instances (seeds {', '.join(map(str, args.seeds))}; each "
-          f"{len(data.concepts)} concepts, {len(data.tests)} test images, {positives} positive of "
-          f"{len(data.tests) * len(data.concepts)} questions; figures averaged over the seeds)\n")
+    print(f"\n### Recognition of personal instances ({describe(sets, args.seeds)}; figures averaged over the seeds)"
+          "\n")
     print(f"| method | views | precision | recall | F1 | F1 by seed ({' / '.join(map(str, args.seeds))}) | accuracy | "
           "look-alikes rejected | other objects rejected |\n|---|---|---|---|---|---|---|---|---|")
     table = {}
@@ -190,14 +197,13 @@ def recognise(ego: Ego, args) -> dict:
 def recognition_orders(ego: Ego, args) -> dict:
     """The recognition test of :func:`recognise` with both prompt orders, on the same concepts and test images."""
     runs = [("none", 1), ("ego", 1), ("ego", 5)]  # the memory, and the name alone for chance
-    scores = []
+    sets, scores = [], []
     for seed in args.seeds:
         data, by_order = protocol(ego, seed, args, runs, RECOGNITION_ORDERS)
+        sets.append(data)
         scores.append(by_order)
-    positives = sum(data.present(s, n) for s in data.tests for n in data.concepts)
-    print(f"\n### Recognition, concept before the frame versus after it (seeds {', '.join(map(str, args.seeds))}; "
-          f"each {len(data.concepts)} concepts, {len(data.tests)} test images, {positives} positive of "
-          f"{len(data.tests) * len(data.concepts)} questions; F1 averaged over the seeds, then seed by seed)\n")
+    print(f"\n### Recognition, concept before the frame versus after it ({describe(sets, args.seeds)}; F1 averaged "
+          "over the seeds, then seed by seed)\n")
     print("| method | views | F1, concept first | F1, image first | accuracy, concept first | accuracy, image first |"
           "\n|---|---|---|---|---|---|")
     table = {}
