@@ -3,8 +3,8 @@
 
 A memory holds projector outputs, the same kind of vector as the frame's own visual tokens, so no detector is
 needed: each frame token is compared with the memory, and the box is drawn around the best-matching region.
-On the trained toy model, boxes hit (IoU >= 0.5 against the instance's true box) 94% of the time when the instance
-is the main subject and 31% when it is small among others, from a memory of 1 view or of 5 (``bench/quality.py``,
+On the trained toy model, boxes hit (IoU >= 0.5 against the instance's true box) 100% of the time when the instance
+is the main subject and 58% when it is small among others, from a memory of 1 view or of 5 (``bench/quality.py``,
 2026-12-06). Each choice below was measured there on an earlier toy model (with the middle-half layers):
 
 - Compare with the memory's mean vector, not with its best-matching vector: a memory also keeps a few background
