@@ -130,10 +130,10 @@ def localise(ego: Ego, args) -> dict:
     return {"shares": shares, "layers": layer_sets}
 
 
-def protocol(ego: Ego, seed: int, args, runs, orders=(None,), label: str = "") -> tuple[toy.RecognitionSet, dict]:
+def protocol(ego: Ego, seed: int, args, runs, orders=(None,), label: str = ""):
     """One seed of the protocol: introduce its concepts, answer every question with each prompt order (``None``: as
-    configured), forget the concepts. Returns the set and {order: {run: ToyRecognition}}, with the seconds spent
-    introducing a concept under "introducing"."""
+    configured), forget the concepts. Returns the set, {order: {run: ToyRecognition}} and the seconds spent
+    introducing a concept."""
     data = toy.recognition_set(args.concepts, seed=seed, views=5)
     started = time.perf_counter()
     with tqdm(total=len(data.concepts), desc=f"seed {seed}{label}: introducing concepts") as bar:
@@ -147,7 +147,7 @@ def protocol(ego: Ego, seed: int, args, runs, orders=(None,), label: str = "") -
             scores[order] = toy.recognition(ego, data, introduced, runs, on_image=lambda done: bar.update(1))
     for name in data.concepts:
         ego.forget(name)
-    return data, {**scores, "introducing": seconds}
+    return data, scores, seconds
 
 
 def averaged(results: list) -> dict:
@@ -174,10 +174,10 @@ def per_seed(row: dict) -> str:
 def recognise(ego: Ego, args) -> dict:
     sets, scores, seconds = [], [], []
     for seed in args.seeds:
-        data, by_order = protocol(ego, seed, args, RUNS)
+        data, by_order, introducing = protocol(ego, seed, args, RUNS)
         sets.append(data)
         scores.append(by_order[None])
-        seconds.append(by_order["introducing"])
+        seconds.append(introducing)
     seconds_per_concept = float(np.mean(seconds))
     print(f"\n### Recognition of personal instances ({describe(sets, args.seeds)}; figures averaged over the seeds)"
           "\n")
@@ -199,7 +199,7 @@ def recognition_orders(ego: Ego, args) -> dict:
     runs = [("none", 1), ("ego", 1), ("ego", 5)]  # the memory, and the name alone for chance
     sets, scores = [], []
     for seed in args.seeds:
-        data, by_order = protocol(ego, seed, args, runs, RECOGNITION_ORDERS)
+        data, by_order, _ = protocol(ego, seed, args, runs, RECOGNITION_ORDERS)
         sets.append(data)
         scores.append(by_order)
     print(f"\n### Recognition, concept before the frame versus after it ({describe(sets, args.seeds)}; F1 averaged "
