@@ -227,12 +227,13 @@ def memory_layouts(model: Path, work: Path, args) -> dict:
         if layout == "text":
             ego.calibrate(toy_world.calibration_samples(args.calibration_images, seed=1), save=True,
                           source=f"toy world, seed 1, {args.calibration_images} scenes")
-        scores = [protocol(ego, seed, args, runs, RECOGNITION_ORDERS, label=f", {layout}")[1] for seed in args.seeds]
+        sets, scores = zip(*(protocol(ego, seed, args, runs, RECOGNITION_ORDERS, label=f", {layout}")[:2]
+                             for seed in args.seeds))
         for order in RECOGNITION_ORDERS:
             for run in runs:
                 table[f"{layout}/{order}/{run[0]}/{run[1]}"] = averaged([by_order[order][run] for by_order in scores])
-    print(f"\n### Memory layouts (seeds {', '.join(map(str, args.seeds))}, each {args.concepts} concepts; layers "
-          f"{list(ego.layers)}; figures averaged over the seeds)\n")
+    print(f"\n### Memory layouts ({describe(sets, args.seeds)}; layers {list(ego.layers)}; figures averaged over the "
+          "seeds)\n")
     print("| method | views | layout | F1, concept first | F1, image first | look-alikes rejected, concept first |"
           "\n|---|---|---|---|---|---|")
     for run in runs:
