@@ -1,12 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """How much of the toy protocol the visual features alone can tell, against what the model's answer makes of them.
 
-For every question of the toy protocol (each test image asked about each concept, Ego's tokens from one view), two
-scores: the model's P(yes), and a score with no decoder at all: each memory row's best cosine match among the
+For every question of the toy protocol (each test image asked about each concept, Ego's tokens from one view),
+three scores: the model's P(yes); a score with no decoder at all: each memory row's best cosine match among the
 frame's visual tokens, averaged over the memory (the comparison the toy model's written heads make, without their
-softmax). Each is scored as the protocol scores (precision and recall per concept, averaged, F1 from the two), with
-P(yes) at 0.5 and, for both, at the threshold that does best on that seed: chosen with hindsight, an upper bound on
-what any read-out of the same evidence could reach. Examples::
+softmax); and the same score for a memory of the instance's own tokens (those it covers a quarter of in the
+reference view, as the trainer makes memories: what the vision tower can tell, whatever Ego keeps). Each is scored
+as the protocol scores (precision and recall per concept, averaged, F1 from the two), with P(yes) at 0.5 and, for
+all, at the threshold that does best on that seed: chosen with hindsight, an upper bound on what any read-out of
+the same evidence could reach. Examples::
 
     python bench/feature_ceiling.py                  # the committed toy model, protocol seeds 3, 5 and 8
     python bench/feature_ceiling.py --model build/my-toy-model --seeds 3 --out bench/out/ceiling.json
@@ -32,6 +34,7 @@ from ego_ros.engine.images import to_rgb  # noqa: E402
 from ego_ros.evaluation import toy  # noqa: E402
 from ego_ros.evaluation.methods import introduction  # noqa: E402
 from ego_ros.evaluation.metrics import recognition_score  # noqa: E402
+from ego_ros.toy import tasks as toy_tasks  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,12 +49,14 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp())
     ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
     results = {"model": str(model), "layers": list(ego.layers), "seeds": {}}
-    print("| seed | P(yes) at 0.5 | P(yes), best threshold | features alone, best threshold |")
-    print("|---|---|---|---|")
+    print("| seed | P(yes) at 0.5 | P(yes), best threshold | features alone, best threshold "
+          "| features of the instance's own tokens, best threshold |")
+    print("|---|---|---|---|---|")
     for seed in args.seeds:
-        answer, feature, present = questions(ego, seed, args.concepts)
+        answer, feature, own, present = questions(ego, seed, args.concepts)
         row = {"answer at 0.5": f1(answer > 0.5, present), "answer, best threshold": best_f1(answer, present),
-               "features, best threshold": best_f1(feature, present)}
+               "features, best threshold": best_f1(feature, present),
+               "features of the instance's own tokens, best threshold": best_f1(own, present)}
         results["seeds"][seed] = row
         print(f"| {seed} | " + " | ".join(f"{100 * v:.1f}" for v in row.values()) + " |")
     means = {key: float(np.mean([r[key] for r in results["seeds"].values()])) for key in row}
@@ -65,11 +70,17 @@ def main(argv=None) -> int:
 
 @torch.no_grad()
 def questions(ego, seed: int, concepts: int):
-    """P(yes), the feature score and the truth of every (test image, concept) question: three (images, concepts)."""
+    """P(yes), the feature score of Ego's memory and of the instance's own tokens, and the truth of every (test
+    image, concept) question: four (images, concepts)."""
     data = toy.recognition_set(concepts, seed=seed, views=1)
     introductions = {name: introduction("ego", info, 1) for name, info in toy.introduce(ego, data).items()}
     names = list(introductions)
-    answer, feature = np.zeros((len(data.tests), len(names))), np.zeros((len(data.tests), len(names)))
+    answer, feature, own = (np.zeros((len(data.tests), len(names))) for _ in range(3))
+    owned = {}  # each concept's memory as the trainer makes them: the tokens its instance covers in the view
+    for name in names:
+        (view,) = ego.backend.encode([to_rgb(data.references[name][0], ego.config.max_image_pixels)])
+        tokens = toy_tasks.object_tokens(data.reference_masks[name][0])
+        owned[name] = torch.nn.functional.normalize(view.features[list(tokens)].float(), dim=-1)
     present = np.array([[data.present(scene, name) for name in names] for scene in data.tests])
     for i, scene in enumerate(tqdm(data.tests, desc=f"seed {seed}", unit="image", file=sys.stderr)):
         (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
@@ -80,9 +91,10 @@ def questions(ego, seed: int, concepts: int):
             rows = torch.nn.functional.normalize(memory.float(), dim=-1)
             answer[i, j] = p_yes[name]
             feature[i, j] = float((rows @ frame.T).max(dim=1).values.mean())
+            own[i, j] = float((owned[name] @ frame.T).max(dim=1).values.mean())
     for name in names:  # every seed names its concepts alike
         ego.forget(name)
-    return answer, feature, present
+    return answer, feature, own, present
 
 
 def f1(said_yes: np.ndarray, present: np.ndarray) -> float:

@@ -310,6 +310,21 @@ def test_training_data_never_draws_the_evaluations_seeds():
             assert np.asarray(drawn.image).tobytes() not in shown
 
 
+def test_the_recognition_set_keeps_each_reference_views_mask():
+    """Each reference view comes with its instance's mask (bench/feature_ceiling.py makes memories of the tokens it
+    covers, as the trainer does): inside it the instance's body colour, outside it almost never."""
+    from ego_ros.evaluation import toy as protocol
+
+    data = protocol.recognition_set(4, seed=3, views=2)
+    for name, instance in data.concepts.items():
+        assert len(data.reference_masks[name]) == len(data.references[name]) == 2
+        for view, mask in zip(data.references[name], data.reference_masks[name]):
+            pixels = np.asarray(view).astype(int)
+            assert mask.shape == pixels.shape[:2] and mask.dtype == bool
+            body = np.abs(pixels - np.array(world.COLOURS[instance.colour])).sum(-1) < 60
+            assert body[mask].mean() > 0.6 and body[~mask].mean() < 0.05
+
+
 # What the pooling heads write at the answer, yes against no questions (24 each order): measured 0.89 image first,
 # 0.76 concept first (its matcher asks image rows to find themselves in a memory: weaker, see docs/toy-world.md)
 POOLED_AUC_FLOOR = {"image_first": 0.8, "concept_first": 0.65}

@@ -8,7 +8,7 @@ model they measure position bias. ``bench/quality.py`` prints them; ``test/test_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -69,6 +69,7 @@ class RecognitionSet:
     concepts: dict[str, Instance]  # name -> the personal instance
     references: dict[str, list[Image.Image]]  # name -> its reference views
     tests: list[Scene]  # test images; a concept is present where scene.contains(its instance)
+    reference_masks: dict[str, list[np.ndarray]] = field(default_factory=dict)  # name -> its mask in each view
 
     def present(self, scene: Scene, name: str) -> bool:
         return scene.contains(self.concepts[name])
@@ -83,8 +84,8 @@ def recognition_set(num_concepts: int = 10, *, seed: int = 0, views: int = 5, po
     instances = personal_instances(num_concepts, seed)
     rng = np.random.default_rng([seed, 0x7E57])
     concepts = dict(zip(NAMES, instances))
-    references = {name: [view_of(inst, seed=seed * 7919 + 100 * i + v).image for v in range(views)]
-                  for i, (name, inst) in enumerate(concepts.items())}
+    views_of = {name: [view_of(inst, seed=seed * 7919 + 100 * i + v) for v in range(views)]
+                for i, (name, inst) in enumerate(concepts.items())}
     tests = []
     for inst in instances:
         for j in range(positives):
@@ -94,7 +95,8 @@ def recognition_set(num_concepts: int = 10, *, seed: int = 0, views: int = 5, po
                 tests.append(render_scene(rng, None, distractors=[inst, random_instance(rng)]))
         for _ in range(look_alikes):
             tests.append(render_scene(rng, look_alike(inst, rng)))
-    return RecognitionSet(concepts, references, tests)
+    return RecognitionSet(concepts, {name: [view.image for view in shown] for name, shown in views_of.items()}, tests,
+                          {name: [view.subject.mask for view in shown] for name, shown in views_of.items()})
 
 
 def introduce(ego, data: RecognitionSet, on_concept=None) -> dict:
