@@ -33,7 +33,7 @@ from std_msgs.msg import Header  # noqa: E402
 from ego_ros.action import Answer  # noqa: E402
 from ego_ros.msg import ConceptDetection, ConceptInfo, RecognitionEvent  # noqa: E402
 from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterConcept  # noqa: E402
-from ego_ros.testing.rosgraph import EMPTY_DOMAIN  # noqa: E402
+from ego_ros.testing.rosgraph import EMPTY_DOMAIN, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAIN = random.randint(1, 100)
@@ -473,17 +473,17 @@ def test_node_command_runs_the_real_node_with_the_params_file_and_overrides(serv
     try:
         assert client.wait_for_service(timeout_sec=20.0), "the node did not come up"
         names = ["model", "camera_topics", "autostart", "recognition_threshold", "buffer_fps"]
-        values = None
-        deadline = time.monotonic() + 30.0
-        while values is None and time.monotonic() < deadline:
+
+        def parameters():
             # A request sent as the service appears can be lost before DDS has matched the reply's path (seen once
             # in a full suite run): reading parameters is idempotent, so ask again rather than wait for nothing.
             future = client.call_async(GetParameters.Request(names=names))
             retry = time.monotonic() + 3.0
             while not future.done() and time.monotonic() < retry:
                 time.sleep(0.05)
-            values = future.result().values if future.done() else None
-        assert values is not None, "the node never answered get_parameters"
+            return future.result().values if future.done() else None
+
+        values = wait_for(parameters, 30.0, "the node to answer get_parameters", interval=0.0)
         inactive = finish(start("list", "--node", "/clitest/ego", "--timeout", "5"))
     finally:
         server.node.destroy_client(client)
