@@ -76,25 +76,33 @@ def questions(ego, seed: int, concepts: int):
     introductions = {name: introduction("ego", info, 1) for name, info in toy.introduce(ego, data).items()}
     names = list(introductions)
     answer, feature, own = (np.zeros((len(data.tests), len(names))) for _ in range(3))
-    owned = {}  # each concept's memory as the trainer makes them: the tokens its instance covers in the view
+    kept, owned = {}, {}  # Ego's memory of each concept; and as the trainer makes one: the tokens its instance covers
     for name in names:
+        (memory,) = introductions[name]  # Ego's kept vectors of the one view
+        kept[name] = unit_rows(memory)
         (view,) = ego.backend.encode([to_rgb(data.references[name][0], ego.config.max_image_pixels)])
-        tokens = toy_tasks.object_tokens(data.reference_masks[name][0])
-        owned[name] = torch.nn.functional.normalize(view.features[list(tokens)].float(), dim=-1)
+        owned[name] = unit_rows(view.features[list(toy_tasks.object_tokens(data.reference_masks[name][0]))])
     present = np.array([[data.present(scene, name) for name in names] for scene in data.tests])
     for i, scene in enumerate(tqdm(data.tests, desc=f"seed {seed}", unit="image", file=sys.stderr)):
         (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
         p_yes = ego.yes_probabilities(encoded, introductions)
-        frame = torch.nn.functional.normalize(encoded.features.float(), dim=-1)
+        frame = unit_rows(encoded.features)
         for j, name in enumerate(names):
-            (memory,) = introductions[name]  # Ego's kept vectors of the one view
-            rows = torch.nn.functional.normalize(memory.float(), dim=-1)
             answer[i, j] = p_yes[name]
-            feature[i, j] = float((rows @ frame.T).max(dim=1).values.mean())
-            own[i, j] = float((owned[name] @ frame.T).max(dim=1).values.mean())
+            feature[i, j] = best_match(kept[name], frame)
+            own[i, j] = best_match(owned[name], frame)
     for name in names:  # every seed names its concepts alike
         ego.forget(name)
     return answer, feature, own, present
+
+
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(vectors.float(), dim=-1)
+
+
+def best_match(memory: torch.Tensor, frame: torch.Tensor) -> float:
+    """Each memory row's best cosine among the frame's rows (both unit rows), averaged over the memory."""
+    return float((memory @ frame.T).max(dim=1).values.mean())
 
 
 def f1(said_yes: np.ndarray, present: np.ndarray) -> float:
