@@ -5,7 +5,10 @@ For every question of the toy protocol (each test image asked about each concept
 three scores: the model's P(yes); a score with no decoder at all: each memory row's best cosine match among the
 frame's visual tokens, averaged over the memory (the comparison the toy model's written heads make, without their
 softmax); and the same score for a memory of the instance's own tokens (those it covers a quarter of in the
-reference view, as the trainer makes memories: what the vision tower can tell, whatever Ego keeps). Each is scored
+reference view, as the trainer makes memories: what the vision tower can tell, whatever Ego keeps); and Ego's memory
+again with each row seen only on the directions the written matchers compare rows on (``circuit.BASIS_WIDTH``
+directions the features vary most along, from scenes of the trainer's writing stream, never a test seed; unit rows
+projected, as a layer's RMSNorm and the matchers' queries and keys see them). Each is scored
 as the protocol scores (precision and recall per concept, averaged, F1 from the two), with P(yes) at 0.5 and, for
 all, at the threshold that does best on that seed: chosen with hindsight, an upper bound on what any read-out of
 the same evidence could reach. Examples::
@@ -34,7 +37,10 @@ from ego_ros.engine.images import to_rgb  # noqa: E402
 from ego_ros.evaluation import toy  # noqa: E402
 from ego_ros.evaluation.methods import introduction  # noqa: E402
 from ego_ros.evaluation.metrics import recognition_score  # noqa: E402
+from ego_ros.toy import circuit as toy_circuit  # noqa: E402
 from ego_ros.toy import tasks as toy_tasks  # noqa: E402
+from ego_ros.toy import train as toy_train  # noqa: E402
+from ego_ros.toy import world as toy_world_scenes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,14 +55,17 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp())
     ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
     results = {"model": str(model), "layers": list(ego.layers), "seeds": {}}
+    basis = matcher_basis(ego)
     print("| seed | P(yes) at 0.5 | P(yes), best threshold | features alone, best threshold "
-          "| features of the instance's own tokens, best threshold |")
-    print("|---|---|---|---|---|")
+          f"| features of the instance's own tokens, best threshold | features on the matchers' {len(basis)} "
+          "directions, best threshold |")
+    print("|---|---|---|---|---|---|")
     for seed in args.seeds:
-        answer, feature, own, present = questions(ego, seed, args.concepts)
+        answer, feature, own, on_basis, present = questions(ego, seed, args.concepts, basis)
         row = {"answer at 0.5": f1(answer > 0.5, present), "answer, best threshold": best_f1(answer, present),
                "features, best threshold": best_f1(feature, present),
-               "features of the instance's own tokens, best threshold": best_f1(own, present)}
+               "features of the instance's own tokens, best threshold": best_f1(own, present),
+               "features on the matchers' directions, best threshold": best_f1(on_basis, present)}
         results["seeds"][seed] = row
         print(f"| {seed} | " + " | ".join(f"{100 * v:.1f}" for v in row.values()) + " |")
     means = {key: float(np.mean([r[key] for r in results["seeds"].values()])) for key in row}
@@ -69,13 +78,24 @@ def main(argv=None) -> int:
 
 
 @torch.no_grad()
-def questions(ego, seed: int, concepts: int):
-    """P(yes), the feature score of Ego's memory and of the instance's own tokens, and the truth of every (test
-    image, concept) question: four (images, concepts)."""
+def matcher_basis(ego, scenes: int = 400) -> torch.Tensor:
+    """The ``circuit.BASIS_WIDTH`` directions the unit feature rows of ``scenes`` scenes vary most along (rows of
+    a (width, D) tensor), the scenes drawn from the trainer's writing stage's stream, past the steps it uses."""
+    rng = toy_train.data_rng(0, "writing", 1)
+    images = [toy_world_scenes.render_scene(rng).image for _ in range(scenes)]
+    rows = torch.cat([e.features for e in ego.backend.encode([to_rgb(i, ego.config.max_image_pixels) for i in images])])
+    _, _, vt = torch.linalg.svd(unit_rows(rows - rows.mean(0)).double(), full_matrices=False)
+    return vt[: toy_circuit.BASIS_WIDTH].float()
+
+
+@torch.no_grad()
+def questions(ego, seed: int, concepts: int, basis: torch.Tensor):
+    """P(yes), the feature score of Ego's memory, of the instance's own tokens and of Ego's memory on the matchers'
+    ``basis``, and the truth of every (test image, concept) question: five (images, concepts)."""
     data = toy.recognition_set(concepts, seed=seed, views=1)
     introductions = {name: introduction("ego", info, 1) for name, info in toy.introduce(ego, data).items()}
     names = list(introductions)
-    answer, feature, own = (np.zeros((len(data.tests), len(names))) for _ in range(3))
+    answer, feature, own, on_basis = (np.zeros((len(data.tests), len(names))) for _ in range(4))
     kept, owned = {}, {}  # Ego's memory of each concept; and as the trainer makes one: the tokens its instance covers
     for name in names:
         (memory,) = introductions[name]  # Ego's kept vectors of the one view
@@ -91,9 +111,10 @@ def questions(ego, seed: int, concepts: int):
             answer[i, j] = p_yes[name]
             feature[i, j] = best_match(kept[name], frame)
             own[i, j] = best_match(owned[name], frame)
+            on_basis[i, j] = best_match(kept[name] @ basis.T, frame @ basis.T)
     for name in names:  # every seed names its concepts alike
         ego.forget(name)
-    return answer, feature, own, present
+    return answer, feature, own, on_basis, present
 
 
 def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
