@@ -40,7 +40,6 @@ from ego_ros.evaluation.metrics import recognition_score  # noqa: E402
 from ego_ros.toy import circuit as toy_circuit  # noqa: E402
 from ego_ros.toy import tasks as toy_tasks  # noqa: E402
 from ego_ros.toy import train as toy_train  # noqa: E402
-from ego_ros.toy import world as toy_world_scenes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -82,7 +81,7 @@ def matcher_basis(ego, scenes: int = 400) -> torch.Tensor:
     """The ``circuit.BASIS_WIDTH`` directions the unit feature rows of ``scenes`` scenes vary most along (rows of
     a (width, D) tensor), the scenes drawn from the trainer's writing stage's stream, past the steps it uses."""
     rng = toy_train.data_rng(0, "writing", 1)
-    images = [toy_world_scenes.render_scene(rng).image for _ in range(scenes)]
+    images = [toy_world.render_scene(rng).image for _ in range(scenes)]
     rows = torch.cat([e.features for e in ego.backend.encode([to_rgb(i, ego.config.max_image_pixels) for i in images])])
     _, _, vt = torch.linalg.svd(unit_rows(rows - rows.mean(0)).double(), full_matrices=False)
     return vt[: toy_circuit.BASIS_WIDTH].float()
@@ -97,9 +96,11 @@ def questions(ego, seed: int, concepts: int, basis: torch.Tensor):
     names = list(introductions)
     answer, feature, own, on_basis = (np.zeros((len(data.tests), len(names))) for _ in range(4))
     kept, owned = {}, {}  # Ego's memory of each concept; and as the trainer makes one: the tokens its instance covers
+    kept_on_basis = {}
     for name in names:
         (memory,) = introductions[name]  # Ego's kept vectors of the one view
         kept[name] = unit_rows(memory)
+        kept_on_basis[name] = kept[name] @ basis.T
         (view,) = ego.backend.encode([to_rgb(data.references[name][0], ego.config.max_image_pixels)])
         owned[name] = unit_rows(view.features[list(toy_tasks.object_tokens(data.reference_masks[name][0]))])
     present = np.array([[data.present(scene, name) for name in names] for scene in data.tests])
@@ -107,11 +108,12 @@ def questions(ego, seed: int, concepts: int, basis: torch.Tensor):
         (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
         p_yes = ego.yes_probabilities(encoded, introductions)
         frame = unit_rows(encoded.features)
+        frame_on_basis = frame @ basis.T
         for j, name in enumerate(names):
             answer[i, j] = p_yes[name]
             feature[i, j] = best_match(kept[name], frame)
             own[i, j] = best_match(owned[name], frame)
-            on_basis[i, j] = best_match(kept[name] @ basis.T, frame @ basis.T)
+            on_basis[i, j] = best_match(kept_on_basis[name], frame_on_basis)
     for name in names:  # every seed names its concepts alike
         ego.forget(name)
     return answer, feature, own, on_basis, present
