@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """How much of the toy protocol the visual features alone can tell, against what the model's answer makes of them.
 
-For every question of the toy protocol (each test image asked about each concept, Ego's tokens from one view),
-three scores: the model's P(yes); a score with no decoder at all: each memory row's best cosine match among the
+For every question of the toy protocol (each test image asked about each concept, Ego's tokens from one view, the
+image first), these scores: the model's P(yes); the evidence the written heads hand to the layers above them (the
+image-first pooling head's value at the answer's row, ``circuit.POOL_HEADS``: the memory rows' matches, pooled);
+a score with no decoder at all: each memory row's best cosine match among the
 frame's visual tokens, averaged over the memory (the comparison the toy model's written heads make, without their
 softmax); and the same score for a memory of the instance's own tokens (those it covers a quarter of in the
 reference view, as the trainer makes memories: what the vision tower can tell, whatever Ego keeps); and Ego's memory
@@ -55,13 +57,15 @@ def main(argv=None) -> int:
     ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
     results = {"model": str(model), "layers": list(ego.layers), "seeds": {}}
     basis = matcher_basis(ego)
-    print("| seed | P(yes) at 0.5 | P(yes), best threshold | features alone, best threshold "
+    print("| seed | P(yes) at 0.5 | P(yes), best threshold | written heads' evidence, best threshold "
+          "| features alone, best threshold "
           f"| features of the instance's own tokens, best threshold | features on the matchers' {len(basis)} "
           "directions, best threshold |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for seed in args.seeds:
-        answer, feature, own, on_basis, present = questions(ego, seed, args.concepts, basis)
+        answer, evidence, feature, own, on_basis, present = questions(ego, seed, args.concepts, basis)
         row = {"answer at 0.5": f1(answer > 0.5, present), "answer, best threshold": best_f1(answer, present),
+               "written heads' evidence, best threshold": best_f1(evidence, present),
                "features, best threshold": best_f1(feature, present),
                "features of the instance's own tokens, best threshold": best_f1(own, present),
                "features on the matchers' directions, best threshold": best_f1(on_basis, present)}
@@ -89,12 +93,13 @@ def matcher_basis(ego, scenes: int = 400) -> torch.Tensor:
 
 @torch.no_grad()
 def questions(ego, seed: int, concepts: int, basis: torch.Tensor):
-    """P(yes), the feature score of Ego's memory, of the instance's own tokens and of Ego's memory on the matchers'
-    ``basis``, and the truth of every (test image, concept) question: five (images, concepts)."""
+    """P(yes) image first, the written heads' pooled evidence, the feature score of Ego's memory, of the instance's
+    own tokens and of Ego's memory on the matchers' ``basis``, and the truth of every (test image, concept)
+    question: six (images, concepts)."""
     data = toy.recognition_set(concepts, seed=seed, views=1)
     introductions = {name: introduction("ego", info, 1) for name, info in toy.introduce(ego, data).items()}
     names = list(introductions)
-    answer, feature, own, on_basis = (np.zeros((len(data.tests), len(names))) for _ in range(4))
+    answer, evidence, feature, own, on_basis = (np.zeros((len(data.tests), len(names))) for _ in range(5))
     kept, owned = {}, {}  # Ego's memory of each concept; and as the trainer makes one: the tokens its instance covers
     kept_on_basis = {}
     for name in names:
@@ -104,19 +109,28 @@ def questions(ego, seed: int, concepts: int, basis: torch.Tensor):
         (view,) = ego.backend.encode([to_rgb(data.references[name][0], ego.config.max_image_pixels)])
         owned[name] = unit_rows(view.features[list(toy_tasks.object_tokens(data.reference_masks[name][0]))])
     present = np.array([[data.present(scene, name) for name in names] for scene in data.tests])
-    for i, scene in enumerate(tqdm(data.tests, desc=f"seed {seed}", unit="image", file=sys.stderr)):
-        (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
-        p_yes = ego.yes_probabilities(encoded, introductions)
-        frame = unit_rows(encoded.features)
-        frame_on_basis = frame @ basis.T
-        for j, name in enumerate(names):
-            answer[i, j] = p_yes[name]
-            feature[i, j] = best_match(kept[name], frame)
-            own[i, j] = best_match(owned[name], frame)
-            on_basis[i, j] = best_match(kept_on_basis[name], frame_on_basis)
+    layer, head = toy_circuit.POOL_HEADS["image_first"]
+    pooling = ego.backend.attention_module(layer)
+    pooled = []  # the pooling head's output at the last row of each forward (its value, before o_proj)
+    hook = pooling.o_proj.register_forward_pre_hook(
+        lambda _, args: pooled.append(float(args[0][0, -1, head * pooling.head_dim])))
+    try:
+        for i, scene in enumerate(tqdm(data.tests, desc=f"seed {seed}", unit="image", file=sys.stderr)):
+            (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
+            frame = unit_rows(encoded.features)
+            frame_on_basis = frame @ basis.T
+            for j, name in enumerate(names):
+                # one concept a call, so that the last forward is this concept's question
+                answer[i, j] = ego.yes_probabilities(encoded, {name: introductions[name]}, order="image_first")[name]
+                evidence[i, j] = pooled[-1]
+                feature[i, j] = best_match(kept[name], frame)
+                own[i, j] = best_match(owned[name], frame)
+                on_basis[i, j] = best_match(kept_on_basis[name], frame_on_basis)
+    finally:
+        hook.remove()
     for name in names:  # every seed names its concepts alike
         ego.forget(name)
-    return answer, feature, own, on_basis, present
+    return answer, evidence, feature, own, on_basis, present
 
 
 def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
