@@ -3,17 +3,16 @@
 
 For every question of the toy protocol (each test image asked about each concept, Ego's tokens from one view, the
 image first), these scores: the model's P(yes); the evidence the written heads hand to the layers above them (the
-image-first pooling head's value at the answer's row, ``circuit.POOL_HEADS``: the memory rows' matches, pooled);
-a score with no decoder at all: each memory row's best cosine match among the
-frame's visual tokens, averaged over the memory (the comparison the toy model's written heads make, without their
-softmax); and the same score for a memory of the instance's own tokens (those it covers a quarter of in the
-reference view, as the trainer makes memories: what the vision tower can tell, whatever Ego keeps); and Ego's memory
-again with each row seen only on the directions the written matchers compare rows on (``circuit.BASIS_WIDTH``
-directions the features vary most along, from scenes of the trainer's writing stream, never a test seed; unit rows
-projected, as a layer's RMSNorm and the matchers' queries and keys see them). Each is scored
-as the protocol scores (precision and recall per concept, averaged, F1 from the two), with P(yes) at 0.5 and, for
-all, at the threshold that does best on that seed: chosen with hindsight, an upper bound on what any read-out of
-the same evidence could reach. Examples::
+image-first pooling head's value at the answer's row, ``circuit.POOL_HEADS``: the memory rows' matches, pooled); a
+score with no decoder at all: each memory row's best cosine match among the frame's visual tokens, averaged over the
+memory (the comparison the toy model's written heads make, without their softmax); and the same score for a memory
+of the instance's own tokens (those it covers a quarter of in the reference view, as the trainer makes memories:
+what the vision tower can tell, whatever Ego keeps); and Ego's memory again with each row seen only on the
+directions the written matchers compare rows on (``circuit.BASIS_WIDTH`` directions the features vary most along,
+from scenes of the trainer's writing stream, never a test seed; unit rows projected, as a layer's RMSNorm and the
+matchers' queries and keys see them). Each is scored as the protocol scores (precision and recall per concept,
+averaged, F1 from the two), with P(yes) at 0.5 and, for all, at the threshold that does best on that seed: chosen
+with hindsight, an upper bound on what any read-out of the same evidence could reach. Examples::
 
     python bench/feature_ceiling.py                  # the committed toy model, protocol seeds 3, 5 and 8
     python bench/feature_ceiling.py --model build/my-toy-model --seeds 3 --out bench/out/ceiling.json
