@@ -3,11 +3,12 @@
 
 For every question of the toy protocol (each test image asked about each concept, Ego's tokens from one view, the
 image first), these scores: the model's P(yes); the evidence the written heads hand to the layers above them (the
-image-first pooling head's value at the answer's row, ``circuit.POOL_HEADS``: the memory rows' matches, pooled); a
-score with no decoder at all: each memory row's best cosine match among the frame's visual tokens, averaged over the
-memory (the comparison the toy model's written heads make, without their softmax); and the same score for a memory
-of the instance's own tokens (those it covers a quarter of in the reference view, as the trainer makes memories:
-what the vision tower can tell, whatever Ego keeps); and Ego's memory again with each row seen only on the
+image-first pooling head's value at the answer's row, ``circuit.POOL_HEADS``: the memory rows' matches, pooled); both
+again with a memory of the instance's own tokens (those it covers a quarter of in the reference view, as the trainer
+makes memories) in place of Ego's: what the model makes of a memory like those it was trained on; a score with no
+decoder at all: each memory row's best cosine match among the frame's visual tokens, averaged over the memory (the
+comparison the toy model's written heads make, without their softmax); the same score for the instance's own tokens
+(what the vision tower can tell, whatever Ego keeps); and Ego's memory again with each row seen only on the
 directions the written matchers compare rows on (``circuit.BASIS_WIDTH`` directions the features vary most along,
 from scenes of the trainer's writing stream, never a test seed; unit rows projected, as a layer's RMSNorm and the
 matchers' queries and keys see them). Each is scored as the protocol scores (precision and recall per concept,
@@ -56,18 +57,13 @@ def main(argv=None) -> int:
     ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
     results = {"model": str(model), "layers": list(ego.layers), "seeds": {}}
     basis = matcher_basis(ego)
-    print("| seed | P(yes) at 0.5 | P(yes), best threshold | written heads' evidence, best threshold "
-          "| features alone, best threshold "
-          f"| features of the instance's own tokens, best threshold | features on the matchers' {len(basis)} "
-          "directions, best threshold |")
-    print("|---|---|---|---|---|---|---|")
     for seed in args.seeds:
-        answer, evidence, feature, own, on_basis, present = questions(ego, seed, args.concepts, basis)
-        row = {"answer at 0.5": f1(answer > 0.5, present), "answer, best threshold": best_f1(answer, present),
-               "written heads' evidence, best threshold": best_f1(evidence, present),
-               "features, best threshold": best_f1(feature, present),
-               "features of the instance's own tokens, best threshold": best_f1(own, present),
-               "features on the matchers' directions, best threshold": best_f1(on_basis, present)}
+        scores, present = questions(ego, seed, args.concepts, basis)
+        row = {"answer at 0.5": f1(scores["answer"] > 0.5, present),
+               **{f"{COLUMNS[key]}, best threshold": best_f1(score, present) for key, score in scores.items()}}
+        if not results["seeds"]:
+            print("| seed | " + " | ".join(row) + " |")
+            print("|---" * (len(row) + 1) + "|")
         results["seeds"][seed] = row
         print(f"| {seed} | " + " | ".join(f"{100 * v:.1f}" for v in row.values()) + " |")
     means = {key: float(np.mean([r[key] for r in results["seeds"].values()])) for key in row}
@@ -90,23 +86,35 @@ def matcher_basis(ego, scenes: int = 400) -> torch.Tensor:
     return vt[: toy_circuit.BASIS_WIDTH].float()
 
 
+# The scores of every (test image, concept) question, by key, and their columns' names
+COLUMNS = {"answer": "P(yes)", "evidence": "written heads' evidence",
+           "answer, own tokens": "P(yes), the instance's own tokens as memory",
+           "evidence, own tokens": "written heads' evidence, the instance's own tokens as memory",
+           "features": "features alone", "features, own tokens": "features of the instance's own tokens",
+           "features on basis": "features on the matchers' directions"}
+
+
 @torch.no_grad()
-def questions(ego, seed: int, concepts: int, basis: torch.Tensor):
-    """P(yes) image first, the written heads' pooled evidence, the feature score of Ego's memory, of the instance's
-    own tokens and of Ego's memory on the matchers' ``basis``, and the truth of every (test image, concept)
-    question: six (images, concepts)."""
+def questions(ego, seed: int, concepts: int, basis: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every score of ``COLUMNS`` for every (test image, concept) question, (images, concepts) each, and the truth.
+
+    P(yes) and the written heads' evidence come twice: with Ego's memory, and with a memory of the instance's own
+    tokens, as the trainer makes one; the features' scores are of Ego's memory, of the own tokens, and of Ego's
+    memory on the matchers' ``basis``."""
     data = toy.recognition_set(concepts, seed=seed, views=1)
     introductions = {name: introduction("ego", info, 1) for name, info in toy.introduce(ego, data).items()}
     names = list(introductions)
-    answer, evidence, feature, own, on_basis = (np.zeros((len(data.tests), len(names))) for _ in range(5))
-    kept, owned = {}, {}  # Ego's memory of each concept; and as the trainer makes one: the tokens its instance covers
-    kept_on_basis = {}
+    scores = {key: np.zeros((len(data.tests), len(names))) for key in COLUMNS}
+    # Ego's memory of each concept; and as the trainer makes one, the tokens its instance covers (as the model
+    # reads them, and as unit rows)
+    kept, kept_on_basis, owned, owned_units = {}, {}, {}, {}
     for name in names:
         (memory,) = introductions[name]  # Ego's kept vectors of the one view
         kept[name] = unit_rows(memory)
         kept_on_basis[name] = kept[name] @ basis.T
         (view,) = ego.backend.encode([to_rgb(data.references[name][0], ego.config.max_image_pixels)])
-        owned[name] = unit_rows(view.features[list(toy_tasks.object_tokens(data.reference_masks[name][0]))])
+        owned[name] = view.features[list(toy_tasks.object_tokens(data.reference_masks[name][0]))]
+        owned_units[name] = unit_rows(owned[name])
     present = np.array([[data.present(scene, name) for name in names] for scene in data.tests])
     layer, head = toy_circuit.POOL_HEADS["image_first"]
     pooling = ego.backend.attention_module(layer)
@@ -120,18 +128,21 @@ def questions(ego, seed: int, concepts: int, basis: torch.Tensor):
             frame_on_basis = frame @ basis.T
             for j, name in enumerate(names):
                 # one concept a call, so that the last forward is this concept's question
-                answer[i, j] = ego.yes_probabilities(encoded, {name: introductions[name]}, order="image_first")[name]
-                evidence[i, j] = pooled[-1]
-                feature[i, j] = best_match(kept[name], frame)
-                own[i, j] = best_match(owned[name], frame)
-                on_basis[i, j] = best_match(kept_on_basis[name], frame_on_basis)
+                for suffix, memory in (("", introductions[name]), (", own tokens", [owned[name]])):
+                    scores["answer" + suffix][i, j] = ego.yes_probabilities(
+                        encoded, {name: memory}, order="image_first")[name]
+                    scores["evidence" + suffix][i, j] = pooled[-1]
+                scores["features"][i, j] = best_match(kept[name], frame)
+                scores["features, own tokens"][i, j] = best_match(owned_units[name], frame)
+                scores["features on basis"][i, j] = best_match(kept_on_basis[name], frame_on_basis)
     finally:
         hook.remove()
     for name in names:  # every seed names its concepts alike
         ego.forget(name)
-    return answer, evidence, feature, own, on_basis, present
+    return scores, present
 
 
+@torch.no_grad()
 def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(vectors.float(), dim=-1)
 
