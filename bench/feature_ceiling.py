@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     basis = matcher_basis(ego)
     for seed in args.seeds:
         scores, present = questions(ego, seed, args.concepts, basis)
-        row = {"answer at 0.5": f1(scores["answer"] > 0.5, present),
+        row = {"P(yes) at 0.5": f1(scores["answer"] > 0.5, present),
                **{f"{COLUMNS[key]}, best threshold": best_f1(score, present) for key, score in scores.items()}}
         if not results["seeds"]:
             print("| seed | " + " | ".join(row) + " |")
@@ -116,12 +117,7 @@ def questions(ego, seed: int, concepts: int, basis: torch.Tensor) -> tuple[dict[
         owned[name] = view.features[list(toy_tasks.object_tokens(data.reference_masks[name][0]))]
         owned_units[name] = unit_rows(owned[name])
     present = np.array([[data.present(scene, name) for name in names] for scene in data.tests])
-    layer, head = toy_circuit.POOL_HEADS["image_first"]
-    pooling = ego.backend.attention_module(layer)
-    pooled = []  # the pooling head's output at the last row of each forward (its value, before o_proj)
-    hook = pooling.o_proj.register_forward_pre_hook(
-        lambda _, args: pooled.append(float(args[0][0, -1, head * pooling.head_dim])))
-    try:
+    with pooled_evidence(ego) as pooled:
         for i, scene in enumerate(tqdm(data.tests, desc=f"seed {seed}", unit="image", file=sys.stderr)):
             (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
             frame = unit_rows(encoded.features)
@@ -135,14 +131,26 @@ def questions(ego, seed: int, concepts: int, basis: torch.Tensor) -> tuple[dict[
                 scores["features"][i, j] = best_match(kept[name], frame)
                 scores["features, own tokens"][i, j] = best_match(owned_units[name], frame)
                 scores["features on basis"][i, j] = best_match(kept_on_basis[name], frame_on_basis)
-    finally:
-        hook.remove()
     for name in names:  # every seed names its concepts alike
         ego.forget(name)
     return scores, present
 
 
-@torch.no_grad()
+@contextmanager
+def pooled_evidence(ego):
+    """A list that gets, for every forward of ``ego``'s model, the written heads' evidence at its last row: the
+    image-first pooling head's value (``circuit.POOL_HEADS``) before ``o_proj``, of the batch's first prompt."""
+    layer, head = toy_circuit.POOL_HEADS["image_first"]
+    pooling = ego.backend.attention_module(layer)
+    pooled: list[float] = []
+    hook = pooling.o_proj.register_forward_pre_hook(
+        lambda _, args: pooled.append(float(args[0][0, -1, head * pooling.head_dim])))
+    try:
+        yield pooled
+    finally:
+        hook.remove()
+
+
 def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(vectors.float(), dim=-1)
 

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.feature_ceiling import pooled_evidence  # noqa: E402
 from ego_ros import toy as toy_world  # noqa: E402
 from ego_ros.engine import Ego  # noqa: E402
 from ego_ros.engine.images import to_rgb  # noqa: E402
-from ego_ros.toy import circuit as toy_circuit  # noqa: E402
 from ego_ros.toy import tasks as toy_tasks  # noqa: E402
 from ego_ros.toy import world  # noqa: E402
 
@@ -70,13 +70,8 @@ def main(argv=None) -> int:
 @torch.no_grad()
 def measure(ego, pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The answer's log-odds and the pooled evidence for each pair's three frames (``FRAMES``): (pairs, 3) each."""
-    layer, head = toy_circuit.POOL_HEADS["image_first"]
-    pooling = ego.backend.attention_module(layer)
-    pooled = []  # the pooling head's output at the last row of each forward (its value, before o_proj)
-    hook = pooling.o_proj.register_forward_pre_hook(
-        lambda _, args: pooled.append(float(args[0][0, -1, head * pooling.head_dim])))
     log_odds, evidence = np.zeros((pairs, len(FRAMES))), np.zeros((pairs, len(FRAMES)))
-    try:
+    with pooled_evidence(ego) as pooled:
         for i in tqdm(range(pairs), desc="pairs", unit="pair", file=sys.stderr):
             rng = np.random.default_rng([seed, i])
             instance = world.random_instance(rng, patterned=True)
@@ -93,8 +88,6 @@ def measure(ego, pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
                 p = ego.yes_probabilities(frame, {"Kalo": [memory]}, order="image_first")["Kalo"]
                 log_odds[i, k] = np.log(p) - np.log1p(-p)
                 evidence[i, k] = pooled[-1]
-    finally:
-        hook.remove()
     return log_odds, evidence
 
 
