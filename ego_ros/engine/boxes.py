@@ -4,8 +4,8 @@
 A memory holds projector outputs, the same kind of vector as the frame's own visual tokens, so no detector is
 needed: each frame token is compared with the memory, and the box is drawn around the best-matching region.
 On the trained toy model, boxes hit (IoU >= 0.5 against the instance's true box) 100% of the time when the instance
-is the main subject and 58% when it is small among others, from a memory of 1 view or of 5 (``bench/quality.py``,
-2026-12-06). Each choice below was measured there on an earlier toy model (with the middle-half layers):
+is the main subject and 58-61% when it is small among others, from a memory of 5 views or of 1 (``bench/quality.py``,
+2026-12-07). Each choice below was measured there on an earlier toy model (with the middle-half layers):
 
 - Compare with the memory's mean vector, not with its best-matching vector: a memory also keeps a few background
   tokens, and with the best match they pull the box onto the background (1 view: 81% / 33% against 67% / 25%;
