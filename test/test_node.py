@@ -533,7 +533,10 @@ def test_every_request_of_a_burst_of_16_is_answered_served_or_refused_as_busy(gr
     action = ActionClient(client.node, Answer, "/ego/answer", goal_service_qos_profile=REQUEST_QOS,
                           result_service_qos_profile=REQUEST_QOS, cancel_service_qos_profile=REQUEST_QOS)
     assert action.wait_for_server(timeout_sec=30)
-    goal = Answer.Goal(question="Describe it.", camera=CAMERA, max_new_tokens=8)
+    # Long answers (1,024 tokens, about 2 s each on the tiny model when the machine is idle), so that no accepted
+    # goal ends and gives its slot back while the burst is still arriving: at 8 tokens, under the full suite's load,
+    # a goal finished first and a fifth was accepted.
+    goal = Answer.Goal(question="Describe it.", camera=CAMERA, max_new_tokens=1024)
     sent = [action.send_goal_async(goal) for _ in range(16)]
     wait_for(lambda: all(f.done() for f in sent), 60, "16 goal responses")
     handles = [f.result() for f in sent]
