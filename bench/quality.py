@@ -66,7 +66,9 @@ def main(argv=None) -> int:
                         help="only the recognition test, with memories laid out as text and as images, both orders")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = toy_world.model_dir(args.model)
+    model = toy_world.model_dir(args.model).resolve()
+    if model.is_relative_to(Path.cwd()):  # the figure and the JSON name it as the README does, not by this machine
+        model = model.relative_to(Path.cwd())
     work = Path(tempfile.mkdtemp(prefix="ego-quality-"))
     results: dict = {"model": str(model), "recipe": json.loads((model / "toy_world.json").read_text())}
     try:
