@@ -861,8 +861,6 @@ def test_failed_activates_deactivate_and_a_signal_leave_nothing_behind(tiny_mode
         stopped = _proc_status(node)
         print(f"activate/deactivate: inactive {idle}, active {active}, deactivated {stopped}")
         assert active["workers"] == 1 and stopped["workers"] == 0  # the worker was joined
-        # Executor pool threads start on demand and stay (one may have started meanwhile); none other may be left.
-        assert stopped["threads"] <= active["threads"]
 
         # Memory: activate, register, ask and deactivate, seven times. A process sets some things up once (lazy
         # imports, kernels, malloc's second arena: 16 MB, seen in the first, second or, under load, the third and
@@ -872,9 +870,13 @@ def test_failed_activates_deactivate_and_a_signal_leave_nothing_behind(tiny_mode
         views = [image_to_msg(make_view(i, 480, 640), Image) for i in range(8)]
         cycles = [_use_and_deactivate(node, client, transition, views) for _ in range(7)]
         print(f"RSS after deactivate: interrupted {stopped['rss_kb']} kB, after each full cycle "
-              f"{[cycle['rss_kb'] for cycle in cycles]} kB")
+              f"{[cycle['rss_kb'] for cycle in cycles]} kB; threads {[cycle['threads'] for cycle in cycles]}")
         assert cycles[-1]["rss_kb"] < cycles[-4]["rss_kb"] + RSS_MARGIN_KB
         assert all(cycle["workers"] == 0 for cycle in cycles)
+        # Threads: the executor's pool starts one whenever callbacks overlap and keeps it (under CI's load three
+        # started during the interrupted registration above, so a count against one moment is a race). A thread
+        # left by each deactivate would add three over the last three cycles; pool threads are bounded: allow 2.
+        assert cycles[-1]["threads"] <= cycles[-4]["threads"] + 2
 
         assert transition(Transition.TRANSITION_ACTIVATE)
         listed = client.call(ListConcepts, "/ft/ego/list_concepts", ListConcepts.Request())
