@@ -241,6 +241,43 @@ def test_training_is_deterministic_for_a_seed_and_loads_as_a_checkpoint(tmp_path
     assert (runs[0] / "model.safetensors").read_bytes() == weights[0]
 
 
+def test_training_from_a_checkpoints_seeing_stage_makes_the_same_model(tmp_path, capsys):
+    """``seeing_from`` takes the vision tower of a checkpoint whose card records the same seeing-stage sources:
+    the model is byte for byte the one training from scratch makes, its card the seeing stage's record and where it
+    came from. A card of other seeing sources, a recipe that changes the seeing stage, or a folder with no model is
+    refused with the reason, from Python and from the command, before anything is written; a recipe that changes
+    only the later stages is not."""
+    from dataclasses import replace
+
+    from ego_ros.toy.__main__ import main
+    from ego_ros.toy.train import RECIPE_FILE, Recipe, SeeingStageRefused, seeing_sources, train
+
+    recipe = Recipe(**SMALL)
+    scratch = train(tmp_path / "scratch", recipe=recipe, progress=False)
+    card = json.loads((scratch / RECIPE_FILE).read_text())
+    assert card["seeing_sources"] == seeing_sources(recipe, 0)
+    resumed = train(tmp_path / "resumed", recipe=recipe, progress=False, seeing_from=scratch)
+    assert (resumed / "model.safetensors").read_bytes() == (scratch / "model.safetensors").read_bytes()
+    seeing = json.loads((resumed / RECIPE_FILE).read_text())["stages"]["seeing"]
+    assert seeing.pop("taken from") == {"recipe_hash": card["recipe_hash"], "seeing_sources": card["seeing_sources"]}
+    assert seeing == card["stages"]["seeing"]
+
+    later_only = replace(recipe, steps=3, memory_learning_rate=5e-4)
+    assert seeing_sources(later_only, 0) == seeing_sources(recipe, 0)
+    train(tmp_path / "later", recipe=later_only, progress=False, seeing_from=scratch)
+    for other, seed in ((replace(recipe, vision_steps=3), 0), (recipe, 1)):
+        assert seeing_sources(other, seed) != seeing_sources(recipe, 0)
+        with pytest.raises(SeeingStageRefused, match="made by other sources, recipe or seed"):
+            train(tmp_path / "refused", recipe=other, seed=seed, progress=False, seeing_from=scratch)
+    card["seeing_sources"] = "other"
+    (scratch / RECIPE_FILE).write_text(json.dumps(card))
+    with pytest.raises(SeeingStageRefused, match="seeing_sources other"):
+        train(tmp_path / "refused", recipe=recipe, progress=False, seeing_from=scratch)
+    assert main(["train", str(tmp_path / "refused"), "--seeing-from", str(tmp_path / "nothing")]) == 1
+    assert "holds no toy model to take the seeing stage from" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 # --- the committed toy model --------------------------------------------------------------------------------------
 
 
@@ -252,7 +289,8 @@ def test_the_committed_toy_model_is_the_recipes_and_replays_its_first_steps():
     import torch
 
     from ego_ros.toy import CHECKPOINT
-    from ego_ros.toy.train import RECIPE_FILE, REPLAYED_STEPS, Recipe, build, is_current, learn_to_see
+    from ego_ros.toy.circuit import Strengths
+    from ego_ros.toy.train import RECIPE_FILE, REPLAYED_STEPS, Recipe, build, is_current, learn_to_see, seeing_sources
 
     assert is_current(CHECKPOINT), "the toy recipe changed: retrain ego_ros/toy/model and commit it with the change"
     size = sum(f.stat().st_size for f in CHECKPOINT.iterdir())
@@ -261,6 +299,8 @@ def test_the_committed_toy_model_is_the_recipes_and_replays_its_first_steps():
     assert set(card["stages"]) == {"seeing", "describing", "writing", "using memories"}
     assert "written by hand" in card["stages"]["writing"] and card["trained_on"]["cpus"] >= 1
     assert card["seconds"] > 0 and card["parameters"] > 1_000_000
+    assert card["seeing_sources"] == seeing_sources(Recipe(), 0)  # what `train --seeing-from` checks
+    assert card["stages"]["writing"]["fit"]["matching threshold"] == Strengths().threshold
 
     recipe = Recipe()
     torch.set_num_threads(recipe.threads)
@@ -359,32 +399,6 @@ def _model_and_backend(model_dir):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, Qwen2_5_VLBackend(model, tokenizer, image_processor, placeholder=prompts.CONCEPT_PLACEHOLDER,
                                     max_pixels=world.SIZE * world.SIZE)
-
-
-def test_the_matching_threshold_kept_is_the_one_whose_evidence_tells_yes_from_no_best(toy_model_dir):
-    """install_best tries each threshold from the same weights and keeps the best-scoring one: what it leaves in
-    the model is exactly what install writes at that threshold from those weights."""
-    import torch
-
-    from ego_ros.toy import circuit
-
-    model, backend = _model_and_backend(toy_model_dir)
-    rng = np.random.default_rng([4243, 0])
-    samples = [tasks.concept_question(rng, order) for order in tasks.ORDERS for _ in range(24)]
-    samples = [s for s in samples if s.scenes and any(isinstance(p, tasks.MemoryRef) for p in s.parts)]
-    attentions = [backend.attention_module(layer) for layer in circuit.LAYERS]
-    start = [{k: v.clone() for k, v in a.state_dict().items()} for a in attentions]
-    figures = circuit.install_best(model, backend, samples, thresholds=(0.3, 0.9), log=lambda *_: None)
-    scores, chosen = figures["threshold"]["mean pooled AUC"], figures["threshold"]["chosen"]
-    print(f"mean pooled AUC by threshold: {scores}")
-    assert scores["0.9"] > scores.get("0.3", 0.0) and chosen == 0.9  # 0.3: every row matches everything
-    kept = [{k: v.clone() for k, v in a.state_dict().items()} for a in attentions]
-    for attention, state in zip(attentions, start):
-        attention.load_state_dict(state)
-    circuit.install(model, backend, samples, circuit.Strengths(threshold=chosen), log=lambda *_: None)
-    for attention, state in zip(attentions, kept):
-        for name, value in attention.state_dict().items():
-            assert torch.equal(value, state[name]), name
 
 
 def test_the_written_heads_do_in_the_committed_model_what_circuit_py_says(toy_model_dir):

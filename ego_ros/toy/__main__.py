@@ -7,6 +7,7 @@ Examples::
     python -m ego_ros.toy model                          # the committed model's folder (checked current)
     python -m ego_ros.toy model build/toy-model          # trains only if not there yet
     python -m ego_ros.toy train build/toy-model --seed 1  # always trains
+    python -m ego_ros.toy train build/toy-model --seeing-from ego_ros/toy/model  # its seeing stage reused
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train the toy model into OUT_DIR, even if it is there")
     train.add_argument("out_dir", type=Path)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seeing-from", type=Path, default=None, metavar="MODEL_DIR",
+                       help="take the seeing stage (a quarter of the time) from the toy model in MODEL_DIR, made by "
+                            "the same seeing-stage sources, recipe and seed (checked)")
     args = parser.parse_args(argv)
 
     if args.command == "scenes":
@@ -49,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"toy model ready in {path}")
     else:
-        from .train import train
+        from .train import SeeingStageRefused, train
 
-        path = train(args.out_dir, seed=args.seed)
+        try:
+            path = train(args.out_dir, seed=args.seed, seeing_from=args.seeing_from)
+        except SeeingStageRefused as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(f"trained the toy model into {path}")
     return 0
 

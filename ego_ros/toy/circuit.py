@@ -31,7 +31,7 @@ depend on where the rows are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,8 +61,12 @@ class Strengths:
     tag: float = 0.5  # a tag written: this share of a residual row's typical norm
     match: float = 120.0  # matchers: logit per unit of cosine between two rows
     exclude: float = 150.0  # matchers: taken off the rows of a matcher's own side (a memory row's own memory)
-    # matchers: the cosine at which a row's best match weighs as much as the sink (``install_best`` chooses it from
-    # THRESHOLDS by the fit's own pooled AUC; this is the one ``install`` takes alone)
+    # matchers: the cosine at which a row's best match weighs as much as the sink. Fixed, for the seeing stage's
+    # features as they are: it depends on how alike that stage makes different objects (features labelled where an
+    # object covered half a token did best at 0.9, from a quarter on at 0.65-0.85). Chosen by the fit's own pooled
+    # AUC, as a recipe of 2026-12-06 did, it was misled: two trial models kept 0.75 and 0.7 there (AUC 0.88 and 0.86
+    # against 0.82 and 0.80 at 0.85) and recognised worse than the model that kept 0.85 (Ego from one view 59.8 and
+    # 45.2 over twelve seeds, against 74.5)
     threshold: float = 0.85
     evidence: float = 0.5  # evidence written: this share of a residual row's typical norm
     side: float = 10.0  # pooling: logit of the rows a pooling head reads (memory rows, or image rows)
@@ -77,45 +81,6 @@ class Strengths:
     answer: float = 2.0  # pooling: written along lm_head(Yes) - lm_head(No), in typical norms, yes/no spread 1
 
 
-# The matchers' thresholds ``install_best`` tries. Where a row's best match should weigh as much as the sink depends
-# on how alike the seeing stage made the features of different objects: features labelled where an object covered
-# half a token did best at 0.9 (the fit's pooled evidence, yes against no, image first: AUC 0.78 at 0.7, 0.98 at
-# 0.9, 0.92 at 0.95); labelled from a quarter on, at 0.65 (0.95, against 0.72 at 0.9)
-THRESHOLDS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
-
-
-@torch.no_grad()
-def install_best(model, backend, samples: list[tasks.Sample], strengths: Strengths = Strengths(),
-                 thresholds=THRESHOLDS, log=print) -> dict:
-    """``install`` at each of ``thresholds`` from the same starting weights, keeping the threshold whose pooled
-    evidence tells yes from no best on the fit's own questions (the mean of both orders' AUC).
-
-    Returns ``install``'s figures of the kept one, with every threshold's score under ``threshold``.
-    """
-    written = [backend.attention_module(layer) for layer in LAYERS]
-    start = [{name: value.clone() for name, value in attention.state_dict().items()} for attention in written]
-
-    def restore() -> None:  # install is not idempotent: its tag directions avoid the tags already written
-        for attention, state in zip(written, start):
-            attention.load_state_dict(state)
-
-    scores = {}
-    for threshold in thresholds:
-        restore()
-        try:
-            figures = install(model, backend, samples, replace(strengths, threshold=threshold), log=lambda *_: None)
-        except ValueError:  # a pooling head that cannot tell its own order from the other: not a candidate
-            continue
-        scores[threshold] = float(np.mean([figures["evidence"][f"pooled, {order}"]["auc"] for order in POOL_HEADS]))
-    if not scores:
-        raise ValueError(f"no matching threshold of {thresholds} gives pooling heads that tell the orders apart")
-    best = max(scores, key=scores.get)
-    restore()
-    figures = install(model, backend, samples, replace(strengths, threshold=best), log=log)
-    figures["threshold"] = {"chosen": best, "mean pooled AUC": {str(t): round(a, 4) for t, a in scores.items()}}
-    return figures
-
-
 @torch.no_grad()
 def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = Strengths(), log=print) -> dict:
     """Write the heads into ``model`` from ``samples`` (concept questions of both orders, with their scenes).
@@ -125,7 +90,7 @@ def install(model, backend, samples: list[tasks.Sample], strengths: Strengths = 
     config = model.config.text_config
     if config.num_key_value_heads != config.num_attention_heads:
         raise ValueError("the written heads need a key/value head each (num_key_value_heads == num_attention_heads)")
-    figures: dict = {}
+    figures: dict = {"matching threshold": strengths.threshold}
     built, rows = _prompts(backend, samples)
     dims = slow_dims(model)
     if BASIS_WIDTH + 3 > len(dims):

@@ -26,6 +26,10 @@ of threads; yet two runs on the same machine were seen to end the describing sta
 reductions are not ordered), so the card records the losses of the run that made the checkpoint and the replay
 test checks the first steps with a tolerance.
 
+The seeing stage, a quarter of the time, depends on far fewer sources than the rest: ``train(out, seeing_from=dir)``
+starts from the vision tower of a checkpoint whose card records the same ``seeing_sources`` hash (the functions,
+constants and recipe fields that stage reads), and copies that stage's record into the new card.
+
 ``model_dir(out)`` returns a trained checkpoint, training it only when ``out`` holds none made by this recipe (the
 recipe's hash covers the sources of the toy world, the trainer, the circuit, the tiny-model builder and the
 prompts). The committed checkpoint (``ego_ros/toy/model/``) is one such folder; its card ``toy_world.json`` records
@@ -35,6 +39,7 @@ how it was made.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -100,6 +105,28 @@ def recipe_hash(recipe: Recipe, seed: int) -> str:
     return digest.hexdigest()[:16]
 
 
+# The recipe's fields the seeing stage reads (the decoder's sizes too: they come first in the model's seeded init)
+SEEING_FIELDS = ("vision_steps", "vision_batch_size", "vision_learning_rate", "warmup_steps", "weight_decay",
+                 "threads", "text", "vision")
+
+
+def seeing_sources(recipe: Recipe, seed: int) -> str:
+    """Changes whenever anything that shapes the seeing stage's weights changes: the sources of that stage's
+    functions, of the world and the model builder, the constants it reads, the tokenizer's corpus, the recipe's
+    ``SEEING_FIELDS`` and the seed."""
+    fields = {name: value for name, value in asdict(recipe).items() if name in SEEING_FIELDS}
+    digest = hashlib.sha256(json.dumps([fields, seed, toy_corpus()], default=str).encode())
+    for function in (build, learn_to_see, centre_projector, whiten_projector, _held_out_features, _seeing_scene,
+                     _attribute_loss, _step, _loss_record, _learning_rate_factor, data_rng, tasks.token_attributes,
+                     tasks.attribute_indices, tasks.token_coverage):
+        digest.update(inspect.getsource(function).encode())
+    digest.update(repr((tasks.ATTRIBUTES, tasks.NONE, tasks.MASK_COVERAGE, tasks.TOKEN_PX, circuit.BASIS_WIDTH,
+                        STAGES["seeing"], HELD_OUT_SCENES, REPLAYED_STEPS)).encode())
+    for module in (world, tiny_qwen2_5_vl):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def toy_corpus() -> list[str]:
     """The tokenizer's training text: the tiny model's, the engine's prompts, and every toy-world answer word."""
     words = [*world.KINDS, *world.COLOURS, *(w for w in world.PATTERN_WORDS.values() if w)]
@@ -140,16 +167,52 @@ def build(seed: int, recipe: Recipe):
 
 
 def train(out_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(), progress: bool = True,
-          stop_after: str | None = None) -> Path:
+          stop_after: str | None = None, seeing_from: Path | None = None) -> Path:
     """Train from scratch and write the checkpoint and its card ``toy_world.json`` to ``out_dir``.
 
-    ``stop_after`` (a stage name) ends training there and saves what there is (for trying the later stages).
+    ``stop_after`` (a stage name) ends training there and saves what there is (for trying the later stages);
+    ``seeing_from`` (a checkpoint's folder) takes the seeing stage from there instead (``take_seeing_stage``).
     """
     torch.set_num_threads(recipe.threads)
     model, tokenizer, image_processor, backend = build(seed, recipe)
     card: dict = {"stages": {}}
-    run_stages(model, backend, seed, recipe, card, progress, stop_after=stop_after)
+    start = "seeing"
+    if seeing_from is not None:
+        card["stages"]["seeing"] = take_seeing_stage(model, Path(seeing_from), seed, recipe)
+        start = "describing"
+    run_stages(model, backend, seed, recipe, card, progress, start=start, stop_after=stop_after)
     return save(out_dir, model, tokenizer, image_processor, seed, recipe, card)
+
+
+class SeeingStageRefused(ValueError):
+    """A checkpoint whose seeing stage this recipe cannot start from."""
+
+
+def take_seeing_stage(model, source: Path, seed: int, recipe: Recipe) -> dict:
+    """Put the vision tower (and projector) of the checkpoint in ``source`` into ``model``, as the seeing stage
+    would have left it, and return that stage's record from ``source``'s card. Refused (``SeeingStageRefused``,
+    ``model`` untouched) unless the card records the ``seeing_sources`` of this recipe and seed."""
+    from safetensors.torch import load_file
+
+    try:
+        made = json.loads((source / RECIPE_FILE).read_text())
+        saved = load_file(str(source / "model.safetensors"))
+    except (OSError, ValueError) as error:
+        raise SeeingStageRefused(f"{source} holds no toy model to take the seeing stage from: {error}") from error
+    wanted = seeing_sources(recipe, seed)
+    if made.get("seeing_sources") != wanted:
+        raise SeeingStageRefused(f"the seeing stage of {source} was made by other sources, recipe or seed "
+                                 f"(seeing_sources {made.get('seeing_sources')}, now {wanted}): train from scratch")
+    visual = model.model.visual.state_dict()
+    found = {name: saved.get(f"visual.{name}", saved.get(f"model.visual.{name}")) for name in visual}
+    missing = [name for name, value in found.items() if value is None or value.shape != visual[name].shape]
+    if missing:
+        raise SeeingStageRefused(f"{source} lacks the vision tower's {missing[:3]} (of {len(missing)})")
+    model.model.visual.load_state_dict(found)
+    model.model.visual.eval()
+    model.model.visual.requires_grad_(False)
+    return {**made["stages"]["seeing"], "taken from": {"recipe_hash": made.get("recipe_hash"),
+                                                       "seeing_sources": wanted}}
 
 
 def run_stages(model, backend, seed: int, recipe: Recipe, card: dict, progress: bool, *, start: str = "seeing",
@@ -179,7 +242,8 @@ def save(out_dir: Path, model, tokenizer, image_processor, seed: int, recipe: Re
     tiny_qwen2_5_vl.save_checkpoint(out_dir, model, tokenizer, image_processor)
     import transformers
 
-    record = {"recipe_hash": recipe_hash(recipe, seed), "seed": seed, "recipe": asdict(recipe),
+    record = {"recipe_hash": recipe_hash(recipe, seed), "seeing_sources": seeing_sources(recipe, seed), "seed": seed,
+              "recipe": asdict(recipe),
               "parameters": sum(p.numel() for p in model.parameters()),
               "seconds": round(sum(stage["seconds"] for stage in card["stages"].values()), 1),
               "trained_on": {"machine": platform.machine(), "processor": platform.processor() or "unknown",
@@ -362,7 +426,7 @@ def write_heads(model, backend, seed: int, recipe: Recipe) -> dict:
     samples = [tasks.concept_question(rng, order) for order in tasks.ORDERS for _ in range(recipe.fit_samples)]
     samples = [s for s in samples if s.scenes and any(isinstance(p, tasks.MemoryRef) for p in s.parts)]
     model.eval()
-    figures = circuit.install_best(model, backend, samples, log=lambda *_: None)
+    figures = circuit.install(model, backend, samples, log=lambda *_: None)
     return {"written by hand": "the projector's output bias less the mean visual feature (centre_projector, after "
                                "the seeing stage), then its weight and bias scaled along the features' "
                                f"{circuit.BASIS_WIDTH} main directions to equal second moments (whiten_projector); "
