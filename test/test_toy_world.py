@@ -382,6 +382,21 @@ def test_the_recognition_set_keeps_each_reference_views_mask():
             assert body[mask].mean() > 0.6 and body[~mask].mean() < 0.05
 
 
+def test_the_recognition_set_shows_each_instance_as_main_subject_and_small_among_others_alike():
+    """Half of a concept's positives show it as the main subject, half small among others (the two halves that
+    bench/quality.py reports recall of)."""
+    from ego_ros.evaluation import toy as protocol
+
+    data = protocol.recognition_set(5, seed=3, views=1, positives=4, look_alikes=2)
+    for name, instance in data.concepts.items():
+        shown = [protocol.positive_kind(scene, instance) for scene in data.tests if data.present(scene, name)]
+        assert shown.count("main subject") >= 2 and shown.count("small among others") >= 2, (name, shown)
+        small = [scene for scene in data.tests if data.present(scene, name)
+                 and protocol.positive_kind(scene, instance) == "small among others"]
+        assert all(scene.subject.instance != instance for scene in small)
+        assert all(o.role == "distractor" for scene in small for o in scene.objects if o.instance == instance)
+
+
 # What the pooling heads write at the answer, yes against no questions (24 each order): measured 0.89 image first,
 # 0.76 concept first (its matcher asks image rows to find themselves in a memory: weaker, see docs/toy-world.md)
 POOLED_AUC_FLOOR = {"image_first": 0.8, "concept_first": 0.65}

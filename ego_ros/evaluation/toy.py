@@ -111,10 +111,12 @@ def introduce(ego, data: RecognitionSet, on_concept=None) -> dict:
 
 @dataclass
 class ToyRecognition:
-    """The paper's recognition score of one (method, views), and the share of negatives it said "no" to, by kind:
+    """The paper's recognition score of one (method, views); the share of positives it said "yes" to, by how the
+    instance was shown ("main subject", "small among others"); and the share of negatives it said "no" to, by kind:
     "look-alikes" (an instance of the concept's kind and colour, another pattern or accent) and "other objects"."""
 
     score: RecognitionScore
+    found: dict[str, float]
     rejected: dict[str, float]
 
 
@@ -122,6 +124,8 @@ def recognition(ego, data: RecognitionSet, introduced: dict, runs: list[tuple[st
                 on_image=None) -> dict[tuple[str, int], ToyRecognition]:
     """The paper's protocol for each (method, views) in ``runs``: every test image asked about every concept."""
     decisions: dict[tuple[str, int], list] = {run: [] for run in runs}
+    positives: dict[tuple[str, int], dict[str, list[bool]]] = {
+        run: {"main subject": [], "small among others": []} for run in runs}
     negatives: dict[tuple[str, int], dict[str, list[bool]]] = {
         run: {"look-alikes": [], "other objects": []} for run in runs}
     intros = {  # the random method draws other tokens for each concept (seed i)
@@ -133,13 +137,23 @@ def recognition(ego, data: RecognitionSet, introduced: dict, runs: list[tuple[st
             for name, p_yes in ego.yes_probabilities(encoded, intros[run]).items():
                 present = data.present(scene, name)
                 decisions[run].append((name, p_yes > threshold, present))
-                if not present:
+                if present:
+                    positives[run][positive_kind(scene, data.concepts[name])].append(p_yes > threshold)
+                else:
                     negatives[run][negative_kind(scene, data.concepts[name])].append(p_yes <= threshold)
         if on_image is not None:
             on_image(done)
-    return {run: ToyRecognition(recognition_score(d), {kind: float(np.mean(v)) if v else float("nan")
-                                                       for kind, v in negatives[run].items()})
+    return {run: ToyRecognition(recognition_score(d), _shares(positives[run]), _shares(negatives[run]))
             for run, d in decisions.items()}
+
+
+def _shares(by_kind: dict[str, list[bool]]) -> dict[str, float]:
+    return {kind: float(np.mean(v)) if v else float("nan") for kind, v in by_kind.items()}
+
+
+def positive_kind(scene: Scene, instance: Instance) -> str:
+    """How a scene shows ``instance``: as its "main subject", or "small among others" (a distractor's size)."""
+    return "main subject" if scene.subject.instance == instance else "small among others"
 
 
 def negative_kind(scene: Scene, instance: Instance) -> str:
