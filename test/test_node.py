@@ -382,7 +382,7 @@ def test_lifecycle_and_a_wrong_model_path(tiny_model_dir, tmp_path):
                                ChangeState.Request(transition=Transition(id=transition_id)), wait=60.0).success
 
         def state():
-            return client.call(GetState, "/lc/ego/get_state", GetState.Request()).current_state.id
+            return client.call(GetState, "/lc/ego/get_state", GetState.Request(), resend_after=3.0).current_state.id
 
         assert state() == State.PRIMARY_STATE_UNCONFIGURED
         assert transition(Transition.TRANSITION_CONFIGURE)

@@ -114,19 +114,29 @@ class Client:
         except Exception:  # noqa: BLE001 - shutting down
             pass
 
-    def call(self, srv_type, name: str, request, timeout: float = 120.0, wait: float = 60.0):
+    def call(self, srv_type, name: str, request, timeout: float = 120.0, wait: float = 60.0,
+             resend_after: float | None = None):
+        """Call ``name`` and return its answer. ``resend_after``, for a request that may be sent twice (a query):
+        send it again whenever it has gone that many seconds unanswered, the first answer winning. A request sent
+        just after its service appeared was seen to lose its reply in full suite runs (a lifecycle node's first
+        get_state unanswered for 120 s), as the product's clients know (they send once more after 3 s)."""
         client = self._clients.get(name)
         if client is None:
             client = self._clients[name] = self.node.create_client(srv_type, name)
         if not client.wait_for_service(timeout_sec=wait):
             raise TimeoutError(f"service {name} not available")
-        future = client.call_async(request)
+        futures = [client.call_async(request)]
         deadline = time.monotonic() + timeout
-        while not future.done():
-            if time.monotonic() > deadline:
+        resend_at = time.monotonic() + resend_after if resend_after else float("inf")
+        while not any(future.done() for future in futures):
+            now = time.monotonic()
+            if now > deadline:
                 raise TimeoutError(f"{name} did not answer in {timeout} s")
+            if now > resend_at:
+                futures.append(client.call_async(request))
+                resend_at = now + resend_after
             time.sleep(0.005)
-        return future.result()
+        return next(future for future in futures if future.done()).result()
 
     def action_client(self, action_type, name: str) -> ActionClient:
         return ActionClient(self.node, action_type, name)
