@@ -170,3 +170,22 @@ def test_the_commander_sends_again_what_was_never_answered(lossy):
     assert answer.answer == "on the table" and [f.new_text for f in feedback] == ["on the table"]
     assert asked.text == "on the table"
     check_each_request_came_twice(server)
+
+
+def test_the_test_client_sends_a_query_again_only_when_asked_to(lossy):
+    """The suite's own client (``rosgraph.Client``) against the same lost first request: without ``resend_after``
+    it waits out its timeout, with it the query is sent again and answered."""
+    from ego_ros.testing.rosgraph import Client
+
+    server, domain = lossy
+    client = Client(domain)
+    try:
+        with pytest.raises(TimeoutError, match="did not answer in 2.0 s"):
+            client.call(ListConcepts, "/ego/list_concepts", ListConcepts.Request(), timeout=2.0)
+        server.received.clear()  # the next request is "lost" again: the first of its kind
+        answer = client.call(ListConcepts, "/ego/list_concepts", ListConcepts.Request(), timeout=30.0,
+                             resend_after=0.5)
+    finally:
+        client.close()
+    assert [c.name for c in answer.concepts] == ["Rex"]
+    assert len(server.received["list_concepts"]) == 2
