@@ -18,6 +18,7 @@ from sensor_msgs.msg import Image
 
 from ego_ros.action import Answer
 from ego_ros.msg import RecognitionEvent
+from ego_ros.ros.client import RESEND_AFTER_SEC
 from ego_ros.ros.image_msgs import image_to_msg
 from ego_ros.srv import Ask, ForgetConcept, ListConcepts, Recognize, RegisterConcept
 from ego_ros.testing.rosgraph import CameraPublisher, Client, NodeProcess, free_domain, wait_for
@@ -382,7 +383,8 @@ def test_lifecycle_and_a_wrong_model_path(tiny_model_dir, tmp_path):
                                ChangeState.Request(transition=Transition(id=transition_id)), wait=60.0).success
 
         def state():
-            return client.call(GetState, "/lc/ego/get_state", GetState.Request(), resend_after=3.0).current_state.id
+            answer = client.call(GetState, "/lc/ego/get_state", GetState.Request(), resend_after=RESEND_AFTER_SEC)
+            return answer.current_state.id
 
         assert state() == State.PRIMARY_STATE_UNCONFIGURED
         assert transition(Transition.TRANSITION_CONFIGURE)

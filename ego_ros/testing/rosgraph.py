@@ -126,17 +126,22 @@ class Client:
         if not client.wait_for_service(timeout_sec=wait):
             raise TimeoutError(f"service {name} not available")
         futures = [client.call_async(request)]
-        deadline = time.monotonic() + timeout
-        resend_at = time.monotonic() + resend_after if resend_after else float("inf")
-        while not any(future.done() for future in futures):
-            now = time.monotonic()
-            if now > deadline:
-                raise TimeoutError(f"{name} did not answer in {timeout} s")
-            if now > resend_at:
-                futures.append(client.call_async(request))
-                resend_at = now + resend_after
-            time.sleep(0.005)
-        return next(future for future in futures if future.done()).result()
+        started = time.monotonic()
+        resend_at = started + resend_after if resend_after else float("inf")
+        try:
+            while not any(future.done() for future in futures):
+                now = time.monotonic()
+                if now > started + timeout:
+                    raise TimeoutError(f"{name} did not answer in {timeout} s")
+                if now > resend_at:
+                    futures.append(client.call_async(request))
+                    resend_at = now + resend_after
+                time.sleep(0.005)
+            return next(future for future in futures if future.done()).result()
+        finally:  # as the product's client does: no unanswered request stays pending on the reused client
+            for future in futures:
+                if not future.done():
+                    client.remove_pending_request(future)
 
     def action_client(self, action_type, name: str) -> ActionClient:
         return ActionClient(self.node, action_type, name)
