@@ -12,8 +12,10 @@ comparison the toy model's written heads make, without their softmax); the same 
 directions the written matchers compare rows on (``circuit.BASIS_WIDTH`` directions the features vary most along,
 from scenes of the trainer's writing stream, never a test seed; unit rows projected, as a layer's RMSNorm and the
 matchers' queries and keys see them). Each is scored as the protocol scores (precision and recall per concept,
-averaged, F1 from the two), with P(yes) at 0.5 and, for all, at the threshold that does best on that seed: chosen
-with hindsight, an upper bound on what any read-out of the same evidence could reach. Examples::
+averaged, F1 from the two), with P(yes) at 0.5 and the written heads' evidence at 0 (the threshold their fit set:
+what the layers above them would answer if they only passed the evidence on) and, for all, at the threshold that
+does best on that seed: chosen with hindsight, an upper bound on what any read-out of the same evidence could reach.
+Examples::
 
     python bench/feature_ceiling.py                  # the committed toy model, protocol seeds 3, 5 and 8
     python bench/feature_ceiling.py --model build/my-toy-model --seeds 3 --out bench/out/ceiling.json
@@ -53,14 +55,17 @@ def main(argv=None) -> int:
     parser.add_argument("--concepts", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("bench/out/feature_ceiling.json"))
     args = parser.parse_args(argv)
-    model = toy_world.model_dir(args.model)
+    # a folder given is measured as it is, whatever recipe made it (model_dir would retrain a stale one in it)
+    model = args.model or toy_world.model_dir()
     work = Path(tempfile.mkdtemp())
     ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
     results = {"model": str(model), "layers": list(ego.layers), "seeds": {}}
     basis = matcher_basis(ego)
     for seed in args.seeds:
         scores, present = questions(ego, seed, args.concepts, basis)
+        # the evidence at 0: where the writing stage put its threshold (circuit.install), no hindsight
         row = {"P(yes) at 0.5": f1(scores["answer"] > 0.5, present),
+               "written heads' evidence at 0": f1(scores["evidence"] > 0, present),
                **{f"{COLUMNS[key]}, best threshold": best_f1(score, present) for key, score in scores.items()}}
         if not results["seeds"]:
             print("| seed | " + " | ".join(row) + " |")
