@@ -6,8 +6,8 @@ any name. Each concept of the toy protocol (Ego's tokens from one view, the defa
 every test image under each of a list of names: the protocol's own, names with pieces that training names rarely
 have, one with a letter they never have ("Quinn"). Per name: the share of "yes" to images without the concept and to
 images with it, over the concepts and seeds, and how far that name lies from the median name. A name far from the
-rest has a piece whose embedding (the toy model's name pieces keep much of their random start) the layers above the
-written heads read as evidence: one trained draw said "yes" to nearly every image for any name with the piece "or".
+rest has a piece whose embedding the layers above the written heads read as evidence: one trained draw said "yes" to
+nearly every image for any name with the piece "or" (which begins "orange" where a keyword answer starts with it).
 Examples::
 
     python bench/name_bias.py                         # the committed toy model, seed 3

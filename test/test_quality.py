@@ -126,14 +126,14 @@ ALIASES = ("Rex", "Zora", "Dora", "Cora", "Quinn", "Kalo", "Ivy", "Oscar")
 
 def test_the_answer_does_not_depend_on_what_the_concept_is_called(toy_ego):
     """A name says nothing of what a concept looks like: the same memory asked about under other names must get the
-    same answers. The toy model's name pieces keep the random embeddings they started with (no stage trains them),
-    which the layers above the written heads may read as evidence: one trained draw said "yes" to nearly every image
-    for any name with the piece "or" (0.9 of the images without the concept, 0.1 under other names), a fifth of its
-    false "yes" in the protocol, which names one concept in ten "Zora". Each of 4 concepts asked about 16 images
-    under each name. Measured on this model: a name changed at most 1 answer of the 64 (0.016), "yes" to 0.50 of the
-    questions whose image shows the concept (small instances are missed) and 0.03 of the rest; the trial model said
-    "yes" to 0.86-0.95 of the images without the concept under "Zora", "Dora" and "Cora" and to 0.00-0.14 under other
-    names (docs/toy-world.md)."""
+    same answers. No stage trains names (they appear in the last stage, which trains layers 3-5, not embeddings), but
+    a name's pieces may be pieces of words the describing stage taught ("or" begins "orange" where an answer starts
+    with it), which the layers above the written heads may read as evidence: one trained draw said "yes" to 0.91-0.93
+    of the images without the concept under "Zora", "Dora" and "Cora", to 0.03-0.04 under nine other names, three
+    quarters of its false "yes" in the protocol, which names one concept in ten "Zora" (docs/toy-world.md). Each of
+    4 concepts asked about 16 images under each name. Measured on this model: a name changed at most 1 answer of the
+    64 (0.016); "yes" to 0.50 of the questions whose image shows the concept (small instances are missed) and 0.03 of
+    the rest."""
     data = toy.recognition_set(4, seed=11, views=1, positives=2, look_alikes=2)
     memories = {name: introduction("ego", info, 1) for name, info in toy.introduce(toy_ego, data).items()}
     said = np.zeros((len(ALIASES), len(data.tests), len(memories)), dtype=bool)
