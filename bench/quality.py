@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The method's quality on the trained toy model: calibration, localisation, recognition, boxes, regions, §3.5.
 
-Measures the committed toy model (or ``--model``, trained first if it is not there yet); recognition is averaged over
-the protocol's seeds (``--seeds``), the lowest and highest seed's F1 beside the mean. Prints Markdown tables
-(docs/toy-world.md) and writes them with every figure to ``OUT/quality.json``; with
+Measures the committed toy model (or the ``--model`` folder as it is; ``python -m ego_ros.toy train DIR`` makes one);
+recognition is averaged over the protocol's seeds (``--seeds``), the lowest and highest seed's F1 beside the mean.
+Prints Markdown tables (docs/toy-world.md) and writes them with every figure to ``OUT/quality.json``; with
 ``--figures DIR``, the pictures too: ``toy_world.png`` (scenes, main subject outlined), ``calibration.png`` (the
 per-layer plot) and ``show_my_mug.png`` (Fig. 3: what one concept's memory kept).
 
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                         help="only the recognition test, with memories laid out as text and as images, both orders")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = toy_world.model_dir(args.model).resolve()
+    # a folder given is measured as it is, whatever recipe made it (model_dir would retrain a stale one in it)
+    model = (args.model or toy_world.model_dir()).resolve()
     if model.is_relative_to(Path.cwd()):  # the figure and the JSON name it as the README does, not by this machine
         model = model.relative_to(Path.cwd())
     work = Path(tempfile.mkdtemp(prefix="ego-quality-"))
