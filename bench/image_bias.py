@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=11, help="draws [seed, i]: two numbers, never a training stream")
     parser.add_argument("--out", type=Path, default=Path("bench/out/image_bias.json"))
     args = parser.parse_args(argv)
-    model = toy_world.model_dir(args.model)
+    model = args.model or toy_world.model_dir()  # a folder given is measured as it is
     work = Path(tempfile.mkdtemp())
     ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
     log_odds, evidence = measure(ego, args.pairs, args.seed)

@@ -81,7 +81,7 @@ def pan(args) -> int:
     stranger_camera = ToyCamera(1, seed=args.seed + 1000)
     stranger = stranger_camera.names["Rex"]
     work = Path(tempfile.mkdtemp(prefix="ego-sightings-"))
-    ego = Ego.load(str(toy.model_dir(args.model)), memory_dir=work / "memory", calibration_dir=work / "calibration")
+    ego = Ego.load(str(args.model or toy.model_dir()), memory_dir=work / "memory", calibration_dir=work / "calibration")
     for name in camera.names:
         ego.register(name, camera.reference_views(name, args.views))
     ego.register("Stranger", stranger_camera.reference_views("Rex", args.views))

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the tally as JSON here")
     args = parser.parse_args(argv)
 
-    model = toy.model_dir(args.model)
+    model = args.model or toy.model_dir()  # a folder given is measured as it is
     camera = ToyCamera(args.instances, seed=args.seed)
     work = Path(tempfile.mkdtemp(prefix="ego-toy-camera-"))
     ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
