@@ -29,9 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ego_ros import toy as toy_world  # noqa: E402
 from ego_ros.engine import Ego  # noqa: E402
-from ego_ros.engine.images import to_rgb  # noqa: E402
 from ego_ros.evaluation import toy  # noqa: E402
-from ego_ros.evaluation.methods import introduction  # noqa: E402
 
 NAMES = ("Rex", "Anna", "Bruno", "Zora", "Dora", "Cora", "Kalo", "Quinn", "Ivy", "Oscar", "Maya", "Finn")
 
@@ -51,9 +49,14 @@ def main(argv=None) -> int:
     ego = Ego.load(str(model), memory_dir=work / "memory", calibration_dir=work / "calibration")
     said = {name: {False: [], True: []} for name in args.names}  # name -> concept present -> answers
     for seed in args.seeds:
-        for name, answers in answers_by_name(ego, seed, args.concepts, args.names).items():
-            for present in (False, True):
-                said[name][present] += answers[present]
+        data = toy.recognition_set(args.concepts, seed=seed, views=1)
+        with tqdm(total=len(data.tests), desc=f"seed {seed}", unit="image", file=sys.stderr) as bar:
+            answers, present = toy.answers_under_names(ego, data, toy.introduce(ego, data), args.names, bar.update)
+        for concept in data.concepts:
+            ego.forget(concept)
+        for name, yes in zip(args.names, answers):
+            for shown in (False, True):
+                said[name][shown] += yes[present == shown].tolist()
     shares = {name: {present: float(np.mean(answers[present])) for present in (False, True)}
               for name, answers in said.items()}
     median = {present: float(np.median([s[present] for s in shares.values()])) for present in (False, True)}
@@ -69,23 +72,6 @@ def main(argv=None) -> int:
                                                  for name, s in shares.items()}}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
-
-
-def answers_by_name(ego, seed: int, concepts: int, names: list[str]) -> dict[str, dict[bool, list[bool]]]:
-    """Every (concept, test image) question of ``seed`` asked under each of ``names``: name -> whether the concept
-    is in the image -> the answers ("yes": True)."""
-    data = toy.recognition_set(concepts, seed=seed, views=1)
-    memories = {concept: introduction("ego", info, 1) for concept, info in toy.introduce(ego, data).items()}
-    answers = {name: {False: [], True: []} for name in names}
-    for scene in tqdm(data.tests, desc=f"seed {seed}", unit="image", file=sys.stderr):
-        (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
-        for concept, memory in memories.items():
-            present = data.present(scene, concept)
-            for name in names:
-                answers[name][present].append(ego.yes_probabilities(encoded, {name: memory})[name] > 0.5)
-    for concept in memories:
-        ego.forget(concept)
-    return answers
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ import pytest
 
 from ego_ros.engine import Ego
 from ego_ros.engine.config import default_layers
-from ego_ros.engine.images import to_rgb
 from ego_ros.evaluation import toy
-from ego_ros.evaluation.methods import introduction
 from ego_ros import toy as toy_world
 
 
@@ -135,18 +133,11 @@ def test_the_answer_does_not_depend_on_what_the_concept_is_called(toy_ego):
     64 (0.016); "yes" to 0.50 of the questions whose image shows the concept (small instances are missed) and 0.03 of
     the rest."""
     data = toy.recognition_set(4, seed=11, views=1, positives=2, look_alikes=2)
-    memories = {name: introduction("ego", info, 1) for name, info in toy.introduce(toy_ego, data).items()}
-    said = np.zeros((len(ALIASES), len(data.tests), len(memories)), dtype=bool)
     try:
-        for i, scene in enumerate(data.tests):
-            (encoded,) = toy_ego.backend.encode([to_rgb(scene.image, toy_ego.config.max_image_pixels)])
-            for j, memory in enumerate(memories.values()):
-                for k, alias in enumerate(ALIASES):
-                    said[k, i, j] = toy_ego.yes_probabilities(encoded, {alias: memory})[alias] > 0.5
+        said, present = toy.answers_under_names(toy_ego, data, toy.introduce(toy_ego, data), list(ALIASES))
     finally:
-        for name in memories:
+        for name in data.concepts:
             toy_ego.forget(name)
-    present = np.array([[data.present(scene, name) for name in memories] for scene in data.tests])
     most_names = said.mean(0) >= 0.5
     unlike_most = (said != most_names).mean(axis=(1, 2))  # per name: the share of questions it changes
     print(dict(zip(ALIASES, unlike_most.round(3))), f"said yes: present {said[:, present].mean():.2f}, "

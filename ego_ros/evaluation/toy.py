@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The method measured on the toy world: localisation, recognition of personal instances, the §3.5 filter, boxes,
-and registering from a box on a cluttered view.
+"""The method measured on the toy world: localisation, recognition of personal instances (and whether its answers
+change with a concept's name), the §3.5 filter, boxes, and registering from a box on a cluttered view.
 
 All three need a model that has learned to see (the trained toy model, ``ego_ros.toy``); on a random
 model they measure position bias. ``bench/quality.py`` prints them; ``test/test_quality.py`` holds their orderings.
@@ -161,6 +161,25 @@ def negative_kind(scene: Scene, instance: Instance) -> str:
     kind and colour (another pattern or accent), else "other objects"."""
     same_look = any((o.instance.kind, o.instance.colour) == (instance.kind, instance.colour) for o in scene.objects)
     return "look-alikes" if same_look else "other objects"
+
+
+def answers_under_names(ego, data: RecognitionSet, introduced: dict, names: list[str],
+                        on_image=None) -> tuple[np.ndarray, np.ndarray]:
+    """Every (test image, concept) question of ``data`` asked under each of ``names`` in place of the concept's own
+    (its memory: Ego's tokens from the first view of its ``introduce``): whether the answer was "yes", (names,
+    images, concepts), and whether the concept is in the image, (images, concepts). A name says nothing of what a
+    concept looks like, so the answers should not change with it. ``on_image()`` after each test image."""
+    memories = [introduction("ego", info, 1) for info in introduced.values()]
+    said = np.zeros((len(names), len(data.tests), len(memories)), dtype=bool)
+    for i, scene in enumerate(data.tests):
+        (encoded,) = ego.backend.encode([to_rgb(scene.image, ego.config.max_image_pixels)])
+        for j, memory in enumerate(memories):
+            for k, name in enumerate(names):
+                said[k, i, j] = ego.yes_probabilities(encoded, {name: memory})[name] > 0.5
+        if on_image is not None:
+            on_image()
+    present = np.array([[data.present(scene, name) for name in introduced] for scene in data.tests])
+    return said, present
 
 
 # --- the many-concepts filter (§3.5) ------------------------------------------------------------------------------
