@@ -460,9 +460,9 @@ def test_the_written_heads_do_in_the_committed_model_what_circuit_py_says(toy_mo
 
 def test_the_last_stage_ties_a_single_concepts_answer_to_the_written_evidence(toy_model_dir):
     """Training's loss for a single concept's yes/no question adds, to the answer's own, TIE_WEIGHT x the binary
-    cross-entropy between the answer's yes/no log-odds and sigmoid(TIE_SHARPNESS x what the pooling heads write at
-    that row), recomputed here from a forward of each prompt alone; questions about several concepts and other
-    tasks keep their loss."""
+    cross-entropy between the answer's yes/no log-odds and sigmoid(TIE_SHARPNESS x (what the pooling heads write at
+    that row - TIE_THRESHOLD)), recomputed here from a forward of each prompt alone; questions about several
+    concepts and other tasks keep their loss."""
     import torch
 
     from ego_ros.toy import circuit, train
@@ -498,7 +498,7 @@ def test_the_last_stage_ties_a_single_concepts_answer_to_the_written_evidence(to
                 hook.remove()
             value = sum(pooled["heads"][head * d] for _, head in circuit.POOL_HEADS.values())
             expected = train.TIE_WEIGHT * torch.nn.functional.binary_cross_entropy_with_logits(
-                logits[yes] - logits[no], torch.sigmoid(train.TIE_SHARPNESS * value))
+                logits[yes] - logits[no], torch.sigmoid(train.TIE_SHARPNESS * (value - train.TIE_THRESHOLD)))
             assert added == pytest.approx(float(expected), abs=1e-4), sample.parts[-1]
 
 

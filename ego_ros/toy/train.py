@@ -72,8 +72,12 @@ REPLAYED_STEPS = 4  # the first losses of each stage, kept in the card for test/
 # own decision, softened (its probability sigmoid(TIE_SHARPNESS x evidence), the evidence's threshold at 0 and its
 # yes/no spread 1: see circuit.install). Taught the label alone, the layers above the written heads answered worse
 # than the evidence they read (F1 79.6 against 81.4 on the protocol's seeds 3/4/5/8, a trial 74.4 against 84.0)
-TIE_WEIGHT = 1.0
+TIE_WEIGHT = 2.0
 TIE_SHARPNESS = 4.0
+# The evidence's threshold the answer is tied to, below the fit's 0 (the midpoint of yes and no questions' means, where
+# the yes questions' spread is four to six times the no questions'): chosen on recognition sets of seeds 30-33, none
+# an evaluation's, where the written evidence scored F1 78.2 at 0 and 78.8-79.1 from -0.05 to -0.2 (70.6 at -0.3)
+TIE_THRESHOLD = -0.1
 
 
 @dataclass(frozen=True)
@@ -494,7 +498,7 @@ def _losses(model, backend: Qwen2_5_VLBackend, batch: list[tasks.Sample], end_of
         if evidence is not None and sample.asks_one_concept:
             at = width - len(answer) - 1  # the row that says "Yes" or "No"
             log_odds = logits[row, at, yes] - logits[row, at, no]
-            target = torch.sigmoid(TIE_SHARPNESS * evidence["value"][row, at])
+            target = torch.sigmoid(TIE_SHARPNESS * (evidence["value"][row, at] - TIE_THRESHOLD))
             loss = loss + TIE_WEIGHT * torch.nn.functional.binary_cross_entropy_with_logits(log_odds.float(), target)
         per_sample.append(loss)
     return torch.stack(per_sample)
