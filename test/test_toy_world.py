@@ -458,6 +458,50 @@ def test_the_written_heads_do_in_the_committed_model_what_circuit_py_says(toy_mo
         assert auc > POOLED_AUC_FLOOR[order], order
 
 
+def test_the_last_stage_ties_a_single_concepts_answer_to_the_written_evidence(toy_model_dir):
+    """Training's loss for a single concept's yes/no question adds, to the answer's own, TIE_WEIGHT x the binary
+    cross-entropy between the answer's yes/no log-odds and sigmoid(TIE_SHARPNESS x (what the pooling heads write at
+    that row - TIE_THRESHOLD)), recomputed here from a forward of each prompt alone; questions about several
+    concepts and other tasks keep their loss."""
+    import torch
+
+    from ego_ros.toy import circuit, train
+
+    model, backend = _model_and_backend(toy_model_dir)
+    d = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    yes, no = backend.tokenizer.convert_tokens_to_ids(["Yes", "No"])
+    single, several, i = [], [], 0
+    while len(single) < 4 or len(several) < 2:  # both orders, and questions about several concepts
+        sample = tasks.concept_question(np.random.default_rng([4343, i]), tasks.ORDERS[i % 2])
+        i += 1
+        (single if sample.asks_one_concept else several).append(sample)
+    batch = single[:4] + several[:2] + [tasks.make_sample(np.random.default_rng(4344), {"presence": 1.0})]
+    assert all(s.answer in ("Yes", "No") for s in batch if s.asks_one_concept)
+    end_of_turn = backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        plain = train._losses(model, backend, batch, end_of_turn)
+        with circuit.written_evidence(backend) as evidence:
+            tied = train._losses(model, backend, batch, end_of_turn, evidence)
+        for sample, added in zip(batch, (tied - plain).tolist()):
+            if not sample.asks_one_concept:
+                assert added == 0.0, sample.task
+                continue
+            built, _ = circuit._prompts(backend, [sample])  # the prompt alone: its last row says Yes or No
+            pooled = {}
+            layer, _ = next(iter(circuit.POOL_HEADS.values()))
+            hook = backend.attention_module(layer).o_proj.register_forward_pre_hook(
+                lambda _, args: pooled.__setitem__("heads", args[0][0, -1].float()))
+            try:
+                with train.injected_rows(model, backend.injected_token_ids, built.injected):
+                    logits = model(**built.model_inputs(), use_cache=False).logits[0, -1].float()
+            finally:
+                hook.remove()
+            value = sum(pooled["heads"][head * d] for _, head in circuit.POOL_HEADS.values())
+            expected = train.TIE_WEIGHT * torch.nn.functional.binary_cross_entropy_with_logits(
+                logits[yes] - logits[no], torch.sigmoid(train.TIE_SHARPNESS * (value - train.TIE_THRESHOLD)))
+            assert added == pytest.approx(float(expected), abs=1e-4), sample.parts[-1]
+
+
 def test_a_stale_committed_model_is_refused_with_the_way_to_retrain_it(tmp_path, monkeypatch, capsys):
     """A committed checkpoint whose card's hash is not the recipe's is an error naming the command that retrains
     it, from Python and from `python -m ego_ros.toy model`; nothing is trained or written."""

@@ -31,6 +31,7 @@ depend on where the rows are.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -284,6 +285,24 @@ def _feature_basis(x, feature, gain, skip: list[torch.Tensor], width: int) -> tu
 
 
 # --- what the fitting prompts hold, row by row --------------------------------------------------------------------
+
+
+@contextmanager
+def written_evidence(backend):
+    """A dict whose ``"value"`` is, after each forward of ``backend``'s model, the pooling heads' values summed at
+    every row, (B, S): what they write along lm_head(Yes) - lm_head(No), in units where ``install`` put the
+    threshold of either recognition order at 0 and the yes/no spread at 1 or more (no gradient: layers 0-2 are
+    frozen once written)."""
+    (layer,) = {layer for layer, _ in POOL_HEADS.values()}  # both pooling heads are one layer's
+    attn = backend.attention_module(layer)
+    columns = [head * attn.head_dim for _, head in POOL_HEADS.values()]
+    captured: dict = {}
+    hook = attn.o_proj.register_forward_pre_hook(
+        lambda _, args: captured.__setitem__("value", args[0][..., columns].sum(-1).detach().float()))
+    try:
+        yield captured
+    finally:
+        hook.remove()
 
 
 @dataclass

@@ -73,6 +73,9 @@ class Sample:
     # colour of the object on it; for yes/no questions, whether the thing asked about is on it), None for none.
     token_words: list[str | None] | None = None
     scenes: list[Scene] = field(default_factory=list)  # the scenes of ``images``, where a task keeps them
+    # A single concept's yes/no question: the written pooling heads' evidence answers it (``circuit``), and the last
+    # training stage ties the answer to that evidence as well as to the label (``train``)
+    asks_one_concept: bool = False
 
 
 # --- what each visual token shows: the attributes of the object on it ---------------------------------------------
@@ -222,7 +225,9 @@ def _concept(rng, order: str | None = None) -> Sample:
     elif order is None:
         order = ORDERS[int(rng.integers(len(ORDERS)))]
     parts = [*intro, ImageRef(0), question] if order == "concept_first" else [ImageRef(0), *intro, question]
-    return Sample("concept", parts, answer, images, answer_words(test, lambda other: other == instance), scenes)
+    # with several concepts the pooled evidence is anyone's; a single concept is always asked yes or no
+    return Sample("concept", parts, answer, images, answer_words(test, lambda other: other == instance), scenes,
+                  asks_one_concept=not others)
 
 
 def _choice(rng) -> Sample:
