@@ -14,7 +14,7 @@ Visits that match no span are false ones.
 visits of 5-60 s with gaps of 5-120 s): milliseconds per recorded sighting (a JPEG crop of a 640x480 frame
 included when it is the visit's best) and the database's size at the end.
 
-    python bench/sightings.py pan --threshold 0.8
+    python bench/sightings.py pan
     python bench/sightings.py cost
 """
 
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     pan_parser.add_argument("--views", type=int, default=3)
     pan_parser.add_argument("--seconds", type=float, default=120.0)
     pan_parser.add_argument("--rate", type=float, default=2.0, help="recognitions per second (the node's default)")
-    pan_parser.add_argument("--threshold", type=float, default=0.8, help="as scripts/run.sh runs the node")
+    pan_parser.add_argument("--threshold", type=float, default=0.5, help="as scripts/run.sh runs the node")
     pan_parser.add_argument("--on-frames", type=int, default=1,
                             help="recognitions in a row above the threshold before a concept is present")
     cost_parser = commands.add_parser("cost", help="ms per recorded sighting, database size after an hour")

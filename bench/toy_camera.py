@@ -11,7 +11,7 @@ beat; the macro F1 at other thresholds, from the same scores, shows how much the
 
 Examples::
 
-    python bench/toy_camera.py --threshold 0.8        # the committed toy model, camera seed 0, 60 s, as run.sh
+    python bench/toy_camera.py                        # the committed toy model, camera seed 0, 60 s, as run.sh
     python bench/toy_camera.py --seed 7 --views 1 --order image_first
 """
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=float, default=1.0, help="seconds between the frames asked about")
     parser.add_argument("--order", choices=("concept_first", "image_first"), default=None)
     parser.add_argument("--threshold", type=float, default=0.5,
-                        help="score at which an instance is said present (default 0.5; scripts/run.sh: 0.8)")
+                        help="score at which an instance is said present (default 0.5, as scripts/run.sh)")
     parser.add_argument("--out", type=Path, default=None, help="write the tally as JSON here")
     args = parser.parse_args(argv)
 
