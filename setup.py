@@ -27,5 +27,5 @@ setup(
                   "ego_ros.toy": ["model/*"],  # the committed toy model and its card (ego_ros/toy/__init__.py)
                   "ego_ros.web": ["static/*"]},  # the teleop page's HTML, CSS and JavaScript (ego-ros web)
     install_requires=requirements,
-    entry_points={"console_scripts": ["ego-ros = ego_ros.cli:main"]},
+    entry_points={"console_scripts": ["ego-ros = ego_ros.cli:entry"]},
 )

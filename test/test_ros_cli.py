@@ -379,6 +379,26 @@ def test_no_node_is_one_line_within_the_timeout():
         in one_error_line(result)
 
 
+def with_exit_handlers(*handlers: str):
+    """``python -m ego_ros.cli`` with ``handlers`` (Python statements) registered to run at interpreter exit."""
+    return ("import atexit, pathlib, runpy, sys, time\n" + "".join(f"atexit.register(lambda: {h})\n" for h in handlers)
+            + "sys.argv[0] = 'ego-ros'\nrunpy.run_module('ego_ros.cli', run_name='__main__')")
+
+
+def test_a_live_command_exits_once_its_output_is_out(server, tmp_path):
+    """What is left to tear down at interpreter exit does not hold a finished live command: ROS 2's middleware,
+    torn down there, has been seen to hang a command after it had printed its result. Here an exit handler that
+    would wait ten minutes stands in for it; an offline command exits the usual way, its exit handlers run."""
+    live = subprocess.run([sys.executable, "-c", with_exit_handlers("time.sleep(600)"), "list"], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=60)
+    assert "my mug" in ok(live).stdout
+    ran = tmp_path / "exit handler ran"
+    offline = subprocess.run([sys.executable, "-c", with_exit_handlers(f"pathlib.Path({str(ran)!r}).touch()"),
+                              "list", "--memory-dir", tmp_path], cwd=REPO, env=env(), capture_output=True, text=True,
+                             timeout=60)
+    assert offline.returncode == 0 and ran.exists(), offline.stderr
+
+
 def test_a_node_that_is_not_active_is_named(runs):
     line = one_error_line(runs["inactive node"])
     assert line.startswith("ego-ros: error: the node /idle is running but not active, so it offers no /idle/answer")

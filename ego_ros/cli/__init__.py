@@ -69,7 +69,7 @@ import sys
 from ego_ros.cli.commands import COMMANDS
 from ego_ros.cli.common import PROG, Command, Parser, UsageError
 
-__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main"]
+__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "entry", "main"]
 
 
 def build_parser(table: dict[str, Command] | None = None) -> argparse.ArgumentParser:
@@ -94,8 +94,29 @@ def _is_user_error(error: BaseException) -> bool:
     return engine is not None and isinstance(error, (engine.UnknownConcept, engine.ModelLoadError))
 
 
+def entry() -> None:
+    """The ``ego-ros`` program (and ``python -m ego_ros.cli``): :func:`main`, then exit with its status.
+
+    A command that used ROS 2 ends its process as soon as its output is out (``os._exit``), with no interpreter
+    teardown after it: the middleware's own (its DDS participants, destroyed at exit) has been seen to hang now and
+    then after a command had printed its result, which would leave a planner's or a script's call waiting forever
+    on a command that is done. ``node`` exits the usual way: its shutdown is its own (and launch's)."""
+    args = build_parser().parse_args()
+    status = run_command(args)
+    if "rclpy" in sys.modules and args.command != "node":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line ``argv`` (default: this process's) in this process and return its exit status."""
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run one parsed command; user errors become one ``ego-ros: error:`` line and a status, never a traceback."""
     # The store logs each file it skips; the commands report them once, as warnings, instead.
     logging.getLogger("ego_ros.memory").addHandler(logging.NullHandler())
     logging.getLogger("ego_ros.memory").propagate = False

@@ -33,13 +33,17 @@ CAMERA_TOPIC = "camera/image_raw"  # = ego_ros.ros.camera.DEFAULT_TOPIC, and the
 CAMERA_FRAME_ID = "camera"
 WEB_HOST = "127.0.0.1"  # = ego_ros.web.server.DEFAULT_HOST (that module imports aiohttp)
 WEB_PORT = 8080
+CLOSE_WITHIN = 5.0  # seconds a finished command gives its ROS client to tear down (see ego_ros.cli.entry)
 
 
 def run_live(run: Callable[[argparse.Namespace, EgoClient], int], args: argparse.Namespace, offline_hint: str) -> int:
     """Run ``run`` with a client of the node; its errors become one ``ego-ros: error:`` line and exit status 1."""
     try:
-        with EgoClient(args.node, args.timeout) as ego:
+        ego = EgoClient(args.node, args.timeout)
+        try:
             return run(args, ego)
+        finally:
+            ego.close(timeout=CLOSE_WITHIN)  # the command is done: its exit does not wait on the middleware
     except ModuleNotFoundError as error:
         if not (error.name or "").startswith(("rclpy", "ego_ros.msg", "ego_ros.srv", "ego_ros.action")):
             raise

@@ -23,6 +23,7 @@ rclpy is imported inside the class only, so importing this module costs nothing.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -186,7 +187,19 @@ class EgoClient:
             self._context.try_shutdown()
             raise
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """Destroy this client's ROS entities and shut its context down; with ``timeout``, wait at most that long
+        and say whether the teardown finished. The middleware's teardown has been seen to hang now and then (DDS
+        participants going away while many others come and go); a process about to exit need not wait for it."""
+        if timeout is None:
+            self._teardown()
+            return True
+        teardown = threading.Thread(target=self._teardown, name="ego-client-close", daemon=True)
+        teardown.start()
+        teardown.join(timeout)
+        return not teardown.is_alive()
+
+    def _teardown(self) -> None:
         if self._answer_client is not None:
             self._answer_client.destroy()
         self._executor.shutdown(timeout_sec=1.0)
